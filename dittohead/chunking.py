@@ -1,0 +1,83 @@
+"""Content-defined chunking: FastCDC 2020 through pyfastcdc, with the format's fixed parameters.
+
+Every client must cut the same bytes the same way, so the parameters come from
+``dittohead.format`` only. A file no longer than CHUNK_MIN is one chunk (FastCDC never cuts below
+its minimum), which lets small files skip the chunker and its buffer allocation entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from pyfastcdc import FastCDC
+
+from dittohead import format as fmt
+from dittohead.hashing import blake3
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A cut piece of a file: its id (BLAKE3-256), its bytes, its length."""
+
+    id: bytes
+    data: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+def make_chunker() -> FastCDC:
+    return FastCDC(
+        fmt.CHUNK_AVG,
+        min_size=fmt.CHUNK_MIN,
+        max_size=fmt.CHUNK_MAX,
+        normalized_chunking=fmt.CHUNK_NORMALIZATION,
+        seed=fmt.CHUNK_SEED,
+    )
+
+
+@dataclass
+class ChunkedFile:
+    """The result of reading one file: its chunks' ids and lengths, its hash, its size."""
+
+    chunks: list[tuple[bytes, int]]
+    hash: bytes
+    size: int
+
+
+class Chunker:
+    """Cuts files into chunks; reuse one instance for many files (not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cdc = make_chunker()
+
+    def cut_bytes(self, data: bytes | bytearray | memoryview) -> Iterator[Chunk]:
+        """Cut an in-memory buffer (used by tests and by small files)."""
+        if len(data) == 0:
+            return
+        if len(data) <= fmt.CHUNK_MIN:
+            b = bytes(data)
+            yield Chunk(blake3(b).digest(), b)
+            return
+        for c in self._cdc.cut_buf(data):
+            b = bytes(c.data)
+            yield Chunk(blake3(b).digest(), b)
+
+    def cut_stream(self, f: BinaryIO, size_hint: int) -> Iterator[Chunk]:
+        """Cut an open binary file; ``size_hint`` (from fstat) picks the small-file fast path.
+
+        Each yielded Chunk owns its bytes. The whole-file hash is the caller's to compute
+        (see ``read_file``), since it needs the bytes in order anyway.
+        """
+        if size_hint <= fmt.CHUNK_MIN:
+            data = f.read(fmt.CHUNK_MIN + 1)
+            if len(data) <= fmt.CHUNK_MIN:
+                yield from self.cut_bytes(data)
+                return
+            # The file grew past the minimum between stat and read: fall through and cut it.
+            f.seek(0)
+        for c in self._cdc.cut_stream(f):
+            b = bytes(c.data)
+            yield Chunk(blake3(b).digest(), b)

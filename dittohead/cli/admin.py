@@ -1,0 +1,117 @@
+"""Admin commands: init, study add, watch, fsck."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from dittohead.cli.base import cli, json_option, print_json, progress_enabled, store_option
+from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE
+from dittohead.store import fsck as fsck_mod
+from dittohead.store.ingest import IngestResult, Ingestor
+from dittohead.store.layout import ServerRoot, StudySettings, check_study_name
+from dittohead.store.repo import Store
+from dittohead.units import human_bytes, plural
+
+
+@cli.command()
+@store_option
+def init(store: str) -> None:
+    """Create a server root: the store (0700) and the drop-box tree, with the permission model."""
+    cfg = ServerRoot(store).init()
+    click.echo(f"initialised server root {store} (store {cfg.store_id}, format {cfg.version})")
+
+
+@cli.group()
+def study() -> None:
+    """Manage studies (each has its own drop box and history)."""
+
+
+@study.command("add")
+@click.argument("name")
+@store_option
+@click.option("--export", "export_to", metavar="DEST", help="Export every ingest into DEST (later issue: used by watch).")
+@click.option("--notify", multiple=True, metavar="ADDR", help="E-mail address for notifications (repeatable).")
+def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...]) -> None:
+    """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed."""
+    check_study_name(name)
+    box = ServerRoot(store).add_study(StudySettings(name, export_to, notify))
+    click.echo(f"added study {name}: collectors sync into {box.inbox}")
+
+
+def _report(r: IngestResult) -> None:
+    if r.ok:
+        click.echo(f"ingested {r.study}/{r.submission} as #{r.seq}: {plural(r.files, 'file')}, "
+                   f"{plural(r.new_versions, 'new version')}, {human_bytes(r.new_chunk_bytes)} new")
+    else:
+        click.echo(f"rejected {r.study}/{r.submission}: {r.reason}", err=True)
+
+
+@cli.command()
+@store_option
+@click.option("--once", is_flag=True, help="Ingest what is committed now, then exit.")
+@click.option("--interval", default=5.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0.1),
+              help="Without --once: how often to look for new submissions.")
+def watch(store: str, once: bool, interval: float) -> None:
+    """Ingest committed submissions into the store (the server's daemon).
+
+    Each submission is verified whole, then added in one commit; a bad one goes to
+    dropbox/NAME/failed/ with a REASON file and changes nothing. With --once, exits 1 if any
+    submission was rejected.
+    """
+    st = Store.open(store)
+    ingestor = Ingestor(st)
+    if once:
+        results = ingestor.run_once(_report)
+        if not results:
+            click.echo("watch: nothing to ingest")
+        if any(not r.ok for r in results):
+            raise click.exceptions.Exit(EXIT_FAILURE)
+        return
+    click.echo(f"watching {store} every {interval:g} s (Ctrl-C to stop)", err=True)
+    while True:
+        ingestor.run_once(_report)
+        time.sleep(interval)
+
+
+@cli.command()
+@store_option
+@click.option("--read-data", is_flag=True, help="Also read every chunk and check it against its id.")
+@json_option
+def fsck(store: str, read_data: bool, as_json: bool) -> None:
+    """Check the store's integrity; exit 3 if anything is damaged.
+
+    Always: pack trailers, study logs, manifests (every chunk present, right length), the index
+    (rebuilt if it disagrees), folder modes. With --read-data: every stored byte.
+    """
+    st = Store.open(store)
+    bar = None
+    checker = fsck_mod.Checker(st, read_data=read_data)
+    if read_data and progress_enabled() and not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=checker.data_size(), unit="B", unit_scale=True, unit_divisor=1024, desc="fsck", leave=False)
+        checker.progress = bar.update
+    t0 = time.monotonic()
+    try:
+        findings = list(checker.run())
+    finally:
+        if bar:
+            bar.close()
+    elapsed = time.monotonic() - t0
+    damage = [f for f in findings if f.severity == fsck_mod.DAMAGE]
+    s = checker.stats
+    if as_json:
+        print_json({"ok": not damage, "read_data": read_data, "seconds": round(elapsed, 3),
+                    "stats": s.__dict__, "findings": [f.to_json() for f in findings]})
+    else:
+        for f in findings:
+            click.echo(f.line(), err=f.severity != fsck_mod.DAMAGE)
+        rate = f", {human_bytes(s.bytes_read / elapsed if elapsed else 0)}/s" if read_data else ""
+        verdict = f"{plural(len(damage), 'damage finding')}" if damage else "no damage"
+        click.echo(f"fsck: {plural(s.packs, 'pack')}, {plural(s.chunks, 'chunk')}, {plural(s.studies, 'study', 'studies')}, "
+                   f"{plural(s.submissions, 'submission')}, {plural(s.versions, 'version')}; "
+                   f"{human_bytes(s.bytes_read)} read{rate}; {verdict}")
+    if damage:
+        raise click.exceptions.Exit(EXIT_DAMAGE)

@@ -1,0 +1,73 @@
+"""The click group, shared options, and the one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from dittohead import __version__
+from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
+
+
+class DittoheadGroup(click.Group):
+    """Maps every handled failure to a one-line message and its exit code (docs/exit-codes.md)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DittoheadError as e:
+            click.echo(f"dittohead: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("dittohead: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            ctx.exit(EXIT_FAILURE)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"dittohead: {where}{e.strerror or e}", err=True)
+            ctx.exit(EXIT_FAILURE)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug: still one line, the traceback only when asked for
+            if logging.getLogger().isEnabledFor(logging.INFO):
+                logging.getLogger("dittohead").exception("internal error")
+            click.echo(f"dittohead: internal error: {type(e).__name__}: {e} (run with -v for details)", err=True)
+            ctx.exit(EXIT_FAILURE)
+
+
+@click.group(cls=DittoheadGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dittohead")
+@click.option("-v", "--verbose", count=True, help="Log more (repeat for debug output).")
+def cli(verbose: int) -> None:
+    """dittohead: get research data off lab PCs into a locked-down store, once, safely, for ever.
+
+    \b
+    Admin:         init, study add, watch, fsck
+    Collector:     sync
+    Study runner:  log, versions, cat, export
+
+    Options that take the server root accept it from DITTOHEAD_STORE too.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="dittohead: %(message)s", stream=sys.stderr)
+
+
+store_option = click.option(
+    "--store", "store", envvar="DITTOHEAD_STORE", required=True, metavar="ROOT",
+    type=click.Path(file_okay=False), help="The server root (or set DITTOHEAD_STORE).",
+)
+study_option = click.option("--study", required=True, metavar="NAME", help="The study's name.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+
+
+def print_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,117 @@
+"""The study runner's commands: log, versions, cat, export."""
+
+from __future__ import annotations
+
+import click
+
+from dittohead.cli.base import cli, json_option, print_json, progress_enabled, store_option, study_option
+from dittohead.errors import NotFound
+from dittohead.export import export_study
+from dittohead.store.repo import Store
+from dittohead.units import human_bytes, utc_iso
+from dittohead.view import FileReader
+
+
+def _open(store: str, study: str) -> Store:
+    st = Store.open(store)
+    st.root.require_study(study)
+    return st
+
+
+@cli.command("log")
+@store_option
+@study_option
+@json_option
+def log_cmd(store: str, study: str, as_json: bool) -> None:
+    """List a study's submissions: when (server time), site, user, files, bytes, new versions."""
+    st = _open(store, study)
+    subs = st.index.submissions(study)
+    if as_json:
+        print_json({"study": study, "submissions": [
+            {"seq": s.seq, "name": s.name, "ingested_ns": s.ingested_ns, "ingested": utc_iso(s.ingested_ns),
+             "site": s.site, "user": s.user, "host": s.host, "client_created_ns": s.created_ns,
+             "files": s.files, "bytes": s.bytes, "new_versions": s.new_versions,
+             "new_chunk_bytes": s.new_chunk_bytes, "manifest": s.manifest.hex()} for s in subs]})
+        return
+    if not subs:
+        click.echo(f"{study}: no submissions yet")
+        return
+    click.echo(f"{'#':>4}  {'ingested':<23}  {'site':<16}  {'user@host':<24}  {'files':>6}  {'bytes':>10}  {'new':>5}  submission")
+    for s in subs:
+        who = f"{s.user}@{s.host}"
+        click.echo(f"{s.seq:>4}  {utc_iso(s.ingested_ns):<23}  {s.site[:16]:<16}  {who[:24]:<24}  {s.files:>6}  "
+                   f"{human_bytes(s.bytes):>10}  {s.new_versions:>5}  {s.name}")
+
+
+@cli.command()
+@store_option
+@study_option
+@click.argument("path")
+@json_option
+def versions(store: str, study: str, path: str, as_json: bool) -> None:
+    """List every version of PATH (numbered from 1, oldest first)."""
+    st = _open(store, study)
+    vs = st.index.versions(study, path.strip("/"))
+    if not vs:
+        raise NotFound(f"{study}: no file {path!r}")
+    if as_json:
+        print_json({"study": study, "path": path, "versions": [
+            {"version": v.n, "seq": v.seq, "ingested_ns": v.ingested_ns, "ingested": utc_iso(v.ingested_ns),
+             "site": v.site, "size": v.size, "hash": v.hash.hex(), "mtime_ns": v.mtime_ns, "mode": v.mode}
+            for v in vs]})
+        return
+    click.echo(f"{'version':>7}  {'ingested':<23}  {'site':<16}  {'size':>10}  {'blake3':<16}  submission")
+    for v in vs:
+        click.echo(f"{v.n:>7}  {utc_iso(v.ingested_ns):<23}  {v.site[:16]:<16}  {human_bytes(v.size):>10}  "
+                   f"{v.hash.hex()[:16]}  #{v.seq}")
+
+
+@cli.command()
+@store_option
+@study_option
+@click.argument("path")
+@click.option("--version", "version", type=click.IntRange(min=1), metavar="N", help="Version N (from 1); default the latest.")
+def cat(store: str, study: str, path: str, version: int | None) -> None:
+    """Write a version of PATH to stdout; every chunk is verified (a mismatch exits 1)."""
+    st = _open(store, study)
+    vs = st.index.versions(study, path.strip("/"))
+    if not vs:
+        raise NotFound(f"{study}: no file {path!r}")
+    if version is not None and version > len(vs):
+        raise NotFound(f"{study}: {path!r} has {len(vs)} version(s), not {version}")
+    v = vs[-1] if version is None else vs[version - 1]
+    out = click.get_binary_stream("stdout")
+    for data in FileReader(st, v).iter_all():
+        out.write(data)
+    out.flush()
+
+
+@cli.command()
+@store_option
+@study_option
+@click.argument("dest", type=click.Path(file_okay=False))
+def export(store: str, study: str, dest: str) -> None:
+    """Write the study's read-only view into DEST, adding only.
+
+    \b
+    DEST/current/PATH                        the latest version of every path
+    DEST/versions/PATH/NNNN_STAMP_SITE.EXT   every version
+    DEST/submissions/STAMP_SITE_SEQ/PATH     each submission as received
+    A second export after new versions adds them and updates current/; nothing is deleted.
+    """
+    st = _open(store, study)
+    bar = None
+    progress = None
+    if progress_enabled():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="export", leave=False)
+        progress = bar.update
+    try:
+        summary = export_study(st, study, dest, progress)
+    finally:
+        if bar:
+            bar.close()
+    for c in summary.conflicts[:20]:
+        click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+    click.echo(summary.line(dest))

@@ -1,0 +1,354 @@
+"""``sync``: one run of the client, from a source folder to a study's drop box.
+
+1. Reconcile earlier submissions with their receipts (a submission that vanished from the inbox
+   without a receipt was rejected: its files are sent again).
+2. Read new have-segments: the chunks the study already holds.
+3. Re-use an unfinished staging folder (complete packs are not sent again; partial files go).
+4. Scan; read only files whose size, mtime_ns or inode changed since last read; chunk and hash
+   them; put each chunk the server lacks into a pack (about 16 MiB) and upload complete packs.
+5. Write the manifest (files whose content differs from what this client last sent), then commit
+   by renaming the staging folder. Nothing to send: no submission is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import io
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from dittohead import format as fmt
+from dittohead import manifest as mf
+from dittohead import pack, records
+from dittohead.chunking import Chunk, Chunker
+from dittohead.client import cache as cc
+from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
+from dittohead.client.transport import GONE, IN_STAGING, Transport
+from dittohead.errors import FormatError, UsageError
+from dittohead.hashing import blake3
+from dittohead.store.index import pack_chunk_list, unpack_chunk_list
+from dittohead.units import human_bytes, plural
+
+RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime tick
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    source: str
+    study: str
+    site: str
+    scan: ScanOptions = ScanOptions()
+    dry_run: bool = False
+
+
+class Progress(Protocol):
+    def start(self, total_bytes: int, files: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total_bytes: int, files: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class SyncSummary:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    changing: int = 0
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    submission: str | None = None
+    dry_run: bool = False
+    counts: ScanCounts = field(default_factory=ScanCounts)
+    notes: list[str] = field(default_factory=list)
+    would_send: list[str] = field(default_factory=list)
+
+    def skipped(self) -> str:
+        c = self.counts
+        parts = [
+            (c.symlinks, "symlink", "symlinks"),
+            (c.special, "special file", "special files"),
+            (c.too_new, "too new (--min-age)", "too new (--min-age)"),
+            (self.changing, "changing while read", "changing while read"),
+            (c.unreadable, "unreadable", "unreadable"),
+            (c.bad_names, "bad name", "bad names"),
+        ]
+        out = [f"{n} {one if n == 1 else many}" for n, one, many in parts if n]
+        return "; skipped: " + ", ".join(out) if out else ""
+
+    def line(self) -> str:
+        files = f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged files"
+        if self.dry_run:
+            if not (self.new or self.changed):
+                return f"sync (dry run): nothing to send ({self.unchanged} unchanged files){self.skipped()}"
+            return (f"sync (dry run): would send {files}; {human_bytes(self.bytes_read)} read, "
+                    f"about {human_bytes(self.bytes_sent)} to send{self.skipped()}")
+        if self.submission is None:
+            return f"sync: nothing to send ({plural(self.unchanged, 'unchanged file')}){self.skipped()}"
+        return (f"sync: {files}; {human_bytes(self.bytes_read)} read, {human_bytes(self.bytes_sent)} sent; "
+                f"submission {self.submission}{self.skipped()}")
+
+
+def new_submission_name() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
+
+
+class _Uploader:
+    """Collects chunks the server lacks into packs and uploads each complete pack."""
+
+    def __init__(self, t: Transport, cache: cc.StateCache, study: str, name: str,
+                 skip: set[bytes], dry_run: bool, staging_exists: bool) -> None:
+        self.t, self.cache, self.study, self.name = t, cache, study, name
+        self.skip = skip
+        self.dry_run = dry_run
+        self.staging_exists = staging_exists
+        self.buf: io.BytesIO | None = None
+        self.writer: pack.PackWriter | None = None
+        self.bytes_sent = 0
+
+    def offer(self, chunk: Chunk) -> None:
+        if chunk.id in self.skip:
+            return
+        self.skip.add(chunk.id)
+        if self.dry_run:
+            self.bytes_sent += chunk.length
+            return
+        if self.writer is None:
+            self.buf = io.BytesIO()
+            self.writer = pack.PackWriter(self.buf)
+        self.writer.add(chunk.id, chunk.data)
+        if self.writer.full():
+            self.flush()
+
+    def ensure_staging(self) -> None:
+        if not self.staging_exists:
+            self.cache.set_state(self.name, cc.STAGING, time.time_ns())
+            self.t.make_staging(self.study, self.name)
+            self.staging_exists = True
+
+    def flush(self) -> None:
+        if self.writer is None or self.buf is None:
+            return
+        pid, size = self.writer.finish()
+        filename = pid.hex() + fmt.PACK_SUFFIX
+        self.ensure_staging()
+        self.t.put(self.study, self.name, filename, self.buf.getbuffer())
+        self.cache.add_staged(self.name, filename, size, b"".join(e.id for e in self.writer.entries))
+        self.bytes_sent += size
+        self.buf, self.writer = None, None
+
+
+def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
+    for name in cache.submissions((cc.COMMITTING, cc.PENDING)):
+        raw = t.read_receipt(study, name)
+        if raw is not None:
+            try:
+                r = records.decode_receipt(raw)
+                summary.notes.append(f"earlier submission {name} was ingested as #{r.seq} "
+                                     f"({plural(r.new_versions, 'new version')})")
+            except FormatError:
+                summary.notes.append(f"earlier submission {name} was ingested (unreadable receipt)")
+            cache.set_state(name, cc.INGESTED)
+            continue
+        where = t.submission_state(study, name)
+        if where == IN_STAGING:  # the commit rename never happened: carry on filling it
+            with cache.transaction():
+                cache.forget_sent(name)
+                cache.set_state(name, cc.STAGING)
+        elif where == GONE:
+            with cache.transaction():
+                cache.forget_sent(name)
+                cache.set_state(name, cc.LOST)
+            summary.notes.append(f"earlier submission {name} left the inbox without a receipt "
+                                 "(rejected by the server?): its files are sent again")
+        else:
+            cache.set_state(name, cc.PENDING)
+
+
+def _refresh_have(t: Transport, cache: cc.StateCache, study: str) -> None:
+    known = cache.read_segments()
+    for seg in t.list_have(study):
+        if seg in known:
+            continue
+        try:
+            ids = records.decode_have(t.read_have(study, seg), what=f"have-segment {seg}")
+        except FormatError:
+            continue  # a damaged segment only means re-sending chunks the server may have
+        cache.add_segment(seg, ids)
+
+
+def _resume_staging(t: Transport, cache: cc.StateCache, study: str) -> tuple[str | None, set[bytes]]:
+    names = cache.submissions((cc.STAGING,))
+    for stale in names[:-1]:
+        t.remove_staging(study, stale)
+        cache.drop_staged(stale)
+        cache.set_state(stale, cc.LOST)
+    if not names:
+        return None, set()
+    name = names[-1]
+    try:
+        listing = t.list_staging(study, name)
+    except FileNotFoundError:
+        cache.drop_staged(name)
+        cache.set_state(name, cc.LOST)
+        return None, set()
+    ids: set[bytes] = set()
+    keep = set()
+    for filename, (size, blob) in cache.staged(name).items():
+        if listing.get(filename) == size:
+            keep.add(filename)
+            ids.update(blob[i : i + 32] for i in range(0, len(blob), 32))
+        else:
+            cache.drop_staged(name, filename)
+    for filename in listing:
+        if filename not in keep:  # partial uploads, unrecorded packs, an old manifest
+            t.remove(study, name, filename)
+    return name, ids
+
+
+def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
+          progress: Progress) -> tuple[bytes, list[tuple[bytes, int]], os.stat_result] | None:
+    """Chunk and hash one file; None if it changed while being read."""
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(sf.os_path, flags)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        h = blake3()
+        chunks: list[tuple[bytes, int]] = []
+        total = 0
+        for c in chunker.cut_stream(f, st.st_size):
+            h.update(c.data)
+            chunks.append((c.id, c.length))
+            total += c.length
+            on_chunk(c)
+            progress.advance(c.length)
+        st2 = os.fstat(fd)
+    if total != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        return None
+    return h.digest(), chunks, st
+
+
+def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
+         progress: Progress | None = None, *, now_ns: Callable[[], int] = time.time_ns) -> SyncSummary:
+    progress = progress or NoProgress()
+    if not os.path.isdir(opts.source):
+        raise UsageError(f"{opts.source}: no such folder")
+    summary = SyncSummary(dry_run=opts.dry_run)
+    t.check_study(opts.study)
+    if not opts.dry_run:
+        _reconcile(t, cache, opts.study, summary)
+    _refresh_have(t, cache, opts.study)
+    have = cache.have()
+    name, staged_ids = (None, set()) if opts.dry_run else _resume_staging(t, cache, opts.study)
+    staging_exists = name is not None
+    name = name or new_submission_name()
+
+    start_ns = now_ns()
+    files = list(scan(opts.source, opts.scan, summary.counts, start_ns))
+    cached = cache.load_files()
+    last_sent = cache.last_sent()
+    skip = have | staged_ids
+
+    def needs_read(sf: SourceFile) -> bool:
+        c = cached.get(sf.path)
+        if c is None or (c.size, c.mtime_ns, c.ino) != (sf.size, sf.mtime_ns, sf.ino):
+            return True
+        if last_sent.get(sf.path) == c.hash:
+            return False
+        return any(cid not in skip for cid, _ in unpack_chunk_list(c.chunks))
+
+    to_read = {sf.path for sf in files if needs_read(sf)}
+    progress.start(sum(sf.size for sf in files if sf.path in to_read), len(to_read))
+    up = _Uploader(t, cache, opts.study, name, skip, opts.dry_run, staging_exists)
+    chunker = Chunker()
+    entries: list[mf.Entry] = []
+    batch = 0
+    cache.db.execute("BEGIN")
+    try:
+        for sf in files:
+            if sf.path in to_read:
+                try:
+                    got = _read(sf, chunker, up.offer, progress)
+                except OSError as e:
+                    summary.counts.unreadable += 1
+                    summary.counts.problems.append(f"{sf.path}: cannot read ({e.strerror})")
+                    continue
+                if got is None:
+                    summary.changing += 1
+                    continue
+                fhash, chunks, st = got
+                summary.bytes_read += st.st_size
+                mtime = st.st_mtime_ns if start_ns - st.st_mtime_ns > RACY_NS else -1
+                cached_file = cc.CachedFile(st.st_size, mtime, st.st_ino, fhash, pack_chunk_list(chunks))
+                cache.put_file(sf.path, cached_file)
+                batch += 1
+                if batch >= 500:
+                    cache.db.execute("COMMIT")
+                    cache.db.execute("BEGIN")
+                    batch = 0
+                size, mtime_ns, mode = st.st_size, st.st_mtime_ns, sf.mode
+            else:
+                c = cached[sf.path]
+                fhash, chunks = c.hash, unpack_chunk_list(c.chunks)
+                size, mtime_ns, mode = sf.size, sf.mtime_ns, sf.mode
+            prev = last_sent.get(sf.path)
+            if prev == fhash:
+                summary.unchanged += 1
+                continue
+            if prev is None:
+                summary.new += 1
+            else:
+                summary.changed += 1
+            entries.append(mf.Entry(sf.path, size, mtime_ns, mode, fhash, tuple(chunks)))
+            if opts.dry_run:
+                summary.would_send.append(sf.path)
+    finally:
+        cache.db.execute("COMMIT")
+        progress.close()
+
+    if opts.dry_run:
+        summary.bytes_sent = up.bytes_sent
+        return summary
+    up.flush()
+    summary.bytes_sent = up.bytes_sent
+    if not entries:
+        if up.staging_exists:
+            t.remove_staging(opts.study, name)
+            cache.drop_staged(name)
+            cache.set_state(name, cc.LOST)
+        return summary
+
+    m = mf.Manifest(opts.study, opts.site, _user(), socket.gethostname()[: fmt.TEXT_MAX], now_ns(), tuple(entries))
+    data = mf.encode(m)
+    up.ensure_staging()
+    t.put(opts.study, name, fmt.MANIFEST_NAME, memoryview(data))
+    summary.bytes_sent += len(data)
+    with cache.transaction():
+        cache.set_state(name, cc.COMMITTING)
+        cache.record_sent(name, ((e.path, e.hash) for e in entries))
+    t.commit(opts.study, name)
+    with cache.transaction():
+        cache.set_state(name, cc.PENDING)
+        cache.drop_staged(name)
+    summary.submission = name
+    return summary
+
+
+def _user() -> str:
+    with contextlib.suppress(Exception):
+        return getpass.getuser()[: fmt.TEXT_MAX]
+    return "unknown"

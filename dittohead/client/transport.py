@@ -1,0 +1,151 @@
+"""Transports: how a client reaches a server root's drop box.
+
+The inbox is the protocol. Every transport does the same few things, in the same order: read the
+study's have-segments and receipts, create a staging folder ``inbox/.NAME``, upload files into it
+(each under a temporary name, renamed when complete), and commit by renaming ``.NAME`` to
+``NAME``. ``LocalTransport`` serves a local path or a mounted share; the SFTP transport
+implements the same ``Transport`` protocol. A client never reads the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from typing import Protocol
+
+from dittohead import format as fmt
+from dittohead import fsutil
+from dittohead.errors import NotFound, TransportError
+
+STAGING_DIR_MODE = 0o750
+STAGING_FILE_MODE = 0o640
+
+# What submission_state can answer.
+IN_STAGING = "staging"
+IN_INBOX = "inbox"
+GONE = "gone"
+
+
+class Transport(Protocol):
+    def key(self) -> str: ...
+    def check_study(self, study: str) -> None: ...
+    def list_have(self, study: str) -> list[str]: ...
+    def read_have(self, study: str, segment: str) -> bytes: ...
+    def read_receipt(self, study: str, name: str) -> bytes | None: ...
+    def submission_state(self, study: str, name: str) -> str: ...
+    def make_staging(self, study: str, name: str) -> None: ...
+    def list_staging(self, study: str, name: str) -> dict[str, int]: ...
+    def put(self, study: str, name: str, filename: str, data: memoryview | bytes) -> None: ...
+    def remove(self, study: str, name: str, filename: str) -> None: ...
+    def remove_staging(self, study: str, name: str) -> None: ...
+    def commit(self, study: str, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class LocalTransport:
+    """A server root reachable as a local path (or a mounted share)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def key(self) -> str:
+        return "file://" + self.root
+
+    def _box(self, study: str, *parts: str) -> str:
+        return os.path.join(self.root, "dropbox", study, *parts)
+
+    def _staging(self, study: str, name: str) -> str:
+        return self._box(study, "inbox", fmt.STAGING_PREFIX + name)
+
+    def check_study(self, study: str) -> None:
+        if not os.path.isdir(self.root):
+            raise TransportError(f"{self.root}: no such folder (is the share mounted?)")
+        if not os.path.isdir(os.path.join(self.root, "dropbox")):
+            raise TransportError(f"{self.root}: not a dittohead server root")
+        if not os.path.isdir(self._box(study, "inbox")):
+            raise NotFound(f"{self.root}: no study {study!r} (the admin adds it with 'dittohead study add')")
+
+    def list_have(self, study: str) -> list[str]:
+        try:
+            names = os.listdir(self._box(study, "have"))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise TransportError(f"cannot list have-segments: {e.strerror}") from None
+        return sorted(n for n in names if n.endswith(fmt.HAVE_SUFFIX) and not n.startswith("."))
+
+    def read_have(self, study: str, segment: str) -> bytes:
+        return fsutil.read_limited(self._box(study, "have", segment), fmt.HAVE_MAX_SIZE)
+
+    def read_receipt(self, study: str, name: str) -> bytes | None:
+        try:
+            return fsutil.read_limited(self._box(study, "receipts", name), fmt.RECEIPT_MAX_SIZE)
+        except FileNotFoundError:
+            return None
+
+    def submission_state(self, study: str, name: str) -> str:
+        if os.path.lexists(self._staging(study, name)):
+            return IN_STAGING
+        if os.path.lexists(self._box(study, "inbox", name)):
+            return IN_INBOX
+        return GONE
+
+    def make_staging(self, study: str, name: str) -> None:
+        path = self._staging(study, name)
+        try:
+            os.mkdir(path, STAGING_DIR_MODE)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise TransportError(f"{path}: exists and is not a folder") from None
+
+    def list_staging(self, study: str, name: str) -> dict[str, int]:
+        path = self._staging(study, name)
+        out = {}
+        with os.scandir(path) as it:
+            for e in it:
+                out[e.name] = e.stat(follow_symlinks=False).st_size
+        return out
+
+    def put(self, study: str, name: str, filename: str, data: memoryview | bytes) -> None:
+        """Write ``filename`` into the staging folder; it appears under its name only when complete."""
+        directory = self._staging(study, name)
+        tmp = os.path.join(directory, f".tmp-{filename}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), STAGING_FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(directory, filename))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def remove(self, study: str, name: str, filename: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._staging(study, name), filename))
+
+    def remove_staging(self, study: str, name: str) -> None:
+        shutil.rmtree(self._staging(study, name), ignore_errors=True)
+
+    def commit(self, study: str, name: str) -> None:
+        inbox = self._box(study, "inbox")
+        fsutil.fsync_dir(self._staging(study, name))
+        os.rename(self._staging(study, name), os.path.join(inbox, name))
+        fsutil.fsync_dir(inbox)
+
+    def close(self) -> None:
+        pass
+
+
+def open_transport(dest: str) -> Transport:
+    """A transport for a destination given on the command line."""
+    if dest.startswith("sftp://"):
+        raise TransportError("sftp:// destinations are not supported yet; use a local path or a mounted share")
+    if "://" in dest:
+        raise TransportError(f"unsupported destination {dest!r}: use a local path or sftp://user@host/path")
+    return LocalTransport(dest)

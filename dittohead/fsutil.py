@@ -1,0 +1,107 @@
+"""Durable, no-overwrite file operations (invariant 1).
+
+New files are written under a temporary name, fsynced, then linked into place: ``os.link``
+fails if the target exists, so nothing is ever overwritten, and a crash leaves at worst a
+temporary file, never a half-written one under its real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from typing import BinaryIO, Iterator
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tmp_name(directory: str | os.PathLike[str], hint: str = "") -> str:
+    return os.path.join(directory, f".tmp-{hint}{secrets.token_hex(8)}")
+
+
+def link_new(tmp: str, dest: str) -> bool:
+    """Put the finished file ``tmp`` at ``dest`` without overwriting; remove ``tmp``.
+
+    Returns True if ``dest`` was created, False if it existed already (the caller decides
+    whether an existing file is acceptable: for content-addressed names it is).
+    """
+    try:
+        os.link(tmp, dest)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # A filesystem without hard links: rename, after checking (single writer, under lock).
+        if os.path.lexists(dest):
+            created = False
+        else:
+            os.rename(tmp, dest)
+            fsync_dir(os.path.dirname(dest))
+            return True
+    os.unlink(tmp)
+    fsync_dir(os.path.dirname(dest))
+    return created
+
+
+@contextlib.contextmanager
+def new_file(dest: str, *, mode: int = 0o644, tmp_dir: str | None = None) -> Iterator[BinaryIO]:
+    """Write a new file durably: yields a file; on clean exit, fsync and link to ``dest``.
+
+    Raises FileExistsError if ``dest`` exists (checked again at the link).
+    """
+    directory = tmp_dir or os.path.dirname(dest)
+    tmp = tmp_name(directory)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if not link_new(tmp, dest):
+            raise FileExistsError(errno.EEXIST, "file exists", dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_new(dest: str, data: bytes, *, mode: int = 0o644, exist_ok: bool = False) -> bool:
+    """Write ``data`` as a new durable file; with ``exist_ok``, an existing ``dest`` is kept."""
+    try:
+        with new_file(dest, mode=mode) as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        if exist_ok:
+            return False
+        raise
+
+
+def read_limited(path: str, limit: int, *, follow: bool = False) -> bytes:
+    """Read a whole regular file of at most ``limit`` bytes, never following a symlink."""
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(fd).st_size > limit:
+            raise ValueError(f"{path}: larger than {limit} bytes")
+        data = f.read()
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes")
+    return data

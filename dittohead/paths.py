@@ -1,0 +1,67 @@
+"""Paths inside a study: relative, POSIX, NFC; validated wherever they cross a trust boundary.
+
+A valid path has one or more components separated by "/", none empty, "." or "..", no NUL or
+other control character, no backslash (it would become a separator on Windows), each component
+at most 255 bytes of UTF-8 and the whole at most 4096, and it is in Unicode NFC.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from dittohead import format as fmt
+
+
+class BadPath(ValueError):
+    """A path that breaks a rule; the message says which."""
+
+
+def check(path: object) -> str:
+    """Return ``path`` if it is a valid study path, else raise BadPath naming the rule."""
+    if not isinstance(path, str):
+        raise BadPath(f"path is not a string: {path!r}")
+    if not path:
+        raise BadPath("empty path")
+    if path.startswith("/"):
+        raise BadPath(f"absolute path: {path!r}")
+    if "\x00" in path:
+        raise BadPath(f"path contains NUL: {path!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise BadPath(f"path contains a control character: {path!r}")
+    if "\\" in path:
+        raise BadPath(f"path contains a backslash: {path!r}")
+    if len(path.encode("utf-8", "surrogatepass")) > fmt.PATH_MAX_BYTES:
+        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {path[:80]!r}...")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
+        if len(part.encode("utf-8", "surrogatepass")) > fmt.NAME_MAX_BYTES:
+            raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {part[:80]!r}...")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadPath(f"path is not valid Unicode: {path!r}") from None
+    if unicodedata.normalize("NFC", path) != path:
+        raise BadPath(f"path is not in Unicode NFC: {path!r}")
+    return path
+
+
+def check_tree(paths: list[str]) -> None:
+    """No duplicates, and no path that is also a folder of another (a file cannot be both)."""
+    seen: set[str] = set()
+    for p in paths:
+        if p in seen:
+            raise BadPath(f"duplicate path: {p!r}")
+        seen.add(p)
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in seen:
+                raise BadPath(f"path {prefix!r} is a file and also a folder of {p!r}")
+
+
+def normalize(rel_os_path: str, sep: str) -> str:
+    """A relative OS path (client side) to a study path: POSIX separators, NFC."""
+    posix = rel_os_path.replace(sep, "/") if sep != "/" else rel_os_path
+    return unicodedata.normalize("NFC", posix)

@@ -1,0 +1,222 @@
+"""fsck: prove the store's integrity, in layers, yielding findings instead of raising.
+
+1. packs: every trailer (always) and every chunk against its id (``read_data``);
+2. study logs: every record sound, a torn tail told apart from damage;
+3. manifests: each one named by a log is present, matches its id, decodes, and every chunk it
+   references is in a sound pack with the right length; a finding names the studies, paths and
+   versions it affects;
+4. the index: rebuilt from the above into a temporary file and compared; replaced when it
+   disagrees (the index is derived, so this is a repair, not damage);
+5. the server root's folders and modes.
+Severity "damage" makes the CLI exit 3; "warning" and "repaired" do not.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from dittohead import format as fmt
+from dittohead import manifest as mf
+from dittohead import pack
+from dittohead.errors import DittoheadError, FormatError, IntegrityError
+from dittohead.hashing import blake3
+from dittohead.store.index import Index
+from dittohead.store.repo import Store, manifest_key
+
+DAMAGE = "damage"
+WARNING = "warning"
+REPAIRED = "repaired"
+
+
+@dataclass(frozen=True)
+class Affected:
+    study: str
+    path: str
+    version: int
+
+
+@dataclass
+class Finding:
+    severity: str
+    kind: str  # pack, chunk, log, manifest, index, layout
+    object: str
+    message: str
+    affects: list[Affected] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        s = f"{self.severity}: {self.kind} {self.object}: {self.message}"
+        if self.affects:
+            shown = ", ".join(f"{a.study}:{a.path} v{a.version}" for a in self.affects[:5])
+            more = f" and {len(self.affects) - 5} more" if len(self.affects) > 5 else ""
+            s += f" (affects {shown}{more})"
+        return s
+
+
+@dataclass
+class FsckStats:
+    packs: int = 0
+    chunks: int = 0
+    bytes_read: int = 0
+    studies: int = 0
+    submissions: int = 0
+    versions: int = 0
+
+
+class Checker:
+    def __init__(self, store: Store, *, read_data: bool = False,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.store = store
+        self.read_data = read_data
+        self.progress = progress or (lambda n: None)
+        self.stats = FsckStats()
+        self.chunks: dict[bytes, tuple[bytes, int]] = {}  # id -> (pack id, length), sound ones
+        self.bad_chunks: dict[bytes, str] = {}  # id -> why
+
+    def data_size(self) -> int:
+        total = 0
+        for key in self.store.objects.list("packs"):
+            total += self.store.objects.size(key)
+        return total
+
+    def run(self) -> Iterator[Finding]:
+        yield from self.check_packs()
+        logs_ok = True
+        for f in self.check_history():
+            if f.kind in ("log", "manifest") and f.severity == DAMAGE:
+                logs_ok = False
+            yield f
+        yield from self.check_index(logs_ok)
+        for problem in self.store.root.mode_problems():
+            yield Finding(WARNING, "layout", problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
+
+    # -- layer 1
+    def check_packs(self) -> Iterator[Finding]:
+        for key in self.store.objects.list("packs"):
+            name = key.rsplit("/", 1)[-1]
+            hexid = name[: -len(fmt.PACK_SUFFIX)] if name.endswith(fmt.PACK_SUFFIX) else ""
+            try:
+                pid = bytes.fromhex(hexid)
+                assert len(pid) == fmt.HASH_SIZE and key == f"packs/{hexid[:2]}/{name}"
+            except (ValueError, AssertionError):
+                yield Finding(WARNING, "pack", key, "a file that is not a pack lies among the packs")
+                continue
+            self.stats.packs += 1
+            try:
+                with self.store.objects.open(key) as f:
+                    entries = pack.read_entries(f, what=f"pack {hexid}")
+                    if self.read_data:
+                        f.seek(fmt.PACK_HEADER.size)
+                        for e in entries:
+                            data = f.read(e.length)
+                            self.stats.bytes_read += len(data)
+                            self.progress(len(data))
+                            if len(data) != e.length or blake3(data, max_threads=blake3.AUTO if len(data) > 1 << 20 else 1).digest() != e.id:
+                                self.bad_chunks[e.id] = f"fails its hash in pack {hexid}"
+                                yield Finding(DAMAGE, "chunk", e.id.hex(),
+                                              f"in pack {hexid} at offset {e.offset}: bytes do not match the id")
+                            else:
+                                self.chunks.setdefault(e.id, (pid, e.length))
+                    else:
+                        for e in entries:
+                            self.chunks.setdefault(e.id, (pid, e.length))
+                    self.stats.chunks += len(entries)
+            except FormatError as e:
+                yield Finding(DAMAGE, "pack", hexid, str(e))
+            except OSError as e:
+                yield Finding(DAMAGE, "pack", hexid, f"cannot read: {e.strerror}")
+
+    # -- layers 2 and 3
+    def check_history(self) -> Iterator[Finding]:
+        for study in self.store.log_studies():
+            self.stats.studies += 1
+            try:
+                parsed = self.store.read_log(study)
+            except FormatError as e:
+                yield Finding(DAMAGE, "log", study, str(e))
+                continue
+            if parsed.torn:
+                yield Finding(WARNING, "log", study,
+                              "a torn record at the end (an ingest interrupted before its commit point); "
+                              "the next ingest sets it aside")
+            latest: dict[str, tuple[int, bytes]] = {}
+            for rec in parsed.records:
+                self.stats.submissions += 1
+                key = manifest_key(rec.manifest)
+                try:
+                    data = self.store.objects.get(key, fmt.MANIFEST_MAX_SIZE)
+                except FileNotFoundError:
+                    yield Finding(DAMAGE, "manifest", rec.manifest.hex(),
+                                  f"missing (study {study}, submission #{rec.seq} {rec.submission})")
+                    continue
+                if blake3(data).digest() != rec.manifest:
+                    yield Finding(DAMAGE, "manifest", rec.manifest.hex(),
+                                  f"does not match its id (study {study}, submission #{rec.seq})")
+                    continue
+                try:
+                    m = mf.decode(data)
+                except FormatError as e:
+                    yield Finding(DAMAGE, "manifest", rec.manifest.hex(), str(e))
+                    continue
+                problems: dict[bytes, tuple[str, list[Affected]]] = {}
+                for e in m.entries:
+                    prev = latest.get(e.path)
+                    if prev is not None and prev[1] == e.hash:
+                        continue  # not a new version: its bytes are those of the version before
+                    n = 1 if prev is None else prev[0] + 1
+                    latest[e.path] = (n, e.hash)
+                    self.stats.versions += 1
+                    for cid, length in e.chunks:
+                        why = None
+                        if cid in self.bad_chunks:
+                            why = self.bad_chunks[cid]
+                        elif cid not in self.chunks:
+                            why = "missing from every sound pack"
+                        elif self.chunks[cid][1] != length:
+                            why = f"stored with length {self.chunks[cid][1]}, manifest says {length}"
+                        if why:
+                            problems.setdefault(cid, (why, []))[1].append(Affected(study, e.path, n))
+                for cid, (why, affected) in problems.items():
+                    yield Finding(DAMAGE, "chunk", cid.hex(), why, affected)
+
+    # -- layer 4
+    def check_index(self, history_ok: bool) -> Iterator[Finding]:
+        if not history_ok:
+            yield Finding(WARNING, "index", "index.sqlite", "not compared: the history it derives from is damaged")
+            return
+        with tempfile.TemporaryDirectory(dir=self.store.root.store) as tmp:
+            try:
+                fresh = self.store.rebuild_index(os.path.join(tmp, "index.sqlite"))
+            except DittoheadError as e:
+                yield Finding(WARNING, "index", "index.sqlite", f"could not be rebuilt: {e}")
+                return
+            try:
+                want = fresh.dump()
+            finally:
+                fresh.close()
+            try:
+                live = Index(self.store.root.index_path)
+                have = live.dump()
+                live.close()
+            except Exception as e:  # a damaged SQLite file: rebuild it
+                have = {"error": [(str(e),)]}
+            if have != want:
+                differs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+                self.store.rebuild_index()
+                yield Finding(REPAIRED, "index", "index.sqlite",
+                              f"disagreed with the store ({', '.join(differs)}); rebuilt from packs, manifests and logs")
+
+
+def check(store: Store, *, read_data: bool = False,
+          progress: Callable[[int], None] | None = None) -> tuple[list[Finding], FsckStats]:
+    c = Checker(store, read_data=read_data, progress=progress)
+    findings = list(c.run())
+    return findings, c.stats
+
+
+__all__ = ["check", "Checker", "Finding", "DAMAGE", "WARNING", "REPAIRED", "IntegrityError"]

@@ -1,0 +1,244 @@
+"""The index: a SQLite cache derived from packs, manifests and study logs only.
+
+It answers what the store's files cannot answer quickly: where a chunk lives, which chunks a
+study holds, and every path's history (path -> versions, kept as ingest goes: invariant 9). It
+can always be rebuilt from the store (``Store.rebuild_index``), and fsck compares the two.
+A submission is applied in one SQLite transaction, together with the study's ``last_seq``, so the
+index is always exactly "the log up to last_seq".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from dittohead.manifest import Manifest
+from dittohead.studylog import LogRecord
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS study_chunks (
+    study TEXT NOT NULL, id BLOB NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (study, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS submissions (
+    study TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL, manifest BLOB NOT NULL,
+    ingested_ns INTEGER NOT NULL, site TEXT NOT NULL, user TEXT NOT NULL, host TEXT NOT NULL,
+    created_ns INTEGER NOT NULL, files INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    new_versions INTEGER NOT NULL, new_chunk_bytes INTEGER NOT NULL,
+    PRIMARY KEY (study, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    study TEXT NOT NULL, path TEXT NOT NULL, n INTEGER NOT NULL, seq INTEGER NOT NULL,
+    hash BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
+    chunks BLOB NOT NULL,
+    PRIMARY KEY (study, path, n)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    study TEXT NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (study, seq, path)
+) WITHOUT ROWID;
+"""
+
+_CHUNKREF = struct.Struct("<32sI")
+
+
+def pack_chunk_list(chunks: Iterable[tuple[bytes, int]]) -> bytes:
+    return b"".join(_CHUNKREF.pack(cid, n) for cid, n in chunks)
+
+
+def unpack_chunk_list(blob: bytes) -> list[tuple[bytes, int]]:
+    return [_CHUNKREF.unpack_from(blob, i) for i in range(0, len(blob), _CHUNKREF.size)]
+
+
+@dataclass(frozen=True)
+class Version:
+    study: str
+    path: str
+    n: int
+    seq: int
+    hash: bytes
+    size: int
+    mtime_ns: int
+    mode: int
+    chunks: bytes  # packed chunk list; see unpack_chunk_list
+    ingested_ns: int
+    site: str
+
+
+@dataclass(frozen=True)
+class Submission:
+    study: str
+    seq: int
+    name: str
+    manifest: bytes
+    ingested_ns: int
+    site: str
+    user: str
+    host: str
+    created_ns: int
+    files: int
+    bytes: int
+    new_versions: int
+    new_chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class Applied:
+    files: int
+    bytes: int
+    new_versions: int
+    new_chunk_bytes: int
+    new_chunks: list[bytes]  # chunks the study did not hold before (its have-segment)
+
+
+_VERSION_COLS = (
+    "v.study, v.path, v.n, v.seq, v.hash, v.size, v.mtime_ns, v.mode, v.chunks, s.ingested_ns, s.site"
+)
+_VERSION_FROM = "versions v JOIN submissions s ON s.study = v.study AND s.seq = v.seq"
+
+
+class Index:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        self.schema_ok = row is None or row[0] == SCHEMA_VERSION
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- chunks
+    def chunk(self, cid: bytes) -> tuple[bytes, int, int] | None:
+        return self.db.execute("SELECT pack, offset, length FROM chunks WHERE id=?", (cid,)).fetchone()
+
+    def has_chunks(self, ids: Iterable[bytes]) -> set[bytes]:
+        q = self.db.execute
+        return {cid for cid in ids if q("SELECT 1 FROM chunks WHERE id=?", (cid,)).fetchone()}
+
+    def study_holds(self, study: str, ids: Iterable[bytes]) -> set[bytes]:
+        q = self.db.execute
+        return {cid for cid in ids
+                if q("SELECT 1 FROM study_chunks WHERE study=? AND id=?", (study, cid)).fetchone()}
+
+    def add_chunks(self, rows: Iterable[tuple[bytes, bytes, int, int]]) -> None:
+        """(id, pack, offset, length) rows; the first location of a chunk is kept."""
+        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)", rows)
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, bytes, int, int]]:
+        yield from self.db.execute("SELECT id, pack, offset, length FROM chunks ORDER BY id")
+
+    # -- studies and history
+    def last_seq(self, study: str) -> int:
+        row = self.db.execute("SELECT last_seq FROM studies WHERE name=?", (study,)).fetchone()
+        return row[0] if row else 0
+
+    def latest(self, study: str, path: str) -> tuple[int, bytes] | None:
+        return self.db.execute(
+            "SELECT n, hash FROM versions WHERE study=? AND path=? ORDER BY n DESC LIMIT 1", (study, path)
+        ).fetchone()
+
+    def apply(self, study: str, rec: LogRecord, m: Manifest,
+              chunk_rows: Iterable[tuple[bytes, bytes, int, int]] = ()) -> Applied:
+        """Apply one committed log record (in one transaction). Idempotent by seq."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.last_seq(study) >= rec.seq:
+                db.execute("ROLLBACK")
+                raise ValueError(f"index already holds {study} seq {rec.seq}")
+            self.add_chunks(chunk_rows)
+            new_versions = 0
+            new_chunks: list[bytes] = []
+            new_chunk_bytes = 0
+            total = 0
+            for e in m.entries:
+                total += e.size
+                for cid, length in e.chunks:
+                    cur = db.execute("INSERT OR IGNORE INTO study_chunks VALUES (?, ?, ?)", (study, cid, rec.seq))
+                    if cur.rowcount:
+                        new_chunks.append(cid)
+                        new_chunk_bytes += length
+                latest = self.latest(study, e.path)
+                if latest is not None and latest[1] == e.hash:
+                    n = latest[0]
+                else:
+                    n = 1 if latest is None else latest[0] + 1
+                    db.execute(
+                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (study, e.path, n, rec.seq, e.hash, e.size, e.mtime_ns, e.mode, pack_chunk_list(e.chunks)),
+                    )
+                    new_versions += 1
+                db.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (study, rec.seq, e.path, n))
+            db.execute(
+                "INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (study, rec.seq, rec.submission, rec.manifest, rec.ingested_ns, m.site, m.user, m.host,
+                 m.created_ns, len(m.entries), total, new_versions, new_chunk_bytes),
+            )
+            db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?)", (study, rec.seq))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return Applied(len(m.entries), total, new_versions, new_chunk_bytes, new_chunks)
+
+    def chunks_gained(self, study: str, seq: int) -> list[bytes]:
+        """The chunks study first held with submission ``seq`` (its have-segment)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM study_chunks WHERE study=? AND seq=? ORDER BY id", (study, seq))]
+
+    def chunk_length(self, cid: bytes) -> int | None:
+        row = self.db.execute("SELECT length FROM chunks WHERE id=?", (cid,)).fetchone()
+        return row[0] if row else None
+
+    def version_chunks(self, study: str, path: str, n: int) -> bytes | None:
+        row = self.db.execute("SELECT chunks FROM versions WHERE study=? AND path=? AND n=?",
+                              (study, path, n)).fetchone()
+        return row[0] if row else None
+
+    def studies(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM studies ORDER BY name")]
+
+    def submissions(self, study: str) -> list[Submission]:
+        return [Submission(*r) for r in self.db.execute(
+            "SELECT * FROM submissions WHERE study=? ORDER BY seq", (study,))]
+
+    def submission_named(self, study: str, name: str) -> Submission | None:
+        r = self.db.execute("SELECT * FROM submissions WHERE study=? AND name=?", (study, name)).fetchone()
+        return Submission(*r) if r else None
+
+    def versions(self, study: str, path: str) -> list[Version]:
+        return [Version(*r) for r in self.db.execute(
+            f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? AND v.path=? ORDER BY v.n",
+            (study, path))]
+
+    def all_versions(self, study: str) -> list[Version]:
+        return [Version(*r) for r in self.db.execute(
+            f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? ORDER BY v.path, v.n", (study,))]
+
+    def entries(self, study: str) -> list[tuple[int, str, int]]:
+        """(seq, path, n): which version each manifest entry of each submission resolved to."""
+        return list(self.db.execute(
+            "SELECT seq, path, n FROM entries WHERE study=? ORDER BY seq, path", (study,)))
+
+    def dump(self) -> dict[str, list[tuple]]:
+        """Every derived row, for comparing this index with a rebuilt one."""
+        out = {}
+        for table, order in [("studies", "name"), ("study_chunks", "study, id"), ("submissions", "study, seq"),
+                             ("versions", "study, path, n"), ("entries", "study, seq, path")]:
+            out[table] = list(self.db.execute(f"SELECT * FROM {table} ORDER BY {order}"))
+        out["chunks"] = list(self.db.execute("SELECT id, length FROM chunks ORDER BY id"))
+        return out

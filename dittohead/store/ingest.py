@@ -1,0 +1,384 @@
+"""Ingest: turn committed submissions in the drop boxes into store history.
+
+For each committed submission (a folder in ``inbox/`` without a leading dot), in the order the
+server saw them arrive: move it to ``processing/``; verify everything (invariant 3: the folder
+holds only regular, singly-linked files named ``manifest`` or ``<64 hex>.pack``; the manifest
+decodes strictly and names this study; every pack's trailer is sound and every chunk matches its
+id; every chunk the manifest references is held by the study already or carried by this
+submission, with the right length; every new version's bytes hash to its file hash); then copy the
+chunks new to the store into server-written packs, store the manifest, append the study-log
+record (the commit point, fsynced), update the index, publish the have-segment and the receipt,
+and move the submission to ``done/``. A rejected submission goes to ``failed/`` with a REASON file
+and the store does not change.
+
+Crash safety (invariant 2): every step before the commit point only adds content-addressed
+objects (a redo writes the same names); every step after it is derived from the log and redone
+if missing. ``processing/`` is resumed first at every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+import filelock
+
+from dittohead import format as fmt
+from dittohead import fsutil, pack, records, studylog
+from dittohead import manifest as mf
+from dittohead.errors import (DittoheadError, FormatError, IntegrityError, LockedError,
+                              RejectedSubmission, StoreError)
+from dittohead.hashing import blake3
+from dittohead.store.layout import StudyDropbox
+from dittohead.store.repo import Store, log_key, manifest_key, pack_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    study: str
+    submission: str
+    ok: bool
+    seq: int = 0
+    files: int = 0
+    new_versions: int = 0
+    new_chunk_bytes: int = 0
+    reason: str = ""
+
+
+class StorePackWriter:
+    """Server-written packs: chunks go to temporary files, linked into the store on commit."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.done: list[tuple[bytes, str, list[pack.PackEntry]]] = []  # (pack id, tmp path, entries)
+        self._cur: tuple[str, BinaryIO, pack.PackWriter] | None = None
+        self.ids: set[bytes] = set()
+        self.bytes = 0
+
+    def add(self, cid: bytes, data: bytes) -> None:
+        if cid in self.ids:
+            return
+        if self._cur is None:
+            path, f = self.store.objects.new_tmp()
+            self._cur = (path, f, pack.PackWriter(f))
+        self._cur[2].add(cid, data)
+        self.ids.add(cid)
+        self.bytes += len(data)
+        if self._cur[2].full():
+            self._close_current()
+
+    def _close_current(self) -> None:
+        assert self._cur is not None
+        path, f, w = self._cur
+        pid, _ = w.finish()
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self.done.append((pid, path, w.entries))
+        self._cur = None
+
+    def commit(self) -> list[tuple[bytes, list[pack.PackEntry]]]:
+        if self._cur is not None:
+            self._close_current()
+        out = []
+        for pid, path, entries in self.done:
+            self.store.objects.put_file(pack_key(pid), path)
+            out.append((pid, entries))
+        return out
+
+    def discard(self) -> None:
+        if self._cur is not None:
+            self._cur[1].close()
+            self.done.append((b"", self._cur[0], []))
+            self._cur = None
+        for _, path, _ in self.done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.done = []
+
+
+@dataclass
+class _Plan:
+    data: bytes
+    manifest: mf.Manifest
+    mid: bytes
+    writer: StorePackWriter
+    carried: dict[bytes, tuple[str, int, int]] = field(default_factory=dict)
+
+
+def _reject(msg: str) -> RejectedSubmission:
+    return RejectedSubmission(msg)
+
+
+def _open_untrusted(path: str) -> BinaryIO:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _reject(f"{os.path.basename(path)}: not a regular file")
+    if st.st_nlink != 1:
+        os.close(fd)
+        raise _reject(f"{os.path.basename(path)}: a hard link (link count {st.st_nlink})")
+    return os.fdopen(fd, "rb")
+
+
+def _free_name(directory: str, name: str) -> str:
+    candidate, i = name, 1
+    while os.path.lexists(os.path.join(directory, candidate)):
+        candidate = f"{name}.{i}"
+        i += 1
+    return candidate
+
+
+class Ingestor:
+    """Ingests every committed submission of every study of one store (one at a time, locked)."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], int] = time.time_ns) -> None:
+        self.store = store
+        self.root = store.root
+        self.clock = clock
+
+    @contextlib.contextmanager
+    def locked(self):
+        lock = filelock.FileLock(self.root.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise LockedError(f"{self.root.path}: another ingest is running (lock {self.root.lock_path})") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def run_once(self, on_result: Callable[[IngestResult], None] | None = None) -> list[IngestResult]:
+        """Ingest everything committed now; returns one result per submission handled."""
+        results: list[IngestResult] = []
+        with self.locked():
+            self.store.index  # opening it catches up with the logs
+            for study in self.root.studies():
+                box = self.root.dropbox(study)
+                for name in self._pending(box):
+                    r = self._process(box, name)
+                    results.append(r)
+                    if on_result:
+                        on_result(r)
+        return results
+
+    def _pending(self, box: StudyDropbox) -> list[str]:
+        """processing/ first (resumed after a crash), then the inbox in order of arrival."""
+        resumed = sorted(os.listdir(box.processing)) if os.path.isdir(box.processing) else []
+        arrivals = []
+        with contextlib.suppress(FileNotFoundError):
+            with os.scandir(box.inbox) as it:
+                for e in it:
+                    if e.name.startswith(fmt.STAGING_PREFIX):
+                        continue  # still being written by a client
+                    st = e.stat(follow_symlinks=False)
+                    arrivals.append((st.st_ctime_ns, e.name))
+        out = list(resumed)
+        for _, name in sorted(arrivals):
+            dest = _free_name(box.processing, name)
+            os.rename(os.path.join(box.inbox, name), os.path.join(box.processing, dest))
+            fsutil.fsync_dir(box.processing)
+            out.append(dest)
+        return out
+
+    def _process(self, box: StudyDropbox, name: str) -> IngestResult:
+        idx = self.store.index
+        path = os.path.join(box.processing, name)
+        done = idx.submission_named(box.name, name)
+        if done is None:
+            try:
+                if not fmt.SUBMISSION_NAME_RE.match(name):
+                    raise _reject(f"bad submission name {name!r}")
+                plan = self._verify(box, name, path)
+            except (RejectedSubmission, FormatError, IntegrityError) as e:
+                return self._fail(box, name, str(e))
+            try:
+                self._commit(box, name, plan)
+            except BaseException:
+                plan.writer.discard()
+                raise
+            done = idx.submission_named(box.name, name)
+            assert done is not None
+        self._finish(box, name, done.seq)
+        log.info("ingested %s/%s as #%d", box.name, name, done.seq)
+        return IngestResult(box.name, name, True, done.seq, done.files, done.new_versions, done.new_chunk_bytes)
+
+    # -- verification: nothing is written to the store before all of it passes
+    def _verify(self, box: StudyDropbox, name: str, path: str) -> _Plan:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise _reject("the submission is a symlink")
+        if not stat.S_ISDIR(st.st_mode):
+            raise _reject("the submission is not a folder")
+        packs: list[str] = []
+        has_manifest = False
+        for entry in sorted(os.listdir(path)):
+            est = os.lstat(os.path.join(path, entry))
+            if stat.S_ISLNK(est.st_mode):
+                raise _reject(f"{entry}: a symlink")
+            if not stat.S_ISREG(est.st_mode):
+                raise _reject(f"{entry}: not a regular file (folder, FIFO, socket or device)")
+            if est.st_nlink != 1:
+                raise _reject(f"{entry}: a hard link (link count {est.st_nlink})")
+            if entry == fmt.MANIFEST_NAME:
+                has_manifest = True
+            elif fmt.PACK_FILE_RE.match(entry):
+                packs.append(entry)
+            else:
+                raise _reject(f"{entry}: unexpected file in a submission")
+        if not has_manifest:
+            raise _reject("no manifest (empty or incomplete submission)")
+        with _open_untrusted(os.path.join(path, fmt.MANIFEST_NAME)) as f:
+            data = f.read(fmt.MANIFEST_MAX_SIZE + 1)
+        m = mf.decode(data)
+        if m.study != box.name:
+            raise _reject(f"manifest is for study {m.study!r}, not {box.name!r}")
+        if not m.entries:
+            raise _reject("manifest lists no files (empty submission)")
+
+        idx = self.store.index
+        referenced: dict[bytes, int] = {}
+        for e in m.entries:
+            for cid, length in e.chunks:
+                if referenced.setdefault(cid, length) != length:
+                    raise _reject(f"chunk {cid.hex()} is listed with two different lengths")
+        held = idx.study_holds(box.name, referenced)
+        for cid in held:
+            if idx.chunk_length(cid) != referenced[cid]:
+                raise _reject(f"chunk {cid.hex()}: length {referenced[cid]} differs from the stored chunk's")
+        needed = set(referenced) - held
+        to_write = needed - idx.has_chunks(needed)
+
+        writer = StorePackWriter(self.store)
+        plan = _Plan(data, m, mf.manifest_id(data), writer)
+        try:
+            for pname in packs:
+                ppath = os.path.join(path, pname)
+                with _open_untrusted(ppath) as f:
+                    entries = pack.read_entries(f, what=f"pack {pname}")
+                    for pe, chunk in pack.iter_verified(f, entries, what=f"pack {pname}"):
+                        plan.carried.setdefault(pe.id, (ppath, pe.offset, pe.length))
+                        if pe.id in to_write:
+                            writer.add(pe.id, chunk)
+            for cid in needed:
+                if cid not in plan.carried:
+                    raise _reject(f"chunk {cid.hex()} is neither held by study {box.name!r} nor carried by this submission")
+                if plan.carried[cid][2] != referenced[cid]:
+                    raise _reject(f"chunk {cid.hex()}: the manifest says {referenced[cid]} bytes, the pack holds {plan.carried[cid][2]}")
+            self._check_file_hashes(box, plan)
+        except BaseException:
+            writer.discard()
+            raise
+        return plan
+
+    def _check_file_hashes(self, box: StudyDropbox, plan: _Plan) -> None:
+        idx = self.store.index
+        open_packs: dict[str, BinaryIO] = {}
+        try:
+            for e in plan.manifest.entries:
+                latest = idx.latest(box.name, e.path)
+                if latest is not None and latest[1] == e.hash:
+                    stored = idx.version_chunks(box.name, e.path, latest[0])
+                    if stored == b"".join(cid + n.to_bytes(4, "little") for cid, n in e.chunks):
+                        continue  # the same content as the version already verified and stored
+                if len(e.chunks) == 1:
+                    ok = e.chunks[0][0] == e.hash  # one chunk: the chunk id is the file hash
+                elif not e.chunks:
+                    ok = True  # empty: checked by the manifest decoder
+                else:
+                    h = blake3()
+                    for cid, _ in e.chunks:
+                        h.update(self._chunk_bytes(cid, plan, open_packs))
+                    ok = h.digest() == e.hash
+                if not ok:
+                    raise _reject(f"{e.path!r}: its bytes do not match the file hash in the manifest")
+        finally:
+            for f in open_packs.values():
+                f.close()
+
+    def _chunk_bytes(self, cid: bytes, plan: _Plan, open_packs: dict[str, BinaryIO]) -> bytes:
+        if cid in plan.carried:
+            ppath, offset, length = plan.carried[cid]
+            f = open_packs.get(ppath)
+            if f is None:
+                f = open_packs[ppath] = _open_untrusted(ppath)
+            f.seek(offset)
+            data = f.read(length)
+            if blake3(data).digest() != cid:  # changed under us since it was verified
+                raise _reject(f"chunk {cid.hex()} changed while being ingested")
+            return data
+        return self.store.read_chunk(cid)
+
+    # -- commit: packs, manifest, then the log record
+    def _commit(self, box: StudyDropbox, name: str, plan: _Plan) -> None:
+        store, idx = self.store, self.store.index
+        written = plan.writer.commit()
+        store.objects.put_bytes(manifest_key(plan.mid), plan.data)
+        key = log_key(box.name)
+        parsed = store.read_log(box.name)
+        if parsed.torn:
+            if len(parsed.records) < idx.last_seq(box.name):
+                raise StoreError(f"study log {box.name} is damaged (the index knows more records); run 'dittohead fsck'")
+            tail = store.objects.truncate_torn(key, parsed.good_size)
+            os.makedirs(self.root.quarantine, exist_ok=True)
+            qname = f"{box.name}.log-torn-{self.clock()}"
+            fsutil.write_new(os.path.join(self.root.quarantine, qname), tail, mode=0o600, exist_ok=True)
+            log.warning("study log %s: a torn record from an interrupted ingest was set aside as %s", box.name, qname)
+        seq = len(parsed.records) + 1
+        if seq != idx.last_seq(box.name) + 1:
+            raise StoreError(f"study log {box.name} and the index disagree; run 'dittohead fsck'")
+        rec = studylog.LogRecord(seq, name, plan.mid, self.clock(), tuple(pid for pid, _ in written))
+        store.objects.append(key, studylog.encode_record(rec), create_with=studylog.header())
+        # -- committed. Everything below is derived from the log and redone after a crash.
+        rows = [(pe.id, pid, pe.offset, pe.length) for pid, entries in written for pe in entries]
+        idx.apply(box.name, rec, plan.manifest, rows)
+
+    def _finish(self, box: StudyDropbox, name: str, seq: int) -> None:
+        idx = self.store.index
+        gained = idx.chunks_gained(box.name, seq)
+        if gained:
+            fsutil.write_new(os.path.join(box.have, records.have_name(seq)), records.encode_have(gained),
+                             mode=0o644, exist_ok=True)
+        sub = idx.submission_named(box.name, name)
+        assert sub is not None
+        receipt = records.Receipt(box.name, name, seq, sub.manifest, sub.ingested_ns, sub.files,
+                                  sub.new_versions, sub.new_chunk_bytes)
+        fsutil.write_new(os.path.join(box.receipts, name), records.encode_receipt(receipt), mode=0o644,
+                         exist_ok=True)
+        src = os.path.join(box.processing, name)
+        if os.path.lexists(src):
+            os.rename(src, os.path.join(box.done, _free_name(box.done, name)))
+            fsutil.fsync_dir(box.done)
+
+    def _fail(self, box: StudyDropbox, name: str, reason: str) -> IngestResult:
+        src = os.path.join(box.processing, name)
+        dest_name = _free_name(box.failed, name)
+        dest = os.path.join(box.failed, dest_name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            os.rename(src, dest)
+        else:
+            os.mkdir(dest, 0o700)
+            os.rename(src, os.path.join(dest, "submission"))
+        reason_path = os.path.join(dest, fmt.REASON_NAME)
+        if os.path.lexists(reason_path):
+            os.rename(reason_path, os.path.join(dest, _free_name(dest, fmt.REASON_NAME + ".as-received")))
+        fsutil.write_new(reason_path, f"rejected: {reason}\n".encode("utf-8", "replace"), mode=0o600)
+        fsutil.fsync_dir(box.failed)
+        log.info("rejected %s/%s: %s", box.name, name, reason)
+        return IngestResult(box.name, name, False, reason=reason)
+
+
+def ingest_once(store: Store, on_result: Callable[[IngestResult], None] | None = None) -> list[IngestResult]:
+    return Ingestor(store).run_once(on_result)
+
+
+__all__ = ["Ingestor", "IngestResult", "ingest_once", "DittoheadError"]

@@ -1,0 +1,141 @@
+"""The small object-storage interface behind the store, and its local-directory backend.
+
+The store keeps packs, manifests and study logs as named objects ("packs/ab/ID.pack",
+"manifests/ab/ID", "studies/NAME.log"). Objects are created once and never overwritten; the only
+growing objects are study logs, appended to. An S3-compatible backend implements the same
+``ObjectStore`` protocol (logs there become one object per record; see docs/format.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from typing import BinaryIO, Iterator, Protocol
+
+from dittohead import fsutil
+from dittohead.errors import StoreError
+
+
+class ObjectStore(Protocol):
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def get(self, key: str, limit: int) -> bytes: ...
+    def read_range(self, key: str, offset: int, length: int) -> bytes: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def list(self, prefix: str) -> Iterator[str]: ...
+    def put_bytes(self, key: str, data: bytes) -> bool: ...
+    def put_file(self, key: str, tmp_path: str) -> bool: ...
+    def new_tmp(self) -> tuple[str, BinaryIO]: ...
+    def append(self, key: str, data: bytes, *, create_with: bytes = b"") -> None: ...
+    def truncate_torn(self, key: str, good_size: int) -> bytes: ...
+
+
+class LocalObjectStore:
+    """Objects as files under a directory; writes are durable and never overwrite."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.tmp_dir = os.path.join(root, "tmp")
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"bad object key {key!r}")
+        return os.path.join(self.root, *key.split("/"))
+
+    def path_of(self, key: str) -> str:
+        return self._path(key)
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def size(self, key: str) -> int:
+        return os.stat(self._path(key)).st_size
+
+    def get(self, key: str, limit: int) -> bytes:
+        return fsutil.read_limited(self._path(key), limit)
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with open(self._path(key), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self._path(key), "rb")
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under a folder-like prefix ("packs", "studies"), sorted, temporaries skipped."""
+        base = self._path(prefix)
+        if not os.path.isdir(base):
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for name in sorted(filenames):
+                if not name.startswith(".tmp-"):
+                    yield f"{rel}/{name}"
+
+    def _ensure_parent(self, path: str) -> None:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            fsutil.fsync_dir(os.path.dirname(parent))
+
+    def new_tmp(self) -> tuple[str, BinaryIO]:
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        path = fsutil.tmp_name(self.tmp_dir)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return path, os.fdopen(fd, "wb")
+
+    def put_file(self, key: str, tmp_path: str) -> bool:
+        """Move a finished (already fsynced) temporary file into place; False if it existed."""
+        dest = self._path(key)
+        self._ensure_parent(dest)
+        return fsutil.link_new(tmp_path, dest)
+
+    def put_bytes(self, key: str, data: bytes) -> bool:
+        dest = self._path(key)
+        self._ensure_parent(dest)
+        return fsutil.write_new(dest, data, mode=0o600, exist_ok=True)
+
+    def append(self, key: str, data: bytes, *, create_with: bytes = b"") -> None:
+        """Append durably; a missing object is first created holding ``create_with``."""
+        dest = self._path(key)
+        self._ensure_parent(dest)
+        if not os.path.exists(dest):
+            with contextlib.suppress(FileExistsError):
+                fsutil.write_new(dest, create_with, mode=0o600)
+        fd = os.open(dest, os.O_WRONLY | os.O_APPEND)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def truncate_torn(self, key: str, good_size: int) -> bytes:
+        """Cut a torn tail (bytes never committed) off a log; returns the bytes removed."""
+        dest = self._path(key)
+        fd = os.open(dest, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size < good_size:
+                raise StoreError(f"{key}: shorter than its good part")
+            os.lseek(fd, good_size, os.SEEK_SET)
+            tail = b""
+            while len(tail) < size - good_size:
+                more = os.read(fd, size - good_size - len(tail))
+                if not more:
+                    break
+                tail += more
+            os.ftruncate(fd, good_size)
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StoreError(f"{key}: disk full") from e
+            raise
+        finally:
+            os.close(fd)
+        return tail

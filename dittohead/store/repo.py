@@ -1,0 +1,176 @@
+"""The store: immutable packs and manifests, append-only study logs, and the derived index.
+
+Write ordering (docs/format.md, "Write ordering"): chunks (packs), then the manifest, then the
+study-log record that publishes them (the commit point); the index, have-segment and receipt
+follow and can all be redone from the log. Reads verify every chunk against its id (invariant 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+from dittohead import format as fmt
+from dittohead import manifest as mf
+from dittohead import pack, studylog
+from dittohead.errors import FormatError, IntegrityError, StoreError
+from dittohead.hashing import blake3
+from dittohead.store.index import Index, unpack_chunk_list
+from dittohead.store.layout import ServerRoot
+from dittohead.store.objects import LocalObjectStore, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def pack_key(pid: bytes) -> str:
+    h = pid.hex()
+    return f"packs/{h[:2]}/{h}{fmt.PACK_SUFFIX}"
+
+
+def manifest_key(mid: bytes) -> str:
+    h = mid.hex()
+    return f"manifests/{h[:2]}/{h}"
+
+
+def log_key(study: str) -> str:
+    return f"studies/{study}.log"
+
+
+class Store:
+    """A server root's store, opened for reading and (under the ingest lock) writing."""
+
+    def __init__(self, root: ServerRoot, objects: ObjectStore | None = None) -> None:
+        self.root = root
+        self.config = root.config()
+        self.objects: ObjectStore = objects or LocalObjectStore(root.store)
+        self._index: Index | None = None
+
+    @classmethod
+    def open(cls, path: str) -> "Store":
+        return cls(ServerRoot(path))
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+    # -- the index, always caught up with the logs
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            idx = Index(self.root.index_path)
+            if not idx.schema_ok:
+                idx.close()
+                self.rebuild_index()
+                idx = Index(self.root.index_path)
+            self._index = idx
+            self.catch_up()
+        return self._index
+
+    def log_studies(self) -> list[str]:
+        out = []
+        for key in self.objects.list("studies"):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".log"):
+                out.append(name[:-4])
+        return sorted(out)
+
+    def read_log(self, study: str) -> studylog.ParsedLog:
+        key = log_key(study)
+        if not self.objects.exists(key):
+            return studylog.ParsedLog([], 0, torn=False)
+        data = self.objects.get(key, 1 << 40)
+        return studylog.parse(data, what=f"study log {study}")
+
+    def read_manifest(self, mid: bytes) -> tuple[bytes, mf.Manifest]:
+        key = manifest_key(mid)
+        try:
+            data = self.objects.get(key, fmt.MANIFEST_MAX_SIZE)
+        except FileNotFoundError:
+            raise StoreError(f"manifest {mid.hex()} is missing from the store") from None
+        if blake3(data).digest() != mid:
+            raise IntegrityError(f"manifest {mid.hex()} does not match its id")
+        return data, mf.decode(data)
+
+    def pack_entries(self, pid: bytes) -> list[pack.PackEntry]:
+        with self.objects.open(pack_key(pid)) as f:
+            return pack.read_entries(f, what=f"pack {pid.hex()}")
+
+    def catch_up(self, idx: Index | None = None) -> int:
+        """Apply log records the index has not seen (after a crash past the commit point)."""
+        idx = idx or self.index
+        applied = 0
+        for study in self.log_studies():
+            parsed = self.read_log(study)
+            last = idx.last_seq(study)
+            if last > len(parsed.records):
+                raise StoreError(
+                    f"study {study}: the index knows {last} submissions but the log holds "
+                    f"{len(parsed.records)}: the log is damaged; run 'dittohead fsck'"
+                )
+            for rec in parsed.records[last:]:
+                self.apply_record(idx, study, rec)
+                applied += 1
+        return applied
+
+    def apply_record(self, idx: Index, study: str, rec: studylog.LogRecord):
+        _, m = self.read_manifest(rec.manifest)
+        rows = []
+        for pid in rec.packs:
+            rows += [(e.id, pid, e.offset, e.length) for e in self.pack_entries(pid)]
+        return idx.apply(study, rec, m, rows)
+
+    def rebuild_index(self, path: str | None = None) -> Index:
+        """Build an index from packs, manifests and logs only (at ``path``, or in place)."""
+        target = path or self.root.index_path
+        if path is None:
+            self.close()
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(target + suffix)
+                except FileNotFoundError:
+                    pass
+        idx = Index(target)
+        for key in self.objects.list("packs"):
+            name = key.rsplit("/", 1)[-1]
+            if not name.endswith(fmt.PACK_SUFFIX):
+                continue
+            try:
+                pid = bytes.fromhex(name[: -len(fmt.PACK_SUFFIX)])
+                entries = self.pack_entries(pid)
+            except (ValueError, FormatError) as e:
+                log.warning("rebuild: skipping pack %s: %s", key, e)
+                continue
+            idx.db.execute("BEGIN")
+            idx.add_chunks((e.id, pid, e.offset, e.length) for e in entries)
+            idx.db.execute("COMMIT")
+        for study in self.log_studies():
+            for rec in self.read_log(study).records:
+                _, m = self.read_manifest(rec.manifest)
+                idx.apply(study, rec, m)
+        if path is None:
+            self._index = idx
+        return idx
+
+    # -- reading content, verified
+    def read_chunk(self, cid: bytes) -> bytes:
+        loc = self.index.chunk(cid)
+        if loc is None:
+            raise IntegrityError(f"chunk {cid.hex()} is not in the store")
+        pid, offset, length = loc
+        try:
+            data = self.objects.read_range(pack_key(pid), offset, length)
+        except FileNotFoundError:
+            raise IntegrityError(f"chunk {cid.hex()}: pack {pid.hex()} is missing") from None
+        if len(data) != length or blake3(data).digest() != cid:
+            log.error("chunk %s in pack %s does not match its id", cid.hex(), pid.hex())
+            raise IntegrityError(f"chunk {cid.hex()} in pack {pid.hex()} does not match its id")
+        return data
+
+    def iter_content(self, chunks_blob: bytes) -> Iterator[bytes]:
+        for cid, length in unpack_chunk_list(chunks_blob):
+            data = self.read_chunk(cid)
+            if len(data) != length:
+                raise IntegrityError(f"chunk {cid.hex()} has length {len(data)}, manifest says {length}")
+            yield data

@@ -1,0 +1,110 @@
+"""Study logs: the append-only history of one study, one record per ingested submission.
+
+Layout: HEADER (magic, version), then records of (length u32le, msgpack payload, BLAKE3-256 of
+the payload). Appending a record and fsyncing it is the commit point of an ingest. A crash can
+leave a torn last record; ``parse`` recognises it (it is the last thing in the file and fails its
+length or checksum) and reports it, and it is never taken as committed. A bad record with good
+ones after it is damage, not a tear.
+
+A record is a map: ``kind`` ("ingest"), ``seq`` (1, 2, ... as ingested: the server's order),
+``submission`` (its name in the inbox), ``manifest`` (id), ``ingested_ns`` (the server's clock),
+``packs`` (ids of the store packs this ingest wrote).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dittohead import codec
+from dittohead import format as fmt
+from dittohead.errors import FormatError, UnsupportedFormat
+from dittohead.hashing import digest
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    seq: int
+    submission: str
+    manifest: bytes
+    ingested_ns: int
+    packs: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class ParsedLog:
+    records: list[LogRecord]
+    good_size: int  # bytes up to the end of the last good record
+    torn: bool  # bytes after good_size that do not form a record
+
+
+def header() -> bytes:
+    return fmt.LOG_HEADER.pack(fmt.LOG_MAGIC, fmt.FORMAT_VERSION)
+
+
+def encode_record(rec: LogRecord) -> bytes:
+    payload = codec.pack(
+        {
+            "kind": fmt.LOG_KIND,
+            "seq": rec.seq,
+            "submission": rec.submission,
+            "manifest": rec.manifest,
+            "ingested_ns": rec.ingested_ns,
+            "packs": list(rec.packs),
+        }
+    )
+    return fmt.LOG_RECORD_LEN.pack(len(payload)) + payload + digest(payload)
+
+
+def _decode_payload(payload: bytes, what: str) -> LogRecord:
+    m = codec.as_map(codec.unpack(payload, what=what, max_size=fmt.LOG_RECORD_MAX), what=what)
+    if codec.field(m, "kind", str, what=what) != fmt.LOG_KIND:
+        raise FormatError(f"{what}: unknown kind")
+    seq = codec.uint(m, "seq", what=what)
+    sub = codec.text(m, "submission", what=what, limit=fmt.TEXT_MAX)
+    if not fmt.SUBMISSION_NAME_RE.match(sub):
+        raise FormatError(f"{what}: bad submission name")
+    mid = codec.digest(m, "manifest", what=what)
+    ingested_ns = codec.uint(m, "ingested_ns", what=what)
+    packs = codec.field(m, "packs", list, what=what)
+    if not all(isinstance(p, bytes) and len(p) == fmt.HASH_SIZE for p in packs):
+        raise FormatError(f"{what}: bad pack id")
+    return LogRecord(seq, sub, mid, ingested_ns, tuple(packs))
+
+
+def parse(data: bytes, *, what: str) -> ParsedLog:
+    """Parse a whole log; FormatError for damage, a torn tail reported in the result."""
+    hsize = fmt.LOG_HEADER.size
+    if len(data) < hsize:
+        # A crash while creating the log: nothing was ever committed in it.
+        if fmt.LOG_MAGIC.startswith(data[:8]):
+            return ParsedLog([], 0, torn=bool(data))
+        raise FormatError(f"{what}: not a study log")
+    magic, version = fmt.LOG_HEADER.unpack(data[:hsize])
+    if magic != fmt.LOG_MAGIC:
+        raise FormatError(f"{what}: not a study log (bad magic)")
+    if version not in fmt.SUPPORTED_VERSIONS:
+        raise UnsupportedFormat(f"{what}: log format version {version} is not supported")
+    records: list[LogRecord] = []
+    pos = hsize
+    lsize = fmt.LOG_RECORD_LEN.size
+    while pos < len(data):
+        start = pos
+        if pos + lsize > len(data):
+            return ParsedLog(records, start, torn=True)
+        (n,) = fmt.LOG_RECORD_LEN.unpack_from(data, pos)
+        end = pos + lsize + n + fmt.HASH_SIZE
+        if n > fmt.LOG_RECORD_MAX or end > len(data):
+            # Reaches past the end: a write cut short. (A damaged length field looks the same;
+            # the index and the receipts still know the record, and fsck compares them.)
+            return ParsedLog(records, start, torn=True)
+        payload = data[pos + lsize : pos + lsize + n]
+        if digest(payload) != data[pos + lsize + n : end]:
+            if end == len(data):
+                return ParsedLog(records, start, torn=True)
+            raise FormatError(f"{what}: record at byte {start} fails its checksum")
+        rec = _decode_payload(payload, f"{what}: record at byte {start}")
+        if rec.seq != len(records) + 1:
+            raise FormatError(f"{what}: record at byte {start} has seq {rec.seq}, expected {len(records) + 1}")
+        records.append(rec)
+        pos = end
+    return ParsedLog(records, pos, torn=False)

@@ -1,0 +1,28 @@
+"""Human-readable figures for summaries."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+
+def human_bytes(n: int | float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    value = float(n)
+    for unit in units:
+        if abs(value) < 1024 or unit == units[-1]:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def utc_stamp(ns: int) -> str:
+    """20261121T101502Z: the server's ingest time in names and listings."""
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def utc_iso(ns: int) -> str:
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
