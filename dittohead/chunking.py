@@ -7,8 +7,9 @@ its minimum), which lets small files skip the chunker and its buffer allocation 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
@@ -21,7 +22,7 @@ class Chunk:
     """A cut piece of a file: its id (BLAKE3-256), its bytes, its length."""
 
     id: bytes
-    data: bytes
+    data: bytes | memoryview  # from cut_stream: valid only until the next chunk is cut
 
     @property
     def length(self) -> int:
@@ -33,7 +34,7 @@ def make_chunker() -> FastCDC:
         fmt.CHUNK_AVG,
         min_size=fmt.CHUNK_MIN,
         max_size=fmt.CHUNK_MAX,
-        normalized_chunking=fmt.CHUNK_NORMALIZATION,
+        normalized_chunking=fmt.CHUNK_NORMALIZATION,  # type: ignore[arg-type]
         seed=fmt.CHUNK_SEED,
     )
 
@@ -68,7 +69,7 @@ class Chunker:
     def cut_stream(self, f: BinaryIO, size_hint: int) -> Iterator[Chunk]:
         """Cut an open binary file; ``size_hint`` (from fstat) picks the small-file fast path.
 
-        Each yielded Chunk owns its bytes. The whole-file hash is the caller's to compute
+        A yielded chunk's data is only valid until the next one is cut. The whole-file hash is the caller's to compute
         (see ``read_file``), since it needs the bytes in order anyway.
         """
         if size_hint <= fmt.CHUNK_MIN:
@@ -79,5 +80,4 @@ class Chunker:
             # The file grew past the minimum between stat and read: fall through and cut it.
             f.seek(0)
         for c in self._cdc.cut_stream(f):
-            b = bytes(c.data)
-            yield Chunk(blake3(b).digest(), b)
+            yield Chunk(blake3(c.data).digest(), c.data)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import io
 import os
 import secrets
 import socket
@@ -28,7 +27,7 @@ from dittohead import pack, records
 from dittohead.chunking import Chunk, Chunker
 from dittohead.client import cache as cc
 from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
-from dittohead.client.transport import GONE, IN_STAGING, Transport
+from dittohead.client.transport import GONE, IN_STAGING, Transport, Upload
 from dittohead.errors import FormatError, UsageError
 from dittohead.hashing import blake3
 from dittohead.store.index import pack_chunk_list, unpack_chunk_list
@@ -42,7 +41,7 @@ class SyncOptions:
     source: str
     study: str
     site: str
-    scan: ScanOptions = ScanOptions()
+    scan: ScanOptions = field(default_factory=ScanOptions)
     dry_run: bool = False
 
 
@@ -108,7 +107,7 @@ def new_submission_name() -> str:
 
 
 class _Uploader:
-    """Collects chunks the server lacks into packs and uploads each complete pack."""
+    """Streams chunks the server lacks into packs in the staging folder, one pack at a time."""
 
     def __init__(self, t: Transport, cache: cc.StateCache, study: str, name: str,
                  skip: set[bytes], dry_run: bool, staging_exists: bool) -> None:
@@ -116,7 +115,7 @@ class _Uploader:
         self.skip = skip
         self.dry_run = dry_run
         self.staging_exists = staging_exists
-        self.buf: io.BytesIO | None = None
+        self.upload: Upload | None = None
         self.writer: pack.PackWriter | None = None
         self.bytes_sent = 0
 
@@ -128,8 +127,9 @@ class _Uploader:
             self.bytes_sent += chunk.length
             return
         if self.writer is None:
-            self.buf = io.BytesIO()
-            self.writer = pack.PackWriter(self.buf)
+            self.ensure_staging()
+            self.upload = self.t.open_upload(self.study, self.name)
+            self.writer = pack.PackWriter(self.upload)  # type: ignore[arg-type]
         self.writer.add(chunk.id, chunk.data)
         if self.writer.full():
             self.flush()
@@ -141,15 +141,19 @@ class _Uploader:
             self.staging_exists = True
 
     def flush(self) -> None:
-        if self.writer is None or self.buf is None:
+        if self.writer is None or self.upload is None:
             return
         pid, size = self.writer.finish()
         filename = pid.hex() + fmt.PACK_SUFFIX
-        self.ensure_staging()
-        self.t.put(self.study, self.name, filename, self.buf.getbuffer())
+        self.upload.finish(filename)
         self.cache.add_staged(self.name, filename, size, b"".join(e.id for e in self.writer.entries))
         self.bytes_sent += size
-        self.buf, self.writer = None, None
+        self.upload, self.writer = None, None
+
+    def abort(self) -> None:
+        if self.upload is not None:
+            self.upload.abort()
+            self.upload, self.writer = None, None
 
 
 def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
@@ -316,6 +320,9 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
             entries.append(mf.Entry(sf.path, size, mtime_ns, mode, fhash, tuple(chunks)))
             if opts.dry_run:
                 summary.would_send.append(sf.path)
+    except BaseException:
+        up.abort()
+        raise
     finally:
         cache.db.execute("COMMIT")
         progress.close()

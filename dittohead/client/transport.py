@@ -38,10 +38,41 @@ class Transport(Protocol):
     def make_staging(self, study: str, name: str) -> None: ...
     def list_staging(self, study: str, name: str) -> dict[str, int]: ...
     def put(self, study: str, name: str, filename: str, data: memoryview | bytes) -> None: ...
+    def open_upload(self, study: str, name: str) -> Upload: ...
     def remove(self, study: str, name: str, filename: str) -> None: ...
     def remove_staging(self, study: str, name: str) -> None: ...
     def commit(self, study: str, name: str) -> None: ...
     def close(self) -> None: ...
+
+
+class Upload(Protocol):
+    """A file being written into a staging folder under a temporary name."""
+
+    def write(self, data: bytes | memoryview) -> int: ...
+    def finish(self, filename: str) -> None: ...
+    def abort(self) -> None: ...
+
+
+class LocalUpload:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.tmp = fsutil.tmp_name(directory, "upload-")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), STAGING_FILE_MODE)
+        self.f = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self.f.write(data)
+
+    def finish(self, filename: str) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, os.path.join(self.directory, filename))
+
+    def abort(self) -> None:
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
 
 class LocalTransport:
@@ -124,6 +155,9 @@ class LocalTransport:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def open_upload(self, study: str, name: str) -> LocalUpload:
+        return LocalUpload(self._staging(study, name))
 
     def remove(self, study: str, name: str, filename: str) -> None:
         with contextlib.suppress(FileNotFoundError):
