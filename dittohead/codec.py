@@ -51,7 +51,7 @@ def unpack(data: bytes, *, what: str, max_size: int, max_len: int = 1 << 24) -> 
         raise FormatError(f"{what}: trailing bytes after the object") from None
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as e:
         raise FormatError(f"{what}: not valid msgpack ({type(e).__name__}: {e})") from None
-    except Exception as e:  # msgpack documents that unpack may raise others
+    except Exception as e:  # noqa: BLE001  (msgpack documents that unpack may raise others)
         raise FormatError(f"{what}: not valid msgpack ({type(e).__name__})") from None
 
 

@@ -11,7 +11,8 @@ import contextlib
 import errno
 import os
 import secrets
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

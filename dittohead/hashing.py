@@ -6,7 +6,7 @@ from blake3 import blake3
 
 from dittohead.format import HASH_SIZE
 
-__all__ = ["blake3", "digest", "hexid", "parse_hexid", "EMPTY_HASH"]
+__all__ = ["EMPTY_HASH", "blake3", "digest", "hexid", "parse_hexid"]
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:

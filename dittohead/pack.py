@@ -11,8 +11,9 @@ whole bytes; client uploads and server-written store packs share this one format
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from dittohead import codec
 from dittohead import format as fmt

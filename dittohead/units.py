@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 
 
-def human_bytes(n: int | float) -> str:
+def human_bytes(n: float) -> str:
     units = ["B", "KiB", "MiB", "GiB", "TiB"]
     value = float(n)
     for unit in units:

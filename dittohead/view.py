@@ -18,8 +18,8 @@ import bisect
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from dittohead.errors import NotFound
 from dittohead.store.index import Version, unpack_chunk_list
@@ -48,7 +48,7 @@ def submission_dir_name(seq: int, ingested_ns: int, site: str) -> str:
 
 @dataclass
 class Dir:
-    children: dict[str, "Node"] = field(default_factory=dict)
+    children: dict[str, Node] = field(default_factory=dict)
     mtime_ns: int = 0
 
 
@@ -122,7 +122,7 @@ class StudyView:
                 yield path, child
                 yield from self.walk(child, path)
 
-    def open(self, version: Version) -> "FileReader":
+    def open(self, version: Version) -> FileReader:
         return FileReader(self.store, version)
 
 
@@ -209,4 +209,4 @@ def version_os_mtime(version: Version) -> float:
     return version.mtime_ns / 1e9 if version.mtime_ns > 0 else version.ingested_ns / 1e9
 
 
-__all__ = ["StudyView", "StoreView", "FileReader", "Dir", "File", "version_name", "os"]
+__all__ = ["Dir", "File", "FileReader", "StoreView", "StudyView", "os", "version_name"]

@@ -9,7 +9,7 @@ import click
 from dittohead.cli.base import cli, json_option, print_json, progress_enabled, store_option
 from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE
 from dittohead.store import fsck as fsck_mod
-from dittohead.store.ingest import IngestResult, Ingestor
+from dittohead.store.ingest import Ingestor, IngestResult
 from dittohead.store.layout import ServerRoot, StudySettings, check_study_name
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, plural

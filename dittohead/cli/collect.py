@@ -12,7 +12,8 @@ import filelock
 from dittohead.cli.base import cli, progress_enabled
 from dittohead.client.cache import StateCache, state_dir
 from dittohead.client.scan import ScanOptions
-from dittohead.client.sync import NoProgress, Progress, SyncOptions, sync as run_sync
+from dittohead.client.sync import NoProgress, Progress, SyncOptions
+from dittohead.client.sync import sync as run_sync
 from dittohead.client.transport import open_transport
 from dittohead.errors import LockedError, UsageError
 from dittohead.store.layout import check_study_name

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from dittohead.cli.base import cli, json_option, print_json, progress_enabled, store_option, study_option
+from dittohead.cli.base import (
+    cli,
+    json_option,
+    print_json,
+    progress_enabled,
+    store_option,
+    study_option,
+)
 from dittohead.errors import NotFound
 from dittohead.export import export_study
 from dittohead.store.repo import Store
@@ -30,7 +39,7 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
         print_json({"study": study, "submissions": [
             {"seq": s.seq, "name": s.name, "ingested_ns": s.ingested_ns, "ingested": utc_iso(s.ingested_ns),
              "site": s.site, "user": s.user, "host": s.host, "client_created_ns": s.created_ns,
-             "files": s.files, "bytes": s.bytes, "new_versions": s.new_versions,
+             "files": s.files, "bytes": s.size, "new_versions": s.new_versions,
              "new_chunk_bytes": s.new_chunk_bytes, "manifest": s.manifest.hex()} for s in subs]})
         return
     if not subs:
@@ -40,7 +49,7 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
     for s in subs:
         who = f"{s.user}@{s.host}"
         click.echo(f"{s.seq:>4}  {utc_iso(s.ingested_ns):<23}  {s.site[:16]:<16}  {who[:24]:<24}  {s.files:>6}  "
-                   f"{human_bytes(s.bytes):>10}  {s.new_versions:>5}  {s.name}")
+                   f"{human_bytes(s.size):>10}  {s.new_versions:>5}  {s.name}")
 
 
 @cli.command()
@@ -80,7 +89,7 @@ def cat(store: str, study: str, path: str, version: int | None) -> None:
     if version is not None and version > len(vs):
         raise NotFound(f"{study}: {path!r} has {len(vs)} version(s), not {version}")
     v = vs[-1] if version is None else vs[version - 1]
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     for data in FileReader(st, v).iter_all():
         out.write(data)
     out.flush()

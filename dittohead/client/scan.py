@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
 
 from dittohead import paths
 
@@ -104,20 +104,20 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> Ite
             counts.unreadable += 1
             counts.problems.append(f"{rel or '.'}: cannot list ({e.strerror})")
             return
-        for e in items:
-            name = paths.normalize(e.name, os.sep)
+        for item in items:
+            name = paths.normalize(item.name, os.sep)
             rpath = f"{rel}/{name}" if rel else name
             try:
-                st = e.stat(follow_symlinks=False)
+                st = item.stat(follow_symlinks=False)
             except OSError as err:
                 counts.unreadable += 1
                 counts.problems.append(f"{rpath}: cannot stat ({err.strerror})")
                 continue
-            if stat.S_ISLNK(st.st_mode) or getattr(e, "is_junction", lambda: False)():
+            if stat.S_ISLNK(st.st_mode) or getattr(item, "is_junction", lambda: False)():
                 counts.symlinks += 1
                 continue
             if stat.S_ISDIR(st.st_mode):
-                yield from walk(e.path, rpath)
+                yield from walk(item.path, rpath)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 counts.special += 1
@@ -139,7 +139,7 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> Ite
             if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:
                 counts.too_new += 1
                 continue
-            yield SourceFile(rpath, e.path, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_IMODE(st.st_mode))
+            yield SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_IMODE(st.st_mode))
 
     st = os.stat(source)
     if not stat.S_ISDIR(st.st_mode):

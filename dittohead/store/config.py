@@ -21,7 +21,7 @@ class StoreConfig:
     chunking: dict
 
     @classmethod
-    def new(cls) -> "StoreConfig":
+    def new(cls) -> StoreConfig:
         return cls(fmt.FORMAT_VERSION, secrets.token_hex(16), fmt.chunking_params())
 
     def encode(self) -> bytes:
@@ -30,7 +30,7 @@ class StoreConfig:
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def decode(cls, data: bytes, *, where: str) -> "StoreConfig":
+    def decode(cls, data: bytes, *, where: str) -> StoreConfig:
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

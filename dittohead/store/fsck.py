@@ -14,9 +14,11 @@ Severity "damage" makes the CLI exit 3; "warning" and "repaired" do not.
 from __future__ import annotations
 
 import os
+import sqlite3
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from dittohead import format as fmt
 from dittohead import manifest as mf
@@ -164,14 +166,14 @@ class Checker:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(), str(e))
                     continue
                 problems: dict[bytes, tuple[str, list[Affected]]] = {}
-                for e in m.entries:
-                    prev = latest.get(e.path)
-                    if prev is not None and prev[1] == e.hash:
+                for entry in m.entries:
+                    prev = latest.get(entry.path)
+                    if prev is not None and prev[1] == entry.hash:
                         continue  # not a new version: its bytes are those of the version before
                     n = 1 if prev is None else prev[0] + 1
-                    latest[e.path] = (n, e.hash)
+                    latest[entry.path] = (n, entry.hash)
                     self.stats.versions += 1
-                    for cid, length in e.chunks:
+                    for cid, length in entry.chunks:
                         why = None
                         if cid in self.bad_chunks:
                             why = self.bad_chunks[cid]
@@ -180,7 +182,7 @@ class Checker:
                         elif self.chunks[cid][1] != length:
                             why = f"stored with length {self.chunks[cid][1]}, manifest says {length}"
                         if why:
-                            problems.setdefault(cid, (why, []))[1].append(Affected(study, e.path, n))
+                            problems.setdefault(cid, (why, []))[1].append(Affected(study, entry.path, n))
                 for cid, (why, affected) in problems.items():
                     yield Finding(DAMAGE, "chunk", cid.hex(), why, affected)
 
@@ -203,7 +205,7 @@ class Checker:
                 live = Index(self.store.root.index_path)
                 have = live.dump()
                 live.close()
-            except Exception as e:  # a damaged SQLite file: rebuild it
+            except sqlite3.DatabaseError as e:  # a damaged SQLite file: rebuild it
                 have = {"error": [(str(e),)]}
             if have != want:
                 differs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
@@ -219,4 +221,4 @@ def check(store: Store, *, read_data: bool = False,
     return findings, c.stats
 
 
-__all__ = ["check", "Checker", "Finding", "DAMAGE", "WARNING", "REPAIRED", "IntegrityError"]
+__all__ = ["DAMAGE", "REPAIRED", "WARNING", "Checker", "Finding", "IntegrityError", "check"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from dittohead.manifest import Manifest
 from dittohead.studylog import LogRecord
@@ -85,7 +85,7 @@ class Submission:
     host: str
     created_ns: int
     files: int
-    bytes: int
+    size: int
     new_versions: int
     new_chunk_bytes: int
 
@@ -93,7 +93,7 @@ class Submission:
 @dataclass(frozen=True)
 class Applied:
     files: int
-    bytes: int
+    size: int
     new_versions: int
     new_chunk_bytes: int
     new_chunks: list[bytes]  # chunks the study did not hold before (its have-segment)

@@ -31,9 +31,16 @@ import filelock
 from dittohead import format as fmt
 from dittohead import fsutil, pack, records, studylog
 from dittohead import manifest as mf
-from dittohead.errors import (DittoheadError, FormatError, IntegrityError, LockedError,
-                              RejectedSubmission, StoreError)
+from dittohead.errors import (
+    DittoheadError,
+    FormatError,
+    IntegrityError,
+    LockedError,
+    RejectedSubmission,
+    StoreError,
+)
 from dittohead.hashing import blake3
+from dittohead.store.index import pack_chunk_list
 from dittohead.store.layout import StudyDropbox
 from dittohead.store.repo import Store, log_key, manifest_key, pack_key
 
@@ -161,7 +168,7 @@ class Ingestor:
         """Ingest everything committed now; returns one result per submission handled."""
         results: list[IngestResult] = []
         with self.locked():
-            self.store.index  # opening it catches up with the logs
+            self.store.catch_up()  # after a crash past a commit point
             for study in self.root.studies():
                 box = self.root.dropbox(study)
                 for name in self._pending(box):
@@ -175,13 +182,12 @@ class Ingestor:
         """processing/ first (resumed after a crash), then the inbox in order of arrival."""
         resumed = sorted(os.listdir(box.processing)) if os.path.isdir(box.processing) else []
         arrivals = []
-        with contextlib.suppress(FileNotFoundError):
-            with os.scandir(box.inbox) as it:
-                for e in it:
-                    if e.name.startswith(fmt.STAGING_PREFIX):
-                        continue  # still being written by a client
-                    st = e.stat(follow_symlinks=False)
-                    arrivals.append((st.st_ctime_ns, e.name))
+        with contextlib.suppress(FileNotFoundError), os.scandir(box.inbox) as it:
+            for e in it:
+                if e.name.startswith(fmt.STAGING_PREFIX):
+                    continue  # still being written by a client
+                st = e.stat(follow_symlinks=False)
+                arrivals.append((st.st_ctime_ns, e.name))
         out = list(resumed)
         for _, name in sorted(arrivals):
             dest = _free_name(box.processing, name)
@@ -288,7 +294,7 @@ class Ingestor:
                 latest = idx.latest(box.name, e.path)
                 if latest is not None and latest[1] == e.hash:
                     stored = idx.version_chunks(box.name, e.path, latest[0])
-                    if stored == b"".join(cid + n.to_bytes(4, "little") for cid, n in e.chunks):
+                    if stored == pack_chunk_list(e.chunks):
                         continue  # the same content as the version already verified and stored
                 if len(e.chunks) == 1:
                     ok = e.chunks[0][0] == e.hash  # one chunk: the chunk id is the file hash
@@ -381,4 +387,4 @@ def ingest_once(store: Store, on_result: Callable[[IngestResult], None] | None =
     return Ingestor(store).run_once(on_result)
 
 
-__all__ = ["Ingestor", "IngestResult", "ingest_once", "DittoheadError"]
+__all__ = ["DittoheadError", "IngestResult", "Ingestor", "ingest_once"]

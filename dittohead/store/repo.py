@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from dittohead import format as fmt
 from dittohead import manifest as mf
@@ -47,7 +47,7 @@ class Store:
         self._index: Index | None = None
 
     @classmethod
-    def open(cls, path: str) -> "Store":
+    def open(cls, path: str) -> Store:
         return cls(ServerRoot(path))
 
     def close(self) -> None:
