@@ -73,7 +73,7 @@ class Chunker:
         (see ``read_file``), since it needs the bytes in order anyway.
         """
         if size_hint <= fmt.CHUNK_MIN:
-            data = f.read(fmt.CHUNK_MIN + 1)
+            data = _read_up_to(f, fmt.CHUNK_MIN + 1)
             if len(data) <= fmt.CHUNK_MIN:
                 yield from self.cut_bytes(data)
                 return
@@ -81,3 +81,15 @@ class Chunker:
             f.seek(0)
         for c in self._cdc.cut_stream(f):
             yield Chunk(blake3(c.data).digest(), c.data)
+
+
+def _read_up_to(f: BinaryIO, n: int) -> bytes:
+    """Read ``n`` bytes or to the end: an unbuffered read (a network share) may return fewer."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)

@@ -7,6 +7,7 @@ at most 255 bytes of UTF-8 and the whole at most 4096, and it is in Unicode NFC.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from dittohead import format as fmt
@@ -16,32 +17,34 @@ class BadPath(ValueError):
     """A path that breaks a rule; the message says which."""
 
 
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
 def check(path: object) -> str:
     """Return ``path`` if it is a valid study path, else raise BadPath naming the rule."""
     if not isinstance(path, str):
         raise BadPath(f"path is not a string: {path!r}")
     if not path:
         raise BadPath("empty path")
-    if path.startswith("/"):
+    if path[0] == "/":
         raise BadPath(f"absolute path: {path!r}")
-    if "\x00" in path:
-        raise BadPath(f"path contains NUL: {path!r}")
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise BadPath(f"path contains a control character: {path!r}")
-    if "\\" in path:
-        raise BadPath(f"path contains a backslash: {path!r}")
-    if len(path.encode("utf-8", "surrogatepass")) > fmt.PATH_MAX_BYTES:
+    bad = _FORBIDDEN.search(path)
+    if bad:
+        c = bad.group()
+        what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
+        raise BadPath(f"path contains {what}: {path!r}")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadPath(f"path is not valid Unicode: {path!r}") from None
+    if len(encoded) > fmt.PATH_MAX_BYTES:
         raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {path[:80]!r}...")
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
-        if len(part.encode("utf-8", "surrogatepass")) > fmt.NAME_MAX_BYTES:
+        if len(part) * 4 > fmt.NAME_MAX_BYTES and len(part.encode("utf-8")) > fmt.NAME_MAX_BYTES:
             raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {part[:80]!r}...")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadPath(f"path is not valid Unicode: {path!r}") from None
-    if unicodedata.normalize("NFC", path) != path:
+    if not path.isascii() and not unicodedata.is_normalized("NFC", path):
         raise BadPath(f"path is not in Unicode NFC: {path!r}")
     return path
 

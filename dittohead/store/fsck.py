@@ -23,7 +23,7 @@ from typing import Callable
 from dittohead import format as fmt
 from dittohead import manifest as mf
 from dittohead import pack
-from dittohead.errors import DittoheadError, FormatError, IntegrityError
+from dittohead.errors import FormatError, IntegrityError
 from dittohead.hashing import blake3
 from dittohead.store.index import Index
 from dittohead.store.repo import Store, manifest_key
@@ -87,47 +87,66 @@ class Checker:
         return total
 
     def run(self) -> Iterator[Finding]:
-        yield from self.check_packs()
-        logs_ok = True
-        for f in self.check_history():
-            if f.kind in ("log", "manifest") and f.severity == DAMAGE:
-                logs_ok = False
-            yield f
-        yield from self.check_index(logs_ok)
+        with tempfile.TemporaryDirectory(dir=self.store.root.store, prefix=".fsck-") as tmp:
+            # The index as it should be, built from what this pass reads (one decode of each).
+            self.fresh = Index(os.path.join(tmp, "index.sqlite"))
+            try:
+                yield from self.check_packs()
+                history_ok = True
+                for f in self.check_history():
+                    if f.kind in ("log", "manifest") and f.severity == DAMAGE:
+                        history_ok = False
+                    yield f
+                yield from self.check_index(history_ok)
+            finally:
+                self.fresh.close()
         for problem in self.store.root.mode_problems():
-            yield Finding(WARNING, "layout", problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
+            where, _, what = problem.partition(": ")
+            yield Finding(WARNING, "layout", where, what)
 
     # -- layer 1
     def check_packs(self) -> Iterator[Finding]:
+        buf = bytearray()
         for key in self.store.objects.list("packs"):
             name = key.rsplit("/", 1)[-1]
             hexid = name[: -len(fmt.PACK_SUFFIX)] if name.endswith(fmt.PACK_SUFFIX) else ""
             try:
                 pid = bytes.fromhex(hexid)
-                assert len(pid) == fmt.HASH_SIZE and key == f"packs/{hexid[:2]}/{name}"
-            except (ValueError, AssertionError):
+                if len(pid) != fmt.HASH_SIZE or key != f"packs/{hexid[:2]}/{name}":
+                    raise ValueError(key)
+            except ValueError:
                 yield Finding(WARNING, "pack", key, "a file that is not a pack lies among the packs")
                 continue
             self.stats.packs += 1
             try:
                 with self.store.objects.open(key) as f:
                     entries = pack.read_entries(f, what=f"pack {hexid}")
-                    if self.read_data:
-                        f.seek(fmt.PACK_HEADER.size)
-                        for e in entries:
-                            data = f.read(e.length)
-                            self.stats.bytes_read += len(data)
-                            self.progress(len(data))
-                            if len(data) != e.length or blake3(data, max_threads=blake3.AUTO if len(data) > 1 << 20 else 1).digest() != e.id:
-                                self.bad_chunks[e.id] = f"fails its hash in pack {hexid}"
-                                yield Finding(DAMAGE, "chunk", e.id.hex(),
-                                              f"in pack {hexid} at offset {e.offset}: bytes do not match the id")
-                            else:
-                                self.chunks.setdefault(e.id, (pid, e.length))
-                    else:
+                    self.stats.chunks += len(entries)
+                    self.fresh.add_chunks((e.id, pid, e.offset, e.length) for e in entries)
+                    if not self.read_data:
                         for e in entries:
                             self.chunks.setdefault(e.id, (pid, e.length))
-                    self.stats.chunks += len(entries)
+                        continue
+                    # One read of the whole data region, then each chunk hashed in place.
+                    end = entries[-1].offset + entries[-1].length if entries else fmt.PACK_HEADER.size
+                    size = end - fmt.PACK_HEADER.size
+                    if len(buf) < size:
+                        buf = bytearray(size)
+                    view = memoryview(buf)
+                    f.seek(fmt.PACK_HEADER.size)
+                    got = f.readinto(view[:size])  # type: ignore[attr-defined]
+                    self.stats.bytes_read += got
+                    self.progress(got)
+                    for e in entries:
+                        start = e.offset - fmt.PACK_HEADER.size
+                        data = view[start : start + e.length]
+                        if start + e.length > got or blake3(data).digest() != e.id:
+                            self.bad_chunks[e.id] = f"fails its hash in pack {hexid}"
+                            yield Finding(DAMAGE, "chunk", e.id.hex(),
+                                          f"in pack {hexid} at offset {e.offset}: bytes do not match the id")
+                        else:
+                            self.chunks.setdefault(e.id, (pid, e.length))
+                    del view, data
             except FormatError as e:
                 yield Finding(DAMAGE, "pack", hexid, str(e))
             except OSError as e:
@@ -165,6 +184,7 @@ class Checker:
                 except FormatError as e:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(), str(e))
                     continue
+                self.fresh.apply(study, rec, m)
                 problems: dict[bytes, tuple[str, list[Affected]]] = {}
                 for entry in m.entries:
                     prev = latest.get(entry.path)
@@ -191,27 +211,20 @@ class Checker:
         if not history_ok:
             yield Finding(WARNING, "index", "index.sqlite", "not compared: the history it derives from is damaged")
             return
-        with tempfile.TemporaryDirectory(dir=self.store.root.store) as tmp:
+        want = self.fresh.dump()
+        try:
+            live = Index(self.store.root.index_path)
             try:
-                fresh = self.store.rebuild_index(os.path.join(tmp, "index.sqlite"))
-            except DittoheadError as e:
-                yield Finding(WARNING, "index", "index.sqlite", f"could not be rebuilt: {e}")
-                return
-            try:
-                want = fresh.dump()
-            finally:
-                fresh.close()
-            try:
-                live = Index(self.store.root.index_path)
                 have = live.dump()
+            finally:
                 live.close()
-            except sqlite3.DatabaseError as e:  # a damaged SQLite file: rebuild it
-                have = {"error": [(str(e),)]}
-            if have != want:
-                differs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-                self.store.rebuild_index()
-                yield Finding(REPAIRED, "index", "index.sqlite",
-                              f"disagreed with the store ({', '.join(differs)}); rebuilt from packs, manifests and logs")
+        except sqlite3.DatabaseError as e:  # a damaged SQLite file: rebuild it
+            have = {"error": [(str(e),)]}
+        if have != want:
+            differs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            self.store.rebuild_index()
+            yield Finding(REPAIRED, "index", "index.sqlite",
+                          f"disagreed with the store ({', '.join(differs)}); rebuilt from packs, manifests and logs")
 
 
 def check(store: Store, *, read_data: bool = False,

@@ -135,7 +135,16 @@ class Index:
 
     def add_chunks(self, rows: Iterable[tuple[bytes, bytes, int, int]]) -> None:
         """(id, pack, offset, length) rows; the first location of a chunk is kept."""
-        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)", rows)
+        if self.db.in_transaction:
+            self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)", rows)
+            return
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)", rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def iter_chunks(self) -> Iterator[tuple[bytes, bytes, int, int]]:
         yield from self.db.execute("SELECT id, pack, offset, length FROM chunks ORDER BY id")

@@ -142,9 +142,7 @@ class Store:
             except (ValueError, FormatError) as e:
                 log.warning("rebuild: skipping pack %s: %s", key, e)
                 continue
-            idx.db.execute("BEGIN")
             idx.add_chunks((e.id, pid, e.offset, e.length) for e in entries)
-            idx.db.execute("COMMIT")
         for study in self.log_studies():
             for rec in self.read_log(study).records:
                 _, m = self.read_manifest(rec.manifest)
