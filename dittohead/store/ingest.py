@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -142,6 +143,37 @@ def _free_name(directory: str, name: str) -> str:
         candidate = f"{name}.{i}"
         i += 1
     return candidate
+
+
+class _FileHashes:
+    """File hashes computed as chunks stream past in pack order (clients pack in file order).
+
+    A file whose chunks do not arrive in its order (held already, or repeated) is left
+    unfinished and hashed afterwards by reading its chunks again.
+    """
+
+    def __init__(self, entries: list[mf.Entry]) -> None:
+        self.entries = entries
+        self.state = [(blake3(), 0) for _ in entries]
+        self.done: list[bytes | None] = [None] * len(entries)
+        self.waiting: dict[bytes, list[int]] = {}
+        for i, e in enumerate(entries):
+            self.waiting.setdefault(e.chunks[0][0], []).append(i)
+
+    def feed(self, cid: bytes, data: bytes | memoryview) -> None:
+        for i in self.waiting.pop(cid, ()):
+            h, pos = self.state[i]
+            h.update(data)
+            pos += 1
+            chunks = self.entries[i].chunks
+            if pos == len(chunks):
+                self.done[i] = h.digest()
+            else:
+                self.state[i] = (h, pos)
+                self.waiting.setdefault(chunks[pos][0], []).append(i)
+
+    def results(self) -> Iterator[tuple[mf.Entry, bytes | None]]:
+        return zip(self.entries, self.done)
 
 
 class Ingestor:
@@ -266,6 +298,7 @@ class Ingestor:
 
         writer = StorePackWriter(self.store)
         plan = _Plan(data, m, mf.manifest_id(data), writer)
+        hashing = _FileHashes(self._entries_to_hash(box, m))
         try:
             for pname in packs:
                 ppath = os.path.join(path, pname)
@@ -273,6 +306,7 @@ class Ingestor:
                     entries = pack.read_entries(f, what=f"pack {pname}")
                     for pe, chunk in pack.iter_verified(f, entries, what=f"pack {pname}"):
                         plan.carried.setdefault(pe.id, (ppath, pe.offset, pe.length))
+                        hashing.feed(pe.id, chunk)
                         if pe.id in to_write:
                             writer.add(pe.id, chunk)
             for cid in needed:
@@ -280,32 +314,46 @@ class Ingestor:
                     raise _reject(f"chunk {cid.hex()} is neither held by study {box.name!r} nor carried by this submission")
                 if plan.carried[cid][2] != referenced[cid]:
                     raise _reject(f"chunk {cid.hex()}: the manifest says {referenced[cid]} bytes, the pack holds {plan.carried[cid][2]}")
-            self._check_file_hashes(box, plan)
+            self._check_file_hashes(plan, hashing)
         except BaseException:
             writer.discard()
             raise
         return plan
 
-    def _check_file_hashes(self, box: StudyDropbox, plan: _Plan) -> None:
+    def _entries_to_hash(self, box: StudyDropbox, m: mf.Manifest) -> list[mf.Entry]:
+        """Entries whose bytes must be hashed: new content of more than one chunk.
+
+        An entry equal to the latest version (same hash, same chunks) was verified when that
+        version was ingested; a one-chunk file's hash must equal its (verified) chunk id; an
+        empty file's hash is checked by the manifest decoder.
+        """
         idx = self.store.index
+        out = []
+        for e in m.entries:
+            if len(e.chunks) == 1:
+                if e.chunks[0][0] != e.hash:
+                    raise _reject(f"{e.path!r}: its bytes do not match the file hash in the manifest")
+                continue
+            if not e.chunks:
+                continue
+            latest = idx.latest(box.name, e.path)
+            if (latest is not None and latest[1] == e.hash
+                    and idx.version_chunks(box.name, e.path, latest[0]) == pack_chunk_list(e.chunks)):
+                continue
+            out.append(e)
+        return out
+
+    def _check_file_hashes(self, plan: _Plan, hashing: _FileHashes) -> None:
+        """Finish the file hashes the pack pass could not complete, and compare them all."""
         open_packs: dict[str, BinaryIO] = {}
         try:
-            for e in plan.manifest.entries:
-                latest = idx.latest(box.name, e.path)
-                if latest is not None and latest[1] == e.hash:
-                    stored = idx.version_chunks(box.name, e.path, latest[0])
-                    if stored == pack_chunk_list(e.chunks):
-                        continue  # the same content as the version already verified and stored
-                if len(e.chunks) == 1:
-                    ok = e.chunks[0][0] == e.hash  # one chunk: the chunk id is the file hash
-                elif not e.chunks:
-                    ok = True  # empty: checked by the manifest decoder
-                else:
+            for e, digest in hashing.results():
+                if digest is None:
                     h = blake3()
                     for cid, _ in e.chunks:
                         h.update(self._chunk_bytes(cid, plan, open_packs))
-                    ok = h.digest() == e.hash
-                if not ok:
+                    digest = h.digest()
+                if digest != e.hash:
                     raise _reject(f"{e.path!r}: its bytes do not match the file hash in the manifest")
         finally:
             for f in open_packs.values():
@@ -362,8 +410,14 @@ class Ingestor:
                          exist_ok=True)
         src = os.path.join(box.processing, name)
         if os.path.lexists(src):
-            os.rename(src, os.path.join(box.done, _free_name(box.done, name)))
+            dest = os.path.join(box.done, _free_name(box.done, name))
+            os.rename(src, dest)
             fsutil.fsync_dir(box.done)
+            # The store holds verified copies of every chunk that mattered: keep only the
+            # manifest as received, so the drop box does not hold every byte a second time.
+            for entry in os.listdir(dest):
+                if fmt.PACK_FILE_RE.match(entry):
+                    os.unlink(os.path.join(dest, entry))
 
     def _fail(self, box: StudyDropbox, name: str, reason: str) -> IngestResult:
         src = os.path.join(box.processing, name)
