@@ -1,0 +1,118 @@
+# dittohead: set up, demo, test, benchmark and lint, on a fresh Debian machine or a developer's.
+#
+#   make demo     set up .venv and run the end-to-end demo (python -m dittohead.demo)
+#   make test     set up .venv (and, as root, the Debian packages the tests use) and run pytest
+#   make bench    set up .venv and the tools compared against, then run benchmarks/bench.py
+#   make lint     ruff check and mypy
+#   make clean    remove caches and the demo's and benchmarks' output (distclean: .venv too)
+#
+# Extra arguments: make test PYTEST_ARGS='-k ingest -x'; make demo DEMO_ARGS='--dir /tmp/d'.
+# Nothing here reads standard input: safe in CI, as root, with no terminal.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip --disable-pip-version-check --no-input
+
+# Debian packages, installed only when run as root and only when one is missing.
+# fuse3: the FUSE mount tests; openssh-server: the SFTP transport tests against a real sshd.
+TEST_DEBS ?= fuse3 openssh-server
+# The tools the benchmarks compare dittohead with.
+BENCH_DEBS ?= rsync restic borgbackup
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+# Set to 1 to accept pytest's exit code 5 ("no tests were collected") as success.
+NO_TESTS_OK ?=
+
+# Stamps live inside .venv, so removing .venv re-does everything.
+TEST_STAMP := $(VENV)/.installed-test
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: help setup demo test bench lint clean distclean system-deps bench-deps
+
+help:
+	@sed -n '3,9s/^# \{0,1\}//p' Makefile
+
+# --- the virtualenv -----------------------------------------------------------------------
+
+$(VPY):
+	@echo "==> creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV) || { \
+	  rm -rf $(VENV); \
+	  echo "make: could not create $(VENV); on Debian: apt-get install python3-venv" >&2; \
+	  exit 1; }
+
+# Re-done whenever pyproject.toml changes.
+$(TEST_STAMP): pyproject.toml | $(VPY)
+	@echo "==> installing dittohead and its test dependencies into $(VENV)"
+	$(PIP) install -q -e '.[test]'
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(VPY)
+	@echo "==> installing dittohead and its development tools into $(VENV)"
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+setup: $(TEST_STAMP)
+
+# --- Debian packages ----------------------------------------------------------------------
+
+# $(call install-debs,PACKAGES): as root, apt-get install whichever of PACKAGES is missing
+# (apt-get update once, first); as anyone else, or with no apt-get, only say what is missing (the
+# tests and benchmarks that need a missing package skip it). Cheap when all are installed: one
+# dpkg -s per package.
+define install-debs
+	@missing=(); \
+	for p in $(1); do \
+	  [[ "$$(dpkg -s "$$p" 2>/dev/null)" == *"Status: install ok installed"* ]] || missing+=("$$p"); \
+	done; \
+	if (( $${#missing[@]} == 0 )); then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
+	  echo "make: not installed: $${missing[*]} (not root, or no apt-get: what needs them skips)"; \
+	else \
+	  echo "==> apt-get install $${missing[*]}"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get -q -o DPkg::Lock::Timeout=120 update </dev/null; \
+	  apt-get -q -y -o DPkg::Lock::Timeout=120 install --no-install-recommends \
+	    "$${missing[@]}" </dev/null; \
+	fi
+endef
+
+system-deps:
+	$(call install-debs,$(TEST_DEBS))
+
+bench-deps:
+	$(call install-debs,$(BENCH_DEBS))
+
+# --- what people run ----------------------------------------------------------------------
+
+demo: $(TEST_STAMP)
+	$(VPY) -m dittohead.demo $(DEMO_ARGS)
+
+test: system-deps $(TEST_STAMP)
+	@rc=0; $(VPY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ "$$rc" = 5 ] && [ -n "$(NO_TESTS_OK)" ]; then \
+	  echo "make: pytest collected no tests (accepted: NO_TESTS_OK is set)"; rc=0; \
+	fi; \
+	exit $$rc
+
+bench: bench-deps $(TEST_STAMP)
+	$(VPY) benchmarks/bench.py $(BENCH_ARGS)
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy dittohead
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist demo-run bench-run
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
