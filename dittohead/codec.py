@@ -93,6 +93,10 @@ def text(obj: dict, key: str, *, what: str, limit: int) -> str:
 
 
 def as_map(obj: Any, *, what: str) -> dict:
+    """A decoded map whose keys are all text (msgpack's strict_map_key still admits bytes)."""
     if not isinstance(obj, dict):
         raise FormatError(f"{what}: expected a map, got {type(obj).__name__}")
+    for key in obj:
+        if not isinstance(key, str):
+            raise FormatError(f"{what}: a map key is {type(key).__name__}, not text")
     return obj

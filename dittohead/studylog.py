@@ -94,8 +94,12 @@ def parse(data: bytes, *, what: str) -> ParsedLog:
         (n,) = fmt.LOG_RECORD_LEN.unpack_from(data, pos)
         end = pos + lsize + n + fmt.HASH_SIZE
         if n > fmt.LOG_RECORD_MAX or end > len(data):
-            # Reaches past the end: a write cut short. (A damaged length field looks the same;
-            # the index and the receipts still know the record, and fsck compares them.)
+            # Reaches past the end: a write cut short, which leaves at most one record's bytes.
+            # More than that means a damaged length field. (A damaged length in the last record
+            # looks like a tear; the index, receipts and have-segments still know the record, and
+            # fsck and ingest compare them: Store.committed_seq.)
+            if len(data) - start > lsize + fmt.LOG_RECORD_MAX + fmt.HASH_SIZE:
+                raise FormatError(f"{what}: record at byte {start} has a bad length")
             return ParsedLog(records, start, torn=True)
         payload = data[pos + lsize : pos + lsize + n]
         if digest(payload) != data[pos + lsize + n : end]:

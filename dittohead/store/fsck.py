@@ -161,7 +161,12 @@ class Checker:
             except FormatError as e:
                 yield Finding(DAMAGE, "log", study, str(e))
                 continue
-            if parsed.torn:
+            known, source = self.store.committed_seq(study)
+            if known > len(parsed.records):
+                yield Finding(DAMAGE, "log", study,
+                              f"holds {len(parsed.records)} records, but {source} shows submission #{known} "
+                              "was committed: committed history is missing or damaged")
+            elif parsed.torn:
                 yield Finding(WARNING, "log", study,
                               "a torn record at the end (an ingest interrupted before its commit point); "
                               "the next ingest sets it aside")

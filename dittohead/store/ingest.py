@@ -380,8 +380,10 @@ class Ingestor:
         key = log_key(box.name)
         parsed = store.read_log(box.name)
         if parsed.torn:
-            if len(parsed.records) < idx.last_seq(box.name):
-                raise StoreError(f"study log {box.name} is damaged (the index knows more records); run 'dittohead fsck'")
+            known, source = store.committed_seq(box.name)
+            if len(parsed.records) < known:
+                raise StoreError(f"study log {box.name} is damaged ({source} shows #{known} was committed, "
+                                 f"the log holds {len(parsed.records)} records); run 'dittohead fsck'")
             tail = store.objects.truncate_torn(key, parsed.good_size)
             os.makedirs(self.root.quarantine, exist_ok=True)
             qname = f"{box.name}.log-torn-{self.clock()}"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from collections.abc import Iterator
 
 from dittohead import format as fmt
+from dittohead import fsutil, pack, records, studylog
 from dittohead import manifest as mf
-from dittohead import pack, studylog
 from dittohead.errors import FormatError, IntegrityError, StoreError
 from dittohead.hashing import blake3
 from dittohead.store.index import Index, unpack_chunk_list
@@ -21,6 +22,13 @@ from dittohead.store.layout import ServerRoot
 from dittohead.store.objects import LocalObjectStore, ObjectStore
 
 log = logging.getLogger(__name__)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def pack_key(pid: bytes) -> str:
@@ -83,6 +91,39 @@ class Store:
         data = self.objects.get(key, 1 << 40)
         return studylog.parse(data, what=f"study log {study}")
 
+    def committed_seq(self, study: str) -> tuple[int, str]:
+        """The highest seq anything besides the log says was committed, and what says so.
+
+        The index, the receipts and the have-segments are all written after the commit point,
+        so a log holding fewer records than this has lost committed history (damage), however
+        much its tail looks like a crash's torn write.
+        """
+        best, source = 0, ""
+        try:
+            db = sqlite3.connect(f"file:{self.root.index_path}?mode=ro", uri=True)
+            try:
+                row = db.execute("SELECT last_seq FROM studies WHERE name=?", (study,)).fetchone()
+            finally:
+                db.close()
+            if row and row[0] > best:
+                best, source = row[0], "the index"
+        except sqlite3.Error:
+            pass
+        box = self.root.dropbox(study)
+        for name in _listdir(box.have):
+            if name.endswith(fmt.HAVE_SUFFIX) and name[: -len(fmt.HAVE_SUFFIX)].isdigit():
+                seq = int(name[: -len(fmt.HAVE_SUFFIX)])
+                if seq > best:
+                    best, source = seq, f"have-segment {name}"
+        for name in _listdir(box.receipts):
+            try:
+                r = records.decode_receipt(fsutil.read_limited(os.path.join(box.receipts, name), fmt.RECEIPT_MAX_SIZE))
+            except (OSError, ValueError, FormatError):
+                continue
+            if r.study == study and r.seq > best:
+                best, source = r.seq, f"receipt {name}"
+        return best, source
+
     def read_manifest(self, mid: bytes) -> tuple[bytes, mf.Manifest]:
         key = manifest_key(mid)
         try:
@@ -105,10 +146,11 @@ class Store:
             parsed = self.read_log(study)
             last = idx.last_seq(study)
             if last > len(parsed.records):
-                raise StoreError(
-                    f"study {study}: the index knows {last} submissions but the log holds "
-                    f"{len(parsed.records)}: the log is damaged; run 'dittohead fsck'"
-                )
+                # The log lost committed records: reads go on from the index, which still holds
+                # them; ingest refuses this study (its next seq would not follow); fsck reports it.
+                log.error("study %s: the index knows %d submissions but the log holds %d: the log is "
+                          "damaged; run 'dittohead fsck'", study, last, len(parsed.records))
+                continue
             for rec in parsed.records[last:]:
                 self.apply_record(idx, study, rec)
                 applied += 1
