@@ -75,9 +75,10 @@ class StateCache:
         return {r[0]: CachedFile(*r[1:]) for r in self.db.execute(
             "SELECT path, size, mtime_ns, ino, hash, chunks FROM files WHERE dest=? AND study=?", self.key)}
 
-    def put_file(self, path: str, f: CachedFile) -> None:
-        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*self.key, path, f.size, f.mtime_ns, f.ino, f.hash, f.chunks))
+    def put_files(self, rows: list[tuple[str, CachedFile]]) -> None:
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                ((*self.key, p, f.size, f.mtime_ns, f.ino, f.hash, f.chunks) for p, f in rows))
 
     # -- what the server was told
     def last_sent(self) -> dict[str, bytes]:

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -29,7 +30,7 @@ from dittohead.client import cache as cc
 from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
 from dittohead.client.transport import GONE, IN_STAGING, Transport, Upload
 from dittohead.errors import FormatError, UsageError
-from dittohead.hashing import blake3
+from dittohead.hashing import EMPTY_HASH, blake3
 from dittohead.store.index import pack_chunk_list, unpack_chunk_list
 from dittohead.units import human_bytes, plural
 
@@ -118,6 +119,10 @@ class _Uploader:
         self.upload: Upload | None = None
         self.writer: pack.PackWriter | None = None
         self.bytes_sent = 0
+        # Each finished pack is fsynced and renamed in the background while the next one fills;
+        # at most one is in flight, and it is recorded as staged only once it is complete.
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: tuple[Future[None], str, int, bytes] | None = None
 
     def offer(self, chunk: Chunk) -> None:
         if chunk.id in self.skip:
@@ -140,20 +145,42 @@ class _Uploader:
             self.t.make_staging(self.study, self.name)
             self.staging_exists = True
 
-    def flush(self) -> None:
-        if self.writer is None or self.upload is None:
+    def flush(self, wait: bool = False) -> None:
+        """Finish the current pack (in the background); with ``wait``, every pack is complete."""
+        if self.writer is not None and self.upload is not None:
+            pid, size = self.writer.finish()
+            filename = pid.hex() + fmt.PACK_SUFFIX
+            ids = b"".join(e.id for e in self.writer.entries)
+            self._settle()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-upload")
+            self._inflight = (self._pool.submit(self.upload.finish, filename), filename, size, ids)
+            self.upload, self.writer = None, None
+        if wait:
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._inflight is None:
             return
-        pid, size = self.writer.finish()
-        filename = pid.hex() + fmt.PACK_SUFFIX
-        self.upload.finish(filename)
-        self.cache.add_staged(self.name, filename, size, b"".join(e.id for e in self.writer.entries))
+        fut, filename, size, ids = self._inflight
+        self._inflight = None
+        fut.result()
+        self.cache.add_staged(self.name, filename, size, ids)
         self.bytes_sent += size
-        self.upload, self.writer = None, None
 
     def abort(self) -> None:
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                self._settle()
         if self.upload is not None:
             self.upload.abort()
             self.upload, self.writer = None, None
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
@@ -231,11 +258,13 @@ def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
     fd = os.open(sf.os_path, flags)
     with os.fdopen(fd, "rb", buffering=0) as f:
         st = os.fstat(fd)
-        h = blake3()
+        # A file of one chunk (up to CHUNK_MIN bytes) has its chunk id as its file hash.
+        h = blake3() if st.st_size > fmt.CHUNK_MIN else None
         chunks: list[tuple[bytes, int]] = []
         total = 0
         for c in chunker.cut_stream(f, st.st_size):
-            h.update(c.data)
+            if h is not None:
+                h.update(c.data)
             chunks.append((c.id, c.length))
             total += c.length
             on_chunk(c)
@@ -243,7 +272,15 @@ def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
         st2 = os.fstat(fd)
     if total != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
         return None
-    return h.digest(), chunks, st
+    if h is not None:
+        fhash = h.digest()
+    elif len(chunks) == 1:
+        fhash = chunks[0][0]
+    elif not chunks:
+        fhash = EMPTY_HASH
+    else:
+        return None  # grew past CHUNK_MIN while being read: changing
+    return fhash, chunks, st
 
 
 def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
@@ -280,8 +317,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     up = _Uploader(t, cache, opts.study, name, skip, opts.dry_run, staging_exists)
     chunker = Chunker()
     entries: list[mf.Entry] = []
-    batch = 0
-    cache.db.execute("BEGIN")
+    batch: list[tuple[str, cc.CachedFile]] = []
     try:
         for sf in files:
             if sf.path in to_read:
@@ -297,13 +333,10 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
                 fhash, chunks, st = got
                 summary.bytes_read += st.st_size
                 mtime = st.st_mtime_ns if start_ns - st.st_mtime_ns > RACY_NS else -1
-                cached_file = cc.CachedFile(st.st_size, mtime, st.st_ino, fhash, pack_chunk_list(chunks))
-                cache.put_file(sf.path, cached_file)
-                batch += 1
-                if batch >= 500:
-                    cache.db.execute("COMMIT")
-                    cache.db.execute("BEGIN")
-                    batch = 0
+                batch.append((sf.path, cc.CachedFile(st.st_size, mtime, st.st_ino, fhash, pack_chunk_list(chunks))))
+                if len(batch) >= 1000:
+                    cache.put_files(batch)
+                    batch = []
                 size, mtime_ns, mode = st.st_size, st.st_mtime_ns, sf.mode
             else:
                 c = cached[sf.path]
@@ -324,13 +357,14 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
         up.abort()
         raise
     finally:
-        cache.db.execute("COMMIT")
+        cache.put_files(batch)
         progress.close()
 
     if opts.dry_run:
         summary.bytes_sent = up.bytes_sent
         return summary
-    up.flush()
+    up.flush(wait=True)
+    up.close()
     summary.bytes_sent = up.bytes_sent
     if not entries:
         if up.staging_exists:
