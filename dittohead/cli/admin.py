@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
 
 from dittohead.cli.base import cli, json_option, print_json, progress_enabled, store_option
 from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE
+from dittohead.export import export_study
 from dittohead.store import fsck as fsck_mod
 from dittohead.store.ingest import Ingestor, IngestResult
 from dittohead.store.layout import ServerRoot, StudySettings, check_study_name
@@ -31,11 +33,14 @@ def study() -> None:
 @study.command("add")
 @click.argument("name")
 @store_option
-@click.option("--export", "export_to", metavar="DEST", help="Export every ingest into DEST (later issue: used by watch).")
+@click.option("--export", "export_to", metavar="DEST", type=click.Path(file_okay=False),
+              help="After each ingest, watch exports the study's view into DEST (adding only).")
 @click.option("--notify", multiple=True, metavar="ADDR", help="E-mail address for notifications (repeatable).")
 def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...]) -> None:
     """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed."""
     check_study_name(name)
+    if export_to:
+        export_to = os.path.abspath(export_to)
     box = ServerRoot(store).add_study(StudySettings(name, export_to, notify))
     click.echo(f"added study {name}: collectors sync into {box.inbox}")
 
@@ -63,7 +68,7 @@ def watch(store: str, once: bool, interval: float) -> None:
     st = Store.open(store)
     ingestor = Ingestor(st)
     if once:
-        results = ingestor.run_once(_report)
+        results = _ingest_and_export(st, ingestor)
         if not results:
             click.echo("watch: nothing to ingest")
         if any(not r.ok for r in results):
@@ -71,8 +76,21 @@ def watch(store: str, once: bool, interval: float) -> None:
         return
     click.echo(f"watching {store} every {interval:g} s (Ctrl-C to stop)", err=True)
     while True:
-        ingestor.run_once(_report)
+        _ingest_and_export(st, ingestor)
         time.sleep(interval)
+
+
+def _ingest_and_export(st: Store, ingestor: Ingestor) -> list[IngestResult]:
+    """One pass: ingest, then export each study that gained a submission and has a destination."""
+    results = ingestor.run_once(_report)
+    for name in sorted({r.study for r in results if r.ok}):
+        dest = st.root.study_settings(name).export
+        if dest:
+            summary = export_study(st, name, dest)
+            click.echo(summary.line(dest))
+            for c in summary.conflicts[:20]:
+                click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+    return results
 
 
 @cli.command()
