@@ -50,7 +50,8 @@ def unpack(data: bytes, *, what: str, max_size: int, max_len: int = 1 << 24) -> 
     except msgpack.ExtraData:
         raise FormatError(f"{what}: trailing bytes after the object") from None
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as e:
-        raise FormatError(f"{what}: not valid msgpack ({type(e).__name__}: {e})") from None
+        detail = f": {e}" if str(e) else ""
+        raise FormatError(f"{what}: not valid msgpack ({type(e).__name__}{detail})") from None
     except Exception as e:  # noqa: BLE001  (msgpack documents that unpack may raise others)
         raise FormatError(f"{what}: not valid msgpack ({type(e).__name__})") from None
 

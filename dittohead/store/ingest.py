@@ -203,15 +203,20 @@ class Ingestor:
             self.store.catch_up()  # after a crash past a commit point
             for study in self.root.studies():
                 box = self.root.dropbox(study)
-                for name in self._pending(box):
-                    r = self._process(box, name)
+                for item in self._pending(box):
+                    r = item if isinstance(item, IngestResult) else self._process(box, item)
                     results.append(r)
                     if on_result:
                         on_result(r)
         return results
 
-    def _pending(self, box: StudyDropbox) -> list[str]:
-        """processing/ first (resumed after a crash), then the inbox in order of arrival."""
+    def _pending(self, box: StudyDropbox) -> list[str | IngestResult]:
+        """processing/ first (resumed after a crash), then the inbox in order of arrival.
+
+        An arrival whose name an earlier submission of the study used is rejected at once (moved
+        straight to failed/): the name is how the client finds its receipt, and a name already
+        in the index would otherwise look like a resumed submission.
+        """
         resumed = sorted(os.listdir(box.processing)) if os.path.isdir(box.processing) else []
         arrivals = []
         with contextlib.suppress(FileNotFoundError), os.scandir(box.inbox) as it:
@@ -220,12 +225,17 @@ class Ingestor:
                     continue  # still being written by a client
                 st = e.stat(follow_symlinks=False)
                 arrivals.append((st.st_ctime_ns, e.name))
-        out = list(resumed)
+        out: list[str | IngestResult] = list(resumed)
+        idx = self.store.index
         for _, name in sorted(arrivals):
-            dest = _free_name(box.processing, name)
-            os.rename(os.path.join(box.inbox, name), os.path.join(box.processing, dest))
+            if (idx.submission_named(box.name, name) is not None
+                    or any(os.path.lexists(os.path.join(d, name)) for d in (box.processing, box.done))):
+                out.append(self._fail(box, name, f"the name {name!r} was used by an earlier submission",
+                                      src=os.path.join(box.inbox, name)))
+                continue
+            os.rename(os.path.join(box.inbox, name), os.path.join(box.processing, name))
             fsutil.fsync_dir(box.processing)
-            out.append(dest)
+            out.append(name)
         return out
 
     def _process(self, box: StudyDropbox, name: str) -> IngestResult:
@@ -276,6 +286,8 @@ class Ingestor:
         if not has_manifest:
             raise _reject("no manifest (empty or incomplete submission)")
         with _open_untrusted(os.path.join(path, fmt.MANIFEST_NAME)) as f:
+            if os.fstat(f.fileno()).st_size > fmt.MANIFEST_MAX_SIZE:
+                raise _reject(f"manifest: larger than the limit of {fmt.MANIFEST_MAX_SIZE} bytes")
             data = f.read(fmt.MANIFEST_MAX_SIZE + 1)
         m = mf.decode(data)
         if m.study != box.name:
@@ -421,8 +433,8 @@ class Ingestor:
                 if fmt.PACK_FILE_RE.match(entry):
                     os.unlink(os.path.join(dest, entry))
 
-    def _fail(self, box: StudyDropbox, name: str, reason: str) -> IngestResult:
-        src = os.path.join(box.processing, name)
+    def _fail(self, box: StudyDropbox, name: str, reason: str, *, src: str | None = None) -> IngestResult:
+        src = src or os.path.join(box.processing, name)
         dest_name = _free_name(box.failed, name)
         dest = os.path.join(box.failed, dest_name)
         if os.path.isdir(src) and not os.path.islink(src):
