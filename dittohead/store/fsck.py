@@ -17,6 +17,7 @@ import os
 import sqlite3
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -70,6 +71,32 @@ class FsckStats:
     versions: int = 0
 
 
+PARALLEL_MIN_BYTES = 64 * 1024 * 1024
+
+
+def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[int, list[tuple[bytes, int]], str]:
+    """Read a pack's data region in one call and check each chunk against its id.
+
+    Returns (bytes read, [(bad chunk id, offset)], error). Runs in a worker process.
+    """
+    start = fmt.PACK_HEADER.size
+    end = entries[-1][1] + entries[-1][2]
+    buf = bytearray(end - start)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(buf)
+    except OSError as e:
+        return 0, [], f"cannot read: {e.strerror}"
+    view = memoryview(buf)
+    bad = []
+    for cid, offset, length in entries:
+        lo = offset - start
+        if lo + length > got or blake3(view[lo : lo + length]).digest() != cid:
+            bad.append((cid, offset))
+    return got, bad, ""
+
+
 class Checker:
     def __init__(self, store: Store, *, read_data: bool = False,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -77,8 +104,11 @@ class Checker:
         self.read_data = read_data
         self.progress = progress or (lambda n: None)
         self.stats = FsckStats()
-        self.chunks: dict[bytes, tuple[bytes, int]] = {}  # id -> (pack id, length), sound ones
+        self.chunks: dict[bytes, tuple[bytes, int]] = {}  # id -> (pack id, length), by trailers
         self.bad_chunks: dict[bytes, str] = {}  # id -> why
+        self.refs: dict[bytes, list[Affected]] = {}  # id -> the versions made of it
+        self.data_jobs: list[tuple[str, str, list[tuple[bytes, int, int]]]] = []
+        self._pool: ProcessPoolExecutor | None = None
 
     def data_size(self) -> int:
         total = 0
@@ -92,11 +122,13 @@ class Checker:
             self.fresh = Index(os.path.join(tmp, "index.sqlite"))
             try:
                 yield from self.check_packs()
+                futures = self.start_data_checks()
                 history_ok = True
                 for f in self.check_history():
                     if f.kind in ("log", "manifest") and f.severity == DAMAGE:
                         history_ok = False
                     yield f
+                yield from self.finish_data_checks(futures)
                 yield from self.check_index(history_ok)
             finally:
                 self.fresh.close()
@@ -104,9 +136,8 @@ class Checker:
             where, _, what = problem.partition(": ")
             yield Finding(WARNING, "layout", where, what)
 
-    # -- layer 1
+    # -- layer 1: trailers (always), then the data (in worker processes, beside layer 2)
     def check_packs(self) -> Iterator[Finding]:
-        buf = bytearray()
         for key in self.store.objects.list("packs"):
             name = key.rsplit("/", 1)[-1]
             hexid = name[: -len(fmt.PACK_SUFFIX)] if name.endswith(fmt.PACK_SUFFIX) else ""
@@ -121,36 +152,56 @@ class Checker:
             try:
                 with self.store.objects.open(key) as f:
                     entries = pack.read_entries(f, what=f"pack {hexid}")
-                    self.stats.chunks += len(entries)
-                    self.fresh.add_chunks((e.id, pid, e.offset, e.length) for e in entries)
-                    if not self.read_data:
-                        for e in entries:
-                            self.chunks.setdefault(e.id, (pid, e.length))
-                        continue
-                    # One read of the whole data region, then each chunk hashed in place.
-                    end = entries[-1].offset + entries[-1].length if entries else fmt.PACK_HEADER.size
-                    size = end - fmt.PACK_HEADER.size
-                    if len(buf) < size:
-                        buf = bytearray(size)
-                    view = memoryview(buf)
-                    f.seek(fmt.PACK_HEADER.size)
-                    got = f.readinto(view[:size])  # type: ignore[attr-defined]
-                    self.stats.bytes_read += got
-                    self.progress(got)
-                    for e in entries:
-                        start = e.offset - fmt.PACK_HEADER.size
-                        data = view[start : start + e.length]
-                        if start + e.length > got or blake3(data).digest() != e.id:
-                            self.bad_chunks[e.id] = f"fails its hash in pack {hexid}"
-                            yield Finding(DAMAGE, "chunk", e.id.hex(),
-                                          f"in pack {hexid} at offset {e.offset}: bytes do not match the id")
-                        else:
-                            self.chunks.setdefault(e.id, (pid, e.length))
-                    del view, data
             except FormatError as e:
                 yield Finding(DAMAGE, "pack", hexid, str(e))
+                continue
             except OSError as e:
                 yield Finding(DAMAGE, "pack", hexid, f"cannot read: {e.strerror}")
+                continue
+            self.stats.chunks += len(entries)
+            self.fresh.add_chunks((pe.id, pid, pe.offset, pe.length) for pe in entries)
+            for pe in entries:
+                self.chunks.setdefault(pe.id, (pid, pe.length))
+            if self.read_data and entries:
+                self.data_jobs.append((hexid, self.store.objects.path_of(key),  # type: ignore[attr-defined]
+                                       [(pe.id, pe.offset, pe.length) for pe in entries]))
+
+    def start_data_checks(self) -> list[tuple[str, Future[tuple[int, list[tuple[bytes, int]], str]]]]:
+        """Hash every pack's data: in worker processes when there is much of it (blake3 holds
+        the GIL, and the history check needs the main process meanwhile)."""
+        total = sum(e[-1][1] + e[-1][2] for _, _, e in self.data_jobs)
+        if total < PARALLEL_MIN_BYTES or (os.cpu_count() or 1) < 2:
+            self._pool = None
+            futures = []
+            for hexid, path, entries in self.data_jobs:
+                fut: Future[tuple[int, list[tuple[bytes, int]], str]] = Future()
+                fut.set_result(hash_pack_data(path, entries))
+                futures.append((hexid, fut))
+            return futures
+        self._pool = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
+        futures = []
+        for hexid, path, entries in self.data_jobs:
+            fut = self._pool.submit(hash_pack_data, path, entries)
+            futures.append((hexid, fut))
+        return futures
+
+    def finish_data_checks(self, futures) -> Iterator[Finding]:
+        try:
+            for hexid, fut in futures:
+                got, bad, error = fut.result()
+                self.stats.bytes_read += got
+                self.progress(got)
+                if error:
+                    yield Finding(DAMAGE, "pack", hexid, error)
+                for cid, offset in bad:
+                    self.bad_chunks[cid] = f"fails its hash in pack {hexid}"
+                    yield Finding(DAMAGE, "chunk", cid.hex(),
+                                  f"in pack {hexid} at offset {offset}: bytes do not match the id",
+                                  self.refs.get(cid, []))
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     # -- layers 2 and 3
     def check_history(self) -> Iterator[Finding]:
@@ -199,10 +250,9 @@ class Checker:
                     latest[entry.path] = (n, entry.hash)
                     self.stats.versions += 1
                     for cid, length in entry.chunks:
+                        self.refs.setdefault(cid, []).append(Affected(study, entry.path, n))
                         why = None
-                        if cid in self.bad_chunks:
-                            why = self.bad_chunks[cid]
-                        elif cid not in self.chunks:
+                        if cid not in self.chunks:
                             why = "missing from every sound pack"
                         elif self.chunks[cid][1] != length:
                             why = f"stored with length {self.chunks[cid][1]}, manifest says {length}"
