@@ -200,6 +200,7 @@ class Ingestor:
         """Ingest everything committed now; returns one result per submission handled."""
         results: list[IngestResult] = []
         with self.locked():
+            self._sweep_tmp()
             self.store.catch_up()  # after a crash past a commit point
             for study in self.root.studies():
                 box = self.root.dropbox(study)
@@ -209,6 +210,15 @@ class Ingestor:
                     if on_result:
                         on_result(r)
         return results
+
+    def _sweep_tmp(self) -> None:
+        """Remove what an interrupted ingest left in store/tmp/ (never part of the store)."""
+        tmp = os.path.join(self.root.store, "tmp")
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(tmp):
+                if name.startswith(".tmp-"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(tmp, name))
 
     def _pending(self, box: StudyDropbox) -> list[str | IngestResult]:
         """processing/ first (resumed after a crash), then the inbox in order of arrival.
