@@ -7,7 +7,14 @@ import time
 
 import click
 
-from dittohead.cli.base import cli, json_option, print_json, progress_enabled, store_option
+from dittohead.cli.base import (
+    cli,
+    json_option,
+    open_store,
+    print_json,
+    progress_enabled,
+    store_option,
+)
 from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE
 from dittohead.export import export_study
 from dittohead.store import fsck as fsck_mod
@@ -65,7 +72,7 @@ def watch(store: str, once: bool, interval: float) -> None:
     dropbox/NAME/failed/ with a REASON file and changes nothing. With --once, exits 1 if any
     submission was rejected.
     """
-    st = Store.open(store)
+    st = open_store(store)
     ingestor = Ingestor(st)
     if once:
         results = _ingest_and_export(st, ingestor)
@@ -103,7 +110,7 @@ def fsck(store: str, read_data: bool, as_json: bool) -> None:
     Always: pack trailers, study logs, manifests (every chunk present, right length), the index
     (rebuilt if it disagrees), folder modes. With --read-data: every stored byte.
     """
-    st = Store.open(store)
+    st = open_store(store)
     bar = None
     checker = fsck_mod.Checker(st, read_data=read_data)
     if read_data and progress_enabled() and not as_json:

@@ -11,6 +11,7 @@ import click
 
 from dittohead import __version__
 from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
+from dittohead.store.repo import Store
 
 
 class DittoheadGroup(click.Group):
@@ -63,6 +64,13 @@ store_option = click.option(
 )
 study_option = click.option("--study", required=True, metavar="NAME", help="The study's name.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+
+
+def open_store(path: str) -> Store:
+    """Open a server root's store for this command; closed when the command ends."""
+    st = Store.open(path)
+    click.get_current_context().call_on_close(st.close)
+    return st
 
 
 def print_json(doc: Any) -> None:

@@ -9,6 +9,7 @@ import click
 from dittohead.cli.base import (
     cli,
     json_option,
+    open_store,
     print_json,
     progress_enabled,
     store_option,
@@ -22,7 +23,7 @@ from dittohead.view import FileReader
 
 
 def _open(store: str, study: str) -> Store:
-    st = Store.open(store)
+    st = open_store(store)
     st.root.require_study(study)
     return st
 

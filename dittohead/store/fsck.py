@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from dittohead import format as fmt
+from dittohead import fsutil, pack, records
 from dittohead import manifest as mf
-from dittohead import pack
 from dittohead.errors import FormatError, IntegrityError
 from dittohead.hashing import blake3
 from dittohead.store.index import Index
@@ -44,7 +44,7 @@ class Affected:
 @dataclass
 class Finding:
     severity: str
-    kind: str  # pack, chunk, log, manifest, index, layout
+    kind: str  # pack, chunk, log, manifest, published, index, layout
     object: str
     message: str
     affects: list[Affected] = field(default_factory=list)
@@ -109,6 +109,8 @@ class Checker:
         self.refs: dict[bytes, list[Affected]] = {}  # id -> the versions made of it
         self.data_jobs: list[tuple[str, str, list[tuple[bytes, int, int]]]] = []
         self._pool: ProcessPoolExecutor | None = None
+        self.sound_packs: set[bytes] = set()
+        self.damaged_packs: set[bytes] = set()
 
     def data_size(self) -> int:
         total = 0
@@ -129,7 +131,8 @@ class Checker:
                         history_ok = False
                     yield f
                 yield from self.finish_data_checks(futures)
-                yield from self.check_index(history_ok)
+                packs_ok = not self.damaged_packs and not self.bad_chunks
+                yield from self.check_index(history_ok, packs_ok)
             finally:
                 self.fresh.close()
         for problem in self.store.root.mode_problems():
@@ -153,11 +156,14 @@ class Checker:
                 with self.store.objects.open(key) as f:
                     entries = pack.read_entries(f, what=f"pack {hexid}")
             except FormatError as e:
+                self.damaged_packs.add(pid)
                 yield Finding(DAMAGE, "pack", hexid, str(e))
                 continue
             except OSError as e:
+                self.damaged_packs.add(pid)
                 yield Finding(DAMAGE, "pack", hexid, f"cannot read: {e.strerror}")
                 continue
+            self.sound_packs.add(pid)
             self.stats.chunks += len(entries)
             self.fresh.add_chunks((pe.id, pid, pe.offset, pe.length) for pe in entries)
             for pe in entries:
@@ -192,6 +198,7 @@ class Checker:
                 self.stats.bytes_read += got
                 self.progress(got)
                 if error:
+                    self.damaged_packs.add(bytes.fromhex(hexid))
                     yield Finding(DAMAGE, "pack", hexid, error)
                 for cid, offset in bad:
                     self.bad_chunks[cid] = f"fails its hash in pack {hexid}"
@@ -221,6 +228,7 @@ class Checker:
                 yield Finding(WARNING, "log", study,
                               "a torn record at the end (an ingest interrupted before its commit point); "
                               "the next ingest sets it aside")
+            yield from self.check_published(study)
             latest: dict[str, tuple[int, bytes]] = {}
             for rec in parsed.records:
                 self.stats.submissions += 1
@@ -241,6 +249,11 @@ class Checker:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(), str(e))
                     continue
                 self.fresh.apply(study, rec, m)
+                for pid in rec.packs:
+                    if pid not in self.sound_packs and pid not in self.damaged_packs:
+                        self.damaged_packs.add(pid)
+                        yield Finding(DAMAGE, "pack", pid.hex(),
+                                      f"missing (written by study {study}'s submission #{rec.seq})")
                 problems: dict[bytes, tuple[str, list[Affected]]] = {}
                 for entry in m.entries:
                     prev = latest.get(entry.path)
@@ -261,10 +274,31 @@ class Checker:
                 for cid, (why, affected) in problems.items():
                     yield Finding(DAMAGE, "chunk", cid.hex(), why, affected)
 
+    def check_published(self, study: str) -> Iterator[Finding]:
+        """Have-segments and receipts: derived, and read by clients; damage there is a warning
+        (a client re-sends chunks, or reports a submission as not yet confirmed)."""
+        box = self.store.root.dropbox(study)
+        for folder, decode in ((box.have, records.decode_have), (box.receipts, records.decode_receipt)):
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    decode(fsutil.read_limited(os.path.join(folder, name), fmt.HAVE_MAX_SIZE))
+                except (OSError, ValueError, FormatError) as e:
+                    yield Finding(WARNING, "published", os.path.join(os.path.basename(folder), name),
+                                  f"study {study}: unreadable ({e})")
+
     # -- layer 4
-    def check_index(self, history_ok: bool) -> Iterator[Finding]:
+    def check_index(self, history_ok: bool, packs_ok: bool) -> Iterator[Finding]:
         if not history_ok:
             yield Finding(WARNING, "index", "index.sqlite", "not compared: the history it derives from is damaged")
+            return
+        if not packs_ok:
+            # The live index may hold the only map to intact chunks of a pack whose trailer is
+            # damaged: never rebuild it away while there is damage.
+            yield Finding(WARNING, "index", "index.sqlite", "not compared or rebuilt while packs are damaged")
             return
         want = self.fresh.dump()
         try:

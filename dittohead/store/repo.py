@@ -67,13 +67,21 @@ class Store:
     @property
     def index(self) -> Index:
         if self._index is None:
-            idx = Index(self.root.index_path)
-            if not idx.schema_ok:
-                idx.close()
+            idx: Index | None = None
+            try:
+                idx = Index(self.root.index_path)
+                if not idx.schema_ok or idx.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    idx.close()
+                    idx = None
+            except sqlite3.DatabaseError as e:
+                log.warning("index %s is unreadable (%s): rebuilding it from the store", self.root.index_path, e)
+                idx = None
+            if idx is None:
                 self.rebuild_index()
                 idx = Index(self.root.index_path)
             self._index = idx
             self.catch_up()
+        assert self._index is not None
         return self._index
 
     def log_studies(self) -> list[str]:

@@ -1,0 +1,159 @@
+"""The golden store of format version 1 stays readable, byte for byte, by every later dittohead.
+
+    DO NOT REGENERATE tests/data/golden-v1.tar.gz (or its .json) to make these tests pass. If
+    they fail, the code broke compatibility with stores that exist: fix the code, or bump the
+    format version with a migration and a new golden store (golden-v2) next to this one. See the
+    top of tests/make_golden.py, which made it.
+
+The tarball is unpacked into a tmp dir; tests/data/golden-v1.json says what it holds: every
+(path, version) with its size and SHA-256, the two submissions as ``log`` showed them, fsck's
+counts. Checked: ``fsck --read-data`` is clean; every version reads back with its SHA-256
+through ``cat``; ``log`` and ``versions`` show the recorded history; and all of that again with
+index.sqlite deleted first (it is derived, and rebuilt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from dittohead.cli import cli
+
+DATA = Path(__file__).resolve().parent / "data"
+TARBALL = DATA / "golden-v1.tar.gz"
+EXPECTED = json.loads((DATA / "golden-v1.json").read_text(encoding="utf-8"))
+STUDY = EXPECTED["study"]
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "client-state"))
+    monkeypatch.delenv("DITTOHEAD_STORE", raising=False)
+
+
+def invoke(*args: Any) -> Result:
+    return CliRunner().invoke(cli, [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
+
+
+def ok(*args: Any) -> Result:
+    res = invoke(*args)
+    assert res.exit_code == 0, (args, res.exit_code, res.output, res.exception)
+    return res
+
+
+def unpack(dest: Path) -> Path:
+    with tarfile.open(TARBALL, "r:gz") as tar:
+        names = tar.getnames()
+        assert all(n == EXPECTED["root"] or n.startswith(EXPECTED["root"] + "/") for n in names), names
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python without extraction filters
+            tar.extractall(dest)  # our own checked-in tarball
+        # The filter drops setgid/sticky bits and folder modes: put back the server root's
+        # permission model as it was made, so that fsck's layout check has nothing to say.
+        for member in tar.getmembers():
+            os.chmod(dest / member.name, member.mode & 0o7777)
+    return dest / EXPECTED["root"]
+
+
+@pytest.fixture
+def golden(tmp_path: Path) -> Path:
+    return unpack(tmp_path)
+
+
+def by_path() -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for v in EXPECTED["versions"]:
+        out.setdefault(v["path"], []).append(v)
+    return out
+
+
+def test_the_golden_data_is_what_the_tests_assume() -> None:
+    assert EXPECTED["format"] == 1
+    assert TARBALL.stat().st_size < 200 * 1024
+    paths = by_path()
+    assert any(v["size"] == 0 for v in EXPECTED["versions"]), "an empty file"
+    assert any(not p.isascii() for p in paths), "a non-ASCII path"
+    assert any(v["chunks"] >= 2 for v in EXPECTED["versions"]), "a file of several chunks"
+    assert any(len(vs) == 2 for vs in paths.values()), "a path with two versions"
+    assert [s["seq"] for s in EXPECTED["submissions"]] == [1, 2]
+
+
+def test_store_config_is_format_version_1(golden: Path) -> None:
+    config = json.loads((golden / "store" / "config").read_text())
+    assert config["version"] == 1
+
+
+def check_fsck_clean(root: Path) -> None:
+    res = invoke("fsck", "--store", root, "--read-data", "--json")
+    assert res.exit_code == 0, (res.exit_code, res.stdout, res.stderr)
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is True and doc["read_data"] is True
+    assert doc["findings"] == [], doc["findings"]
+    for key, want in EXPECTED["fsck_stats"].items():
+        assert doc["stats"][key] == want, (key, doc["stats"])
+
+
+def check_reads(root: Path) -> None:
+    for v in EXPECTED["versions"]:
+        res = ok("cat", "--store", root, "--study", STUDY, v["path"], "--version", v["version"])
+        data = res.stdout_bytes
+        assert len(data) == v["size"] and hashlib.sha256(data).hexdigest() == v["sha256"], (v["path"], v["version"])
+    for path, vs in by_path().items():
+        latest = ok("cat", "--store", root, "--study", STUDY, path).stdout_bytes
+        assert hashlib.sha256(latest).hexdigest() == vs[-1]["sha256"], path
+
+
+def check_history(root: Path) -> None:
+    subs = json.loads(ok("log", "--store", root, "--study", STUDY, "--json").stdout)["submissions"]
+    assert len(subs) == 2
+    for got, want in zip(subs, EXPECTED["submissions"]):
+        for key, value in want.items():
+            assert got[key] == value, (key, got, want)
+    assert subs[0]["ingested_ns"] < subs[1]["ingested_ns"]
+    for path, vs in by_path().items():
+        listed = json.loads(ok("versions", "--store", root, "--study", STUDY, path, "--json").stdout)["versions"]
+        assert [v["version"] for v in listed] == list(range(1, len(vs) + 1)), (path, listed)
+        assert [(v["seq"], v["size"]) for v in listed] == [(v["seq"], v["size"]) for v in vs], (path, listed)
+    missing = invoke("cat", "--store", root, "--study", STUDY, "no/such/file")
+    assert missing.exit_code == 1 and missing.stdout_bytes == b""
+    too_far = invoke("cat", "--store", root, "--study", STUDY, EXPECTED["versions"][0]["path"], "--version", 99)
+    assert too_far.exit_code == 1 and too_far.stdout_bytes == b""
+
+
+def test_fsck_read_data_is_clean(golden: Path) -> None:
+    check_fsck_clean(golden)
+
+
+def test_every_version_reads_back(golden: Path) -> None:
+    check_reads(golden)
+
+
+def test_log_and_versions(golden: Path) -> None:
+    check_history(golden)
+
+
+def test_without_the_index(golden: Path) -> None:
+    """index.sqlite is derived: deleted, it is rebuilt from packs, manifests and logs."""
+    (golden / "store" / "index.sqlite").unlink()
+    check_history(golden)
+    check_reads(golden)
+    assert (golden / "store" / "index.sqlite").exists()
+    check_fsck_clean(golden)
+
+
+def test_fsck_rebuilds_a_deleted_index(golden: Path) -> None:
+    (golden / "store" / "index.sqlite").unlink()
+    res = invoke("fsck", "--store", golden, "--read-data", "--json")
+    assert res.exit_code == 0, res.output
+    kinds = [(f["severity"], f["kind"]) for f in json.loads(res.stdout)["findings"]]
+    assert kinds == [("repaired", "index")], kinds
+    check_history(golden)
+    check_reads(golden)
