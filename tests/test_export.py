@@ -1,0 +1,217 @@
+"""The export: the read-only view written to a folder, adding only.
+
+Layout (the same as the mount's):
+    DEST/current/PATH                              latest version of every path ever received
+    DEST/versions/PATH/NNNN_STAMP_SITE.EXT         every version, numbered from 0001
+    DEST/submissions/STAMP_SITE_SEQ/PATH           each submission as received (SEQ: 6 digits)
+STAMP is the UTC ingest time (20261121T101502Z), SITE the sanitised site name, EXT the path's
+extension with its dot (or nothing). A second export touches no existing file except current/
+entries, which may be swapped atomically for hard links to the new versions; nothing is ever
+deleted, not even a path deleted at the source.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from conftest import Server, write_file
+
+SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def stamp(ns: int) -> str:
+    return datetime.fromtimestamp(ns // 10**9, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def ext(path: str) -> str:
+    return os.path.splitext(path)[1]
+
+
+def export(server: Server, dest: Path) -> None:
+    server.ok("export", "--store", server.root, "--study", server.study, dest)
+
+
+def files_under(top: Path) -> dict[str, os.stat_result]:
+    """Every non-directory entry under top (relative POSIX path -> lstat)."""
+    found = {}
+    for dirpath, _dirs, names in os.walk(top):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            found[Path(os.path.relpath(p, top)).as_posix()] = os.lstat(p)
+    return found
+
+
+def snapshot(top: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {
+        rel: (st.st_ino, st.st_mtime_ns, (top / rel).read_bytes())
+        for rel, st in files_under(top).items()
+    }
+
+
+class Model:
+    """What the export must contain, kept from what was synced and what the log says."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, list[tuple[bytes, int]]] = {}  # path -> [(bytes, seq)]
+        self.submissions: dict[int, dict[str, bytes]] = {}  # seq -> the files it carried
+
+    def submitted(self, seq: int, files: dict[str, bytes]) -> None:
+        self.submissions[seq] = dict(files)
+        for path, data in files.items():
+            history = self.versions.setdefault(path, [])
+            if not history or history[-1][0] != data:
+                history.append((data, seq))
+
+
+def check_layout(
+    server: Server, dest: Path, model: Model, extra: frozenset[str] = frozenset()
+) -> None:
+    log = {s["seq"]: s for s in server.log()}
+    present = files_under(dest)
+    expected: set[str] = set(extra)
+
+    for path, history in model.versions.items():
+        # current/: the latest version's bytes, a hard link to its file in versions/.
+        current = dest / "current" / path
+        assert current.read_bytes() == history[-1][0], f"current/{path}"
+        expected.add(f"current/{path}")
+
+        listed = server.versions(path)
+        assert len(listed) == len(history), (path, listed)
+        folder = dest / "versions" / path
+        names = sorted(os.listdir(folder))
+        assert len(names) == len(history), (path, names)
+        for number, ((data, seq), info, name) in enumerate(zip(history, listed, names), start=1):
+            sub = log[seq]
+            assert info["seq"] == seq, (path, info)
+            site = name.split("_", 2)[2][: len(name.split("_", 2)[2]) - len(ext(path))]
+            assert name == f"{number:04d}_{stamp(info['ingested_ns'])}_{site}{ext(path)}", name
+            assert SAFE_COMPONENT.match(site), f"site part {site!r} of {name!r} is not sanitised"
+            assert (folder / name).read_bytes() == data, f"versions/{path}/{name}"
+            assert (folder / name).read_bytes() == server.cat(path, version=number)
+            assert stamp(sub["ingested_ns"]) == stamp(info["ingested_ns"])
+            expected.add(f"versions/{path}/{name}")
+        assert os.path.samefile(current, folder / names[-1]), (
+            f"current/{path} is not a link to its latest version"
+        )
+
+    # submissions/: each submission's files as received.
+    subdirs = sorted(os.listdir(dest / "submissions"))
+    assert len(subdirs) == len(model.submissions), subdirs
+    for seq, files in model.submissions.items():
+        sub = log[seq]
+        prefix = f"{stamp(sub['ingested_ns'])}_"
+        suffix = f"_{seq:06d}"
+        matching = [d for d in subdirs if d.startswith(prefix) and d.endswith(suffix)]
+        assert len(matching) == 1, (seq, subdirs)
+        site = matching[0][len(prefix) : -len(suffix)]
+        assert SAFE_COMPONENT.match(site), site
+        top = dest / "submissions" / matching[0]
+        carried = {rel for rel in files_under(top)}
+        # A submission carries at least what it changed; whatever it carries is as sent.
+        changed = {p for p, h in model.versions.items() if any(s == seq for _d, s in h)}
+        assert changed <= carried, (seq, changed - carried)
+        for rel in carried:
+            assert rel in files, f"submission {seq} holds {rel!r}, which was not sent in it"
+            assert (top / rel).read_bytes() == files[rel], f"submissions/{matching[0]}/{rel}"
+            expected.add(f"submissions/{matching[0]}/{rel}")
+
+    assert set(present) == expected, (
+        f"unexpected: {sorted(set(present) - expected)}; missing: {sorted(expected - set(present))}"
+    )
+
+
+def sync_round(server: Server, src: Path, model: Model, site: str) -> dict[str, bytes]:
+    sent = server.sync(src, site=site)
+    assert sent.submission is not None, sent.output
+    server.ingest()
+    seq = max(s["seq"] for s in server.log())
+    files = {
+        Path(os.path.relpath(os.path.join(d, f), src)).as_posix(): Path(d, f).read_bytes()
+        for d, _dirs, names in os.walk(src)
+        for f in names
+    }
+    model.submitted(seq, files)
+    return files
+
+
+def test_export_layout_and_adding_only(server: Server, tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "export"
+    rng = random.Random(7)
+    write_file(src / "data/run1.csv", b"t,x\n0,1\n")
+    write_file(src / "README", b"no extension\n")
+    write_file(src / "sub dir/r\u00e9sum\u00e9.txt", b"non-ASCII name\n")
+    write_file(src / "deleteme.txt", b"gone at the source after round 1\n")
+    write_file(src / "big.bin", rng.randbytes(600 * 1024))
+    write_file(src / "empty.dat", b"")
+    model = Model()
+    sync_round(server, src, model, site="labA")
+
+    export(server, dest)
+    check_layout(server, dest, model)
+    sub = server.log()[0]
+    assert (
+        dest / "versions/data/run1.csv" / f"0001_{stamp(sub['ingested_ns'])}_labA.csv"
+    ).is_file()
+    assert (dest / "versions/README" / f"0001_{stamp(sub['ingested_ns'])}_labA").is_file()
+    assert (dest / "submissions" / f"{stamp(sub['ingested_ns'])}_labA_000001" / "big.bin").is_file()
+
+    # Exporting again with nothing new touches nothing at all.
+    before = snapshot(dest)
+    export(server, dest)
+    assert snapshot(dest) == before
+
+    # Round 2: an edit, a deletion, an addition, from a site whose name needs sanitising.
+    write_file(src / "data/run1.csv", b"t,x\n0,1\n1,2\n")
+    (src / "deleteme.txt").unlink()
+    write_file(src / "new.txt", b"added in round 2\n")
+    sync_round(server, src, model, site="lab B/2")
+    # Round 3: back to the first content is a new version too; big.bin edited in place.
+    write_file(src / "data/run1.csv", b"t,x\n0,1\n")
+    big = bytearray((src / "big.bin").read_bytes())
+    big[300_000:300_010] = b"0123456789"
+    write_file(src / "big.bin", bytes(big))
+    sync_round(server, src, model, site="labA")
+
+    (dest / "mine.txt").write_bytes(b"the user's own file\n")
+    before = snapshot(dest)
+    export(server, dest)
+    after = snapshot(dest)
+    check_layout(server, dest, model, extra=frozenset({"mine.txt"}))
+
+    for rel, (ino, mtime, data) in before.items():
+        assert rel in after, f"{rel} was deleted by the export"
+        if rel.startswith("current/"):
+            path = rel[len("current/") :]
+            assert after[rel][2] == model.versions[path][-1][0], rel
+        else:
+            assert after[rel] == (ino, mtime, data), f"{rel} was touched by the export"
+    assert (dest / "current/deleteme.txt").read_bytes() == b"gone at the source after round 1\n"
+    assert len(os.listdir(dest / "versions/data/run1.csv")) == 3
+    assert (dest / "current/data/run1.csv").read_bytes() == b"t,x\n0,1\n"
+    assert (dest / "mine.txt").read_bytes() == b"the user's own file\n"
+
+
+def test_export_to_a_fresh_destination_matches_an_incremental_one(
+    server: Server, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    model = Model()
+    write_file(src / "a.txt", b"1")
+    sync_round(server, src, model, site="x")
+    export(server, tmp_path / "incremental")
+    write_file(src / "a.txt", b"2")
+    write_file(src / "b/c.txt", b"3")
+    sync_round(server, src, model, site="y")
+    export(server, tmp_path / "incremental")
+    export(server, tmp_path / "fresh")
+
+    def content(top: Path) -> dict[str, bytes]:
+        return {rel: data for rel, (_i, _m, data) in snapshot(top).items()}
+
+    assert content(tmp_path / "incremental") == content(tmp_path / "fresh")
+    check_layout(server, tmp_path / "fresh", model)
