@@ -24,6 +24,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -69,6 +70,9 @@ class StorePackWriter:
         self._cur: tuple[str, BinaryIO, pack.PackWriter] | None = None
         self.ids: set[bytes] = set()
         self.bytes = 0
+        # Finished packs are fsynced by one worker thread while verification goes on.
+        self._pool: ThreadPoolExecutor | None = None
+        self._syncing: list[Future[None]] = []
 
     def add(self, cid: bytes, data: bytes) -> None:
         if cid in self.ids:
@@ -87,14 +91,26 @@ class StorePackWriter:
         path, f, w = self._cur
         pid, _ = w.finish()
         f.flush()
-        os.fsync(f.fileno())
-        f.close()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-ingest")
+        self._syncing.append(self._pool.submit(_fsync_close, f))
         self.done.append((pid, path, w.entries))
         self._cur = None
+
+    def _wait(self) -> None:
+        try:
+            for fut in self._syncing:
+                fut.result()
+        finally:
+            self._syncing = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def commit(self) -> list[tuple[bytes, list[pack.PackEntry]]]:
         if self._cur is not None:
             self._close_current()
+        self._wait()
         out = []
         for pid, path, entries in self.done:
             self.store.objects.put_file(pack_key(pid), path)
@@ -102,6 +118,8 @@ class StorePackWriter:
         return out
 
     def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wait()
         if self._cur is not None:
             self._cur[1].close()
             self.done.append((b"", self._cur[0], []))
@@ -110,6 +128,13 @@ class StorePackWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.done = []
+
+
+def _fsync_close(f: BinaryIO) -> None:
+    try:
+        os.fsync(f.fileno())
+    finally:
+        f.close()
 
 
 @dataclass
@@ -277,7 +302,7 @@ class Ingestor:
             raise _reject("the submission is a symlink")
         if not stat.S_ISDIR(st.st_mode):
             raise _reject("the submission is not a folder")
-        packs: list[str] = []
+        packs: list[tuple[int, str]] = []  # (mtime_ns, name)
         has_manifest = False
         for entry in sorted(os.listdir(path)):
             est = os.lstat(os.path.join(path, entry))
@@ -290,7 +315,7 @@ class Ingestor:
             if entry == fmt.MANIFEST_NAME:
                 has_manifest = True
             elif fmt.PACK_FILE_RE.match(entry):
-                packs.append(entry)
+                packs.append((est.st_mtime_ns, entry))
             else:
                 raise _reject(f"{entry}: unexpected file in a submission")
         if not has_manifest:
@@ -322,7 +347,9 @@ class Ingestor:
         plan = _Plan(data, m, mf.manifest_id(data), writer)
         hashing = _FileHashes(self._entries_to_hash(box, m))
         try:
-            for pname in packs:
+            # In the order the client wrote them (a hint only: it lets file hashes be computed
+            # as chunks stream past; out of order, they are computed by a second read).
+            for _, pname in sorted(packs):
                 ppath = os.path.join(path, pname)
                 with _open_untrusted(ppath) as f:
                     entries = pack.read_entries(f, what=f"pack {pname}")
