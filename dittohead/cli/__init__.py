@@ -1,8 +1,7 @@
-"""The command line (click). Commands live by role: admin, collect, read."""
+"""The command line (click). Commands live by role (admin, collect, read), loaded lazily."""
 
 from __future__ import annotations
 
-from dittohead.cli import admin, collect, read  # noqa: F401  (they register their commands)
 from dittohead.cli.base import cli
 
 

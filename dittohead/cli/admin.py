@@ -8,7 +8,6 @@ import time
 import click
 
 from dittohead.cli.base import (
-    cli,
     json_option,
     open_store,
     print_json,
@@ -24,7 +23,7 @@ from dittohead.store.repo import Store
 from dittohead.units import human_bytes, plural
 
 
-@cli.command()
+@click.command()
 @store_option
 def init(store: str) -> None:
     """Create a server root: the store (0700) and the drop-box tree, with the permission model."""
@@ -32,7 +31,7 @@ def init(store: str) -> None:
     click.echo(f"initialised server root {store} (store {cfg.store_id}, format {cfg.version})")
 
 
-@cli.group()
+@click.group()
 def study() -> None:
     """Manage studies (each has its own drop box and history)."""
 
@@ -60,7 +59,7 @@ def _report(r: IngestResult) -> None:
         click.echo(f"rejected {r.study}/{r.submission}: {r.reason}", err=True)
 
 
-@cli.command()
+@click.command()
 @store_option
 @click.option("--once", is_flag=True, help="Ingest what is committed now, then exit.")
 @click.option("--interval", default=5.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0.1),
@@ -100,7 +99,7 @@ def _ingest_and_export(st: Store, ingestor: Ingestor) -> list[IngestResult]:
     return results
 
 
-@cli.command()
+@click.command()
 @store_option
 @click.option("--read-data", is_flag=True, help="Also read every chunk and check it against its id.")
 @json_option

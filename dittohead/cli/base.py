@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dittohead import __version__
 from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
-from dittohead.store.repo import Store
+
+if TYPE_CHECKING:
+    from dittohead.store.repo import Store
+
+
+# Each command lives in the module of its role and is imported only when it runs (or for
+# --help), so that `sync` on a lab PC never loads the server's code.
+COMMANDS = {
+    "init": "dittohead.cli.admin:init",
+    "study": "dittohead.cli.admin:study",
+    "watch": "dittohead.cli.admin:watch",
+    "fsck": "dittohead.cli.admin:fsck",
+    "sync": "dittohead.cli.collect:sync",
+    "log": "dittohead.cli.read:log_cmd",
+    "versions": "dittohead.cli.read:versions",
+    "cat": "dittohead.cli.read:cat",
+    "export": "dittohead.cli.read:export",
+}
 
 
 class DittoheadGroup(click.Group):
-    """Maps every handled failure to a one-line message and its exit code (docs/exit-codes.md)."""
+    """Loads commands lazily, and maps every handled failure to a one-line message and its exit
+    code (docs/exit-codes.md)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -68,6 +97,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 def open_store(path: str) -> Store:
     """Open a server root's store for this command; closed when the command ends."""
+    from dittohead.store.repo import Store
+
     st = Store.open(path)
     click.get_current_context().call_on_close(st.close)
     return st

@@ -9,7 +9,7 @@ import socket
 import click
 import filelock
 
-from dittohead.cli.base import cli, progress_enabled
+from dittohead.cli.base import progress_enabled
 from dittohead.client.cache import StateCache, state_dir
 from dittohead.client.scan import ScanOptions
 from dittohead.client.sync import NoProgress, Progress, SyncOptions
@@ -40,7 +40,7 @@ class BarProgress:
             self.bar = None
 
 
-@cli.command()
+@click.command()
 @click.argument("source", type=click.Path(file_okay=False, exists=True))
 @click.option("--study", required=True, metavar="NAME", help="The study to send to.")
 @click.option("--to", "dest", required=True, metavar="DEST",

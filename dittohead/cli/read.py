@@ -7,7 +7,6 @@ import sys
 import click
 
 from dittohead.cli.base import (
-    cli,
     json_option,
     open_store,
     print_json,
@@ -28,7 +27,7 @@ def _open(store: str, study: str) -> Store:
     return st
 
 
-@cli.command("log")
+@click.command("log")
 @store_option
 @study_option
 @json_option
@@ -53,7 +52,7 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
                    f"{human_bytes(s.size):>10}  {s.new_versions:>5}  {s.name}")
 
 
-@cli.command()
+@click.command()
 @store_option
 @study_option
 @click.argument("path")
@@ -76,7 +75,7 @@ def versions(store: str, study: str, path: str, as_json: bool) -> None:
                    f"{v.hash.hex()[:16]}  #{v.seq}")
 
 
-@cli.command()
+@click.command()
 @store_option
 @study_option
 @click.argument("path")
@@ -96,7 +95,7 @@ def cat(store: str, study: str, path: str, version: int | None) -> None:
     out.flush()
 
 
-@cli.command()
+@click.command()
 @store_option
 @study_option
 @click.argument("dest", type=click.Path(file_okay=False))

@@ -31,6 +31,29 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+def _sqlite_file_intact(path: str) -> bool:
+    """A cheap look at an SQLite file's header: its magic, and (with no WAL pending) its size
+    against the page count it declares. A missing or empty file is fine: it is created anew."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return True
+    if size == 0:
+        return True
+    if len(header) < 100 or header[:16] != b"SQLite format 3\x00":
+        return False
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    try:
+        wal = os.path.getsize(path + "-wal")
+    except OSError:
+        wal = 0
+    return wal > 0 or pages == 0 or page_size * pages == size
+
+
 def pack_key(pid: bytes) -> str:
     h = pid.hex()
     return f"packs/{h[:2]}/{h}{fmt.PACK_SUFFIX}"
@@ -69,8 +92,10 @@ class Store:
         if self._index is None:
             idx: Index | None = None
             try:
+                if not _sqlite_file_intact(self.root.index_path):
+                    raise sqlite3.DatabaseError("truncated, or not an SQLite file")
                 idx = Index(self.root.index_path)
-                if not idx.schema_ok or idx.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                if not idx.schema_ok:
                     idx.close()
                     idx = None
             except sqlite3.DatabaseError as e:
