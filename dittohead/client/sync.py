@@ -340,6 +340,9 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
                 size, mtime_ns, mode = st.st_size, st.st_mtime_ns, sf.mode
             else:
                 c = cached[sf.path]
+                if last_sent.get(sf.path) == c.hash:
+                    summary.unchanged += 1
+                    continue
                 fhash, chunks = c.hash, unpack_chunk_list(c.chunks)
                 size, mtime_ns, mode = sf.size, sf.mtime_ns, sf.mode
             prev = last_sent.get(sf.path)
