@@ -15,7 +15,6 @@ This module imports no FUSE and no transport.
 from __future__ import annotations
 
 import bisect
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -209,4 +208,4 @@ def version_os_mtime(version: Version) -> float:
     return version.mtime_ns / 1e9 if version.mtime_ns > 0 else version.ingested_ns / 1e9
 
 
-__all__ = ["Dir", "File", "FileReader", "StoreView", "StudyView", "os", "version_name"]
+__all__ = ["Dir", "File", "FileReader", "StoreView", "StudyView", "version_name"]

@@ -1,6 +1,6 @@
 """The client's local state: a SQLite cache per machine, keyed by destination and study.
 
-It remembers what each file looked like when last read (size, mtime_ns, inode -> hash and
+It remembers what each file looked like when last read (size, mtime_ns, ctime_ns, inode -> hash and
 chunks), what this client has told the server (per path, the content hash and the submission),
 the submissions it made and their state, the have-segments it has read, and the packs already
 complete in an unfinished staging folder. Losing it costs time, never correctness: the server
@@ -18,7 +18,7 @@ import platformdirs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
-    dest TEXT, study TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, ino INTEGER,
+    dest TEXT, study TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER,
     hash BLOB, chunks BLOB, PRIMARY KEY (dest, study, path)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subs (
     dest TEXT, study TEXT, name TEXT, state TEXT, created_ns INTEGER, local_seq INTEGER,
@@ -51,6 +51,7 @@ def state_dir() -> str:
 class CachedFile:
     size: int
     mtime_ns: int
+    ctime_ns: int
     ino: int
     hash: bytes
     chunks: bytes
@@ -61,6 +62,9 @@ class StateCache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
+        cols = [r[1] for r in self.db.execute("PRAGMA table_info(files)")]
+        if cols and "ctime_ns" not in cols:  # a cache from before ctime was kept: re-read files once
+            self.db.execute("DROP TABLE files")
         self.db.executescript(SCHEMA)
         self.key = (dest, study)
 
@@ -73,12 +77,14 @@ class StateCache:
     # -- files as last read
     def load_files(self) -> dict[str, CachedFile]:
         return {r[0]: CachedFile(*r[1:]) for r in self.db.execute(
-            "SELECT path, size, mtime_ns, ino, hash, chunks FROM files WHERE dest=? AND study=?", self.key)}
+            "SELECT path, size, mtime_ns, ctime_ns, ino, hash, chunks FROM files WHERE dest=? AND study=?",
+            self.key)}
 
     def put_files(self, rows: list[tuple[str, CachedFile]]) -> None:
         with self.transaction():
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                ((*self.key, p, f.size, f.mtime_ns, f.ino, f.hash, f.chunks) for p, f in rows))
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                ((*self.key, p, f.size, f.mtime_ns, f.ctime_ns, f.ino, f.hash, f.chunks)
+                                 for p, f in rows))
 
     # -- what the server was told
     def last_sent(self) -> dict[str, bytes]:

@@ -41,6 +41,7 @@ class SourceFile:
     os_path: str
     size: int
     mtime_ns: int
+    ctime_ns: int
     ino: int
     mode: int
 
@@ -139,7 +140,8 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> Ite
             if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:
                 counts.too_new += 1
                 continue
-            yield SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ino, stat.S_IMODE(st.st_mode))
+            yield SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                             stat.S_IMODE(st.st_mode))
 
     st = os.stat(source)
     if not stat.S_ISDIR(st.st_mode):

@@ -35,7 +35,7 @@ from dittohead.hashing import EMPTY_HASH, blake3
 from dittohead.store.index import pack_chunk_list, unpack_chunk_list
 from dittohead.units import human_bytes, plural
 
-RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime tick
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within its timestamps' tick
 
 
 @dataclass(frozen=True)
@@ -375,7 +375,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
 
     def needs_read(sf: SourceFile) -> bool:
         c = cached.get(sf.path)
-        if c is None or (c.size, c.mtime_ns, c.ino) != (sf.size, sf.mtime_ns, sf.ino):
+        if c is None or (c.size, c.mtime_ns, c.ctime_ns, c.ino) != (sf.size, sf.mtime_ns, sf.ctime_ns, sf.ino):
             return True
         if last_sent.get(sf.path) == c.hash:
             return False
@@ -402,8 +402,10 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
                     continue
                 fhash, chunks, st = got
                 summary.bytes_read += st.st_size
-                mtime = st.st_mtime_ns if start_ns - st.st_mtime_ns > RACY_NS else -1
-                batch.append((sf.path, cc.CachedFile(st.st_size, mtime, st.st_ino, fhash, pack_chunk_list(chunks))))
+                racy = start_ns - max(st.st_mtime_ns, st.st_ctime_ns) <= RACY_NS
+                mtime = -1 if racy else st.st_mtime_ns
+                batch.append((sf.path, cc.CachedFile(st.st_size, mtime, st.st_ctime_ns, st.st_ino, fhash,
+                                                     pack_chunk_list(chunks))))
                 if len(batch) >= 1000:
                     cache.put_files(batch)
                     batch = []

@@ -24,7 +24,7 @@ from typing import Callable
 from dittohead import format as fmt
 from dittohead import fsutil, pack, records
 from dittohead import manifest as mf
-from dittohead.errors import FormatError, IntegrityError
+from dittohead.errors import FormatError
 from dittohead.hashing import blake3
 from dittohead.store.index import Index
 from dittohead.store.repo import Store, manifest_key
@@ -323,4 +323,4 @@ def check(store: Store, *, read_data: bool = False,
     return findings, c.stats
 
 
-__all__ = ["DAMAGE", "REPAIRED", "WARNING", "Checker", "Finding", "IntegrityError", "check"]
+__all__ = ["DAMAGE", "REPAIRED", "WARNING", "Checker", "Finding", "check"]

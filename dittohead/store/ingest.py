@@ -34,7 +34,6 @@ from dittohead import format as fmt
 from dittohead import fsutil, pack, records, studylog
 from dittohead import manifest as mf
 from dittohead.errors import (
-    DittoheadError,
     FormatError,
     IntegrityError,
     LockedError,
@@ -496,10 +495,3 @@ class Ingestor:
         fsutil.fsync_dir(box.failed)
         log.info("rejected %s/%s: %s", box.name, name, reason)
         return IngestResult(box.name, name, False, reason=reason)
-
-
-def ingest_once(store: Store, on_result: Callable[[IngestResult], None] | None = None) -> list[IngestResult]:
-    return Ingestor(store).run_once(on_result)
-
-
-__all__ = ["DittoheadError", "IngestResult", "Ingestor", "ingest_once"]

@@ -86,6 +86,12 @@ class Store:
             self._index.close()
             self._index = None
 
+    def __enter__(self) -> Store:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- the index, always caught up with the logs
     @property
     def index(self) -> Index:
