@@ -305,6 +305,18 @@ def parse_submission(text: str) -> str | None:
     return None
 
 
+def invoke(*args: Any) -> Result:
+    """Run the CLI in-process with these arguments (paths allowed); never raises."""
+    return CliRunner().invoke(cli, [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
+
+
+def ok(*args: Any) -> Result:
+    """Run the CLI in-process and insist on exit 0."""
+    res = invoke(*args)
+    assert res.exit_code == 0, (args, res.exit_code, res.output, res.exception)
+    return res
+
+
 # -- fixtures ------------------------------------------------------------------------------
 
 

@@ -30,10 +30,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import invoke, ok
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +41,6 @@ from dittohead import format as fmt
 from dittohead import pack as packfmt
 from dittohead import studylog
 from dittohead.chunking import Chunker
-from dittohead.cli import cli
 
 STUDY = "s"
 KiB = 1024
@@ -51,20 +50,7 @@ DATA_SAMPLES = 200
 Key = tuple[str, str, int]  # (study, path, version)
 
 
-@pytest.fixture(autouse=True)
-def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "client-state"))
-    monkeypatch.delenv("DITTOHEAD_STORE", raising=False)
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(cli, [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
-
-
-def ok(*args: Any) -> Result:
-    res = invoke(*args)
-    assert res.exit_code == 0, (args, res.exit_code, res.output, res.exception)
-    return res
+# The state dir is isolated by conftest's autouse fixture; invoke and ok come from there.
 
 
 def fsck(root: Path, *extra: str) -> tuple[int, dict]:

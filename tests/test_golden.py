@@ -19,12 +19,9 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
-
-from dittohead.cli import cli
+from conftest import invoke, ok
 
 DATA = Path(__file__).resolve().parent / "data"
 TARBALL = DATA / "golden-v1.tar.gz"
@@ -32,20 +29,7 @@ EXPECTED = json.loads((DATA / "golden-v1.json").read_text(encoding="utf-8"))
 STUDY = EXPECTED["study"]
 
 
-@pytest.fixture(autouse=True)
-def _own_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "client-state"))
-    monkeypatch.delenv("DITTOHEAD_STORE", raising=False)
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(cli, [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
-
-
-def ok(*args: Any) -> Result:
-    res = invoke(*args)
-    assert res.exit_code == 0, (args, res.exit_code, res.output, res.exception)
-    return res
+# The state dir is isolated by conftest's autouse fixture; invoke and ok come from there.
 
 
 def unpack(dest: Path) -> Path:
