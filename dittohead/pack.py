@@ -45,9 +45,6 @@ class PackWriter:
         self._hasher.update(data)
         self._offset += len(data)
 
-    def __contains__(self, chunk_id: bytes) -> bool:
-        return chunk_id in self._ids
-
     @property
     def data_size(self) -> int:
         return self._offset - fmt.PACK_HEADER.size

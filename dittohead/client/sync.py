@@ -412,15 +412,14 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
                 size, mtime_ns, mode = st.st_size, st.st_mtime_ns, sf.mode
             else:
                 c = cached[sf.path]
-                if last_sent.get(sf.path) == c.hash:
-                    summary.unchanged += 1
-                    continue
-                fhash, chunks = c.hash, unpack_chunk_list(c.chunks)
+                fhash, chunks = c.hash, None  # unpacked only if the file is sent
                 size, mtime_ns, mode = sf.size, sf.mtime_ns, sf.mode
             prev = last_sent.get(sf.path)
             if prev == fhash:
                 summary.unchanged += 1
                 continue
+            if chunks is None:
+                chunks = unpack_chunk_list(cached[sf.path].chunks)
             if prev is None:
                 summary.new += 1
             else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dittohead.manifest import Manifest
@@ -128,10 +128,16 @@ class Index:
         q = self.db.execute
         return {cid for cid in ids if q("SELECT 1 FROM chunks WHERE id=?", (cid,)).fetchone()}
 
-    def study_holds(self, study: str, ids: Iterable[bytes]) -> set[bytes]:
+    def study_holds(self, study: str, ids: Iterable[bytes]) -> dict[bytes, int]:
+        """Of ``ids``, those the study holds, with their stored lengths."""
         q = self.db.execute
-        return {cid for cid in ids
-                if q("SELECT 1 FROM study_chunks WHERE study=? AND id=?", (study, cid)).fetchone()}
+        out = {}
+        for cid in ids:
+            row = q("SELECT c.length FROM study_chunks s JOIN chunks c ON c.id = s.id "
+                    "WHERE s.study=? AND s.id=?", (study, cid)).fetchone()
+            if row:
+                out[cid] = row[0]
+        return out
 
     def add_chunks(self, rows: Iterable[tuple[bytes, bytes, int, int]]) -> None:
         """(id, pack, offset, length) rows; the first location of a chunk is kept."""
@@ -145,9 +151,6 @@ class Index:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-
-    def iter_chunks(self) -> Iterator[tuple[bytes, bytes, int, int]]:
-        yield from self.db.execute("SELECT id, pack, offset, length FROM chunks ORDER BY id")
 
     # -- studies and history
     def last_seq(self, study: str) -> int:
@@ -208,10 +211,6 @@ class Index:
         """The chunks study first held with submission ``seq`` (its have-segment)."""
         return [r[0] for r in self.db.execute(
             "SELECT id FROM study_chunks WHERE study=? AND seq=? ORDER BY id", (study, seq))]
-
-    def chunk_length(self, cid: bytes) -> int | None:
-        row = self.db.execute("SELECT length FROM chunks WHERE id=?", (cid,)).fetchone()
-        return row[0] if row else None
 
     def version_chunks(self, study: str, path: str, n: int) -> bytes | None:
         row = self.db.execute("SELECT chunks FROM versions WHERE study=? AND path=? AND n=?",

@@ -68,7 +68,6 @@ class StorePackWriter:
         self.done: list[tuple[bytes, str, list[pack.PackEntry]]] = []  # (pack id, tmp path, entries)
         self._cur: tuple[str, BinaryIO, pack.PackWriter] | None = None
         self.ids: set[bytes] = set()
-        self.bytes = 0
         # Finished packs are fsynced by one worker thread while verification goes on.
         self._pool: ThreadPoolExecutor | None = None
         self._syncing: list[Future[None]] = []
@@ -81,7 +80,6 @@ class StorePackWriter:
             self._cur = (path, f, pack.PackWriter(f))
         self._cur[2].add(cid, data)
         self.ids.add(cid)
-        self.bytes += len(data)
         if self._cur[2].full():
             self._close_current()
 
@@ -346,10 +344,10 @@ class Ingestor:
                 if referenced.setdefault(cid, length) != length:
                     raise _reject(f"chunk {cid.hex()} is listed with two different lengths")
         held = idx.study_holds(box.name, referenced)
-        for cid in held:
-            if idx.chunk_length(cid) != referenced[cid]:
+        for cid, length in held.items():
+            if length != referenced[cid]:
                 raise _reject(f"chunk {cid.hex()}: length {referenced[cid]} differs from the stored chunk's")
-        needed = set(referenced) - held
+        needed = set(referenced) - held.keys()
         to_write = needed - idx.has_chunks(needed)
 
         writer = StorePackWriter(self.store)

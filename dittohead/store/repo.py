@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
 
 from dittohead import format as fmt
 from dittohead import fsutil, pack, records, studylog
 from dittohead import manifest as mf
 from dittohead.errors import FormatError, IntegrityError, StoreError
 from dittohead.hashing import blake3
-from dittohead.store.index import Index, unpack_chunk_list
+from dittohead.store.index import Index
 from dittohead.store.layout import ServerRoot
 from dittohead.store.objects import LocalObjectStore, ObjectStore
 
@@ -246,10 +245,3 @@ class Store:
             log.error("chunk %s in pack %s does not match its id", cid.hex(), pid.hex())
             raise IntegrityError(f"chunk {cid.hex()} in pack {pid.hex()} does not match its id")
         return data
-
-    def iter_content(self, chunks_blob: bytes) -> Iterator[bytes]:
-        for cid, length in unpack_chunk_list(chunks_blob):
-            data = self.read_chunk(cid)
-            if len(data) != length:
-                raise IntegrityError(f"chunk {cid.hex()} has length {len(data)}, manifest says {length}")
-            yield data
