@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Protocol
 
-from pyfastcdc import FastCDC
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
+
 
 from dittohead import format as fmt
 from dittohead.hashing import blake3
+
+
+class Stream(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+    def readinto(self, b: memoryview, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class Chunk:
 
 
 def make_chunker() -> FastCDC:
+    from pyfastcdc import FastCDC  # here: only files larger than one chunk need it
+
     return FastCDC(
         fmt.CHUNK_AVG,
         min_size=fmt.CHUNK_MIN,
@@ -52,7 +61,13 @@ class Chunker:
     """Cuts files into chunks; reuse one instance for many files (not thread-safe)."""
 
     def __init__(self) -> None:
-        self._cdc = make_chunker()
+        self._made: FastCDC | None = None
+
+    @property
+    def _cdc(self) -> FastCDC:
+        if self._made is None:
+            self._made = make_chunker()
+        return self._made
 
     def cut_bytes(self, data: bytes | bytearray | memoryview) -> Iterator[Chunk]:
         """Cut an in-memory buffer (used by tests and by small files)."""
@@ -66,7 +81,7 @@ class Chunker:
             b = bytes(c.data)
             yield Chunk(blake3(b).digest(), b)
 
-    def cut_stream(self, f: BinaryIO, size_hint: int) -> Iterator[Chunk]:
+    def cut_stream(self, f: Stream, size_hint: int) -> Iterator[Chunk]:
         """Cut an open binary file; ``size_hint`` (from fstat) picks the small-file fast path.
 
         A yielded chunk's data is only valid until the next one is cut. The whole-file hash is the caller's to compute
@@ -77,13 +92,32 @@ class Chunker:
             if len(data) <= fmt.CHUNK_MIN:
                 yield from self.cut_bytes(data)
                 return
-            # The file grew past the minimum between stat and read: fall through and cut it.
-            f.seek(0)
+            # The file grew past the minimum between stat and read: cut it, bytes read first.
+            f = _Prepended(data, f)
         for c in self._cdc.cut_stream(f):
             yield Chunk(blake3(c.data).digest(), c.data)
 
 
-def _read_up_to(f: BinaryIO, n: int) -> bytes:
+class _Prepended:
+    """A stream that serves ``head`` and then the rest of ``f``."""
+
+    def __init__(self, head: bytes, f: Stream) -> None:
+        self.head, self.f = memoryview(head), f
+
+    def readinto(self, b: memoryview) -> int:
+        if not self.head:
+            return self.f.readinto(b)
+        n = min(len(b), len(self.head))
+        b[:n] = self.head[:n]
+        self.head = self.head[n:]
+        return n
+
+    def read(self, n: int) -> bytes:
+        out = bytearray(n)
+        return bytes(out[: self.readinto(memoryview(out))])
+
+
+def _read_up_to(f: Stream, n: int) -> bytes:
     """Read ``n`` bytes or to the end: an unbuffered read (a network share) may return fewer."""
     parts, got = [], 0
     while got < n:

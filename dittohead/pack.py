@@ -11,9 +11,9 @@ whole bytes; client uploads and server-written store packs share this one format
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from dittohead import codec
 from dittohead import format as fmt
@@ -29,12 +29,18 @@ class PackEntry:
     codec: int = fmt.CODEC_RAW
 
 
+class Sink(Protocol):
+    def write(self, data: bytes | memoryview, /) -> int: ...
+
+
 class PackWriter:
     """Writes one pack to a binary file, sequentially; ``finish`` returns the pack id."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: Sink) -> None:
         self._f = f
-        self._hasher = blake3()
+        # A sink that hashes what it writes (directio.Writer, off this thread) gives the pack id.
+        self._sink_digest: Callable[[], bytes] | None = getattr(f, "digest", None)
+        self._hasher = None if self._sink_digest else blake3()
         self._entries: list[PackEntry] = []
         self._offset = 0
         self._ids: set[bytes] = set()
@@ -42,7 +48,8 @@ class PackWriter:
 
     def _write(self, data: bytes | memoryview) -> None:
         self._f.write(data)
-        self._hasher.update(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
         self._offset += len(data)
 
     @property
@@ -75,6 +82,9 @@ class PackWriter:
         trailer = encode_trailer(self._entries)
         self._write(trailer)
         self._write(fmt.PACK_FOOTER.pack(len(trailer), blake3(trailer).digest(), fmt.PACK_MAGIC))
+        if self._sink_digest is not None:
+            return self._sink_digest(), self._offset
+        assert self._hasher is not None
         return self._hasher.digest(), self._offset
 
 
@@ -173,3 +183,29 @@ def iter_verified(f: BinaryIO, entries: list[PackEntry], *, what: str) -> Iterat
         if len(data) != entry.length or blake3(data).digest() != entry.id:
             raise IntegrityError(f"{what}: chunk {entry.id.hex()} at offset {entry.offset} does not match its id")
         yield entry, data
+
+
+class Stream(Protocol):
+    def readinto(self, b: memoryview, /) -> int: ...
+
+
+def iter_verified_stream(r: Stream, entries: list[PackEntry], *, what: str) -> Iterator[tuple[PackEntry, memoryview]]:
+    """``iter_verified`` from a stream at the pack's start; each chunk's bytes are only valid
+    until the next is read (one buffer serves them all)."""
+    view = memoryview(bytearray(max([fmt.PACK_HEADER.size, *(e.length for e in entries)])))
+    _read_exactly(r, view[: fmt.PACK_HEADER.size])  # the header, checked by read_entries
+    for entry in entries:
+        data = view[: entry.length]
+        if _read_exactly(r, data) != entry.length or blake3(data).digest() != entry.id:
+            raise IntegrityError(f"{what}: chunk {entry.id.hex()} at offset {entry.offset} does not match its id")
+        yield entry, data
+
+
+def _read_exactly(r: Stream, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = r.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got

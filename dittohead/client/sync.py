@@ -13,19 +13,16 @@
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
-import secrets
-import socket
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from dittohead import directio, pack, records
 from dittohead import format as fmt
 from dittohead import manifest as mf
-from dittohead import pack, records
 from dittohead.chunking import Chunk, Chunker
 from dittohead.client import cache as cc
 from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
@@ -105,7 +102,7 @@ class SyncSummary:
 
 
 def new_submission_name() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(6).hex()
 
 
 class _Uploader:
@@ -135,7 +132,7 @@ class _Uploader:
         if self.writer is None:
             self.ensure_staging()
             self.upload = self.t.open_upload(self.study, self.name)
-            self.writer = pack.PackWriter(self.upload)  # type: ignore[arg-type]
+            self.writer = pack.PackWriter(self.upload)
         self.writer.add(chunk.id, chunk.data)
         if self.writer.full():
             self.flush()
@@ -253,26 +250,17 @@ def _resume_staging(t: Transport, cache: cc.StateCache, study: str) -> tuple[str
 
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-PREFETCH_THREADS = 8  # small files are read ahead, several at once: a cold disk serves them faster
+PREFETCH_THREADS = 4  # small files are read ahead, several at once: a cold disk serves them faster
 PREFETCH_WINDOW = 64  # files read ahead at most (each at most CHUNK_MIN bytes: 16 MiB in all)
 
-Slurped = tuple[bytes, os.stat_result, os.stat_result]
+Slurped = tuple[bytes, bytes, os.stat_result, os.stat_result]  # data, BLAKE3 of it, stat before, after
 
 
 def _slurp(path: str) -> Slurped:
-    """A small file's bytes (at most CHUNK_MIN + 1 of them) with its stat before and after."""
-    fd = os.open(path, _OPEN_FLAGS)
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        st = os.fstat(fd)
-        parts, got = [], 0
-        while got <= fmt.CHUNK_MIN:
-            b = f.read(fmt.CHUNK_MIN + 1 - got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-        st2 = os.fstat(fd)
-    return b"".join(parts), st, st2
+    """A small file's bytes (at most CHUNK_MIN + 1 of them), their hash, and its stat before and
+    after. Hashed here, on the reading thread: a small file's hash is its one chunk's id."""
+    data, st, st2 = directio.read_small(path, _OPEN_FLAGS, fmt.CHUNK_MIN)
+    return data, blake3(data).digest(), st, st2
 
 
 class _Prefetcher:
@@ -302,17 +290,16 @@ class _Prefetcher:
             self.pool = None
 
 
-def _read_small(got: Slurped, chunker: Chunker, on_chunk: Callable[[Chunk], None],
+def _read_small(got: Slurped, on_chunk: Callable[[Chunk], None],
                 progress: Progress) -> tuple[bytes, list[tuple[bytes, int]], os.stat_result] | None:
-    data, st, st2 = got
+    data, digest, st, st2 = got
     if len(data) != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
         return None
-    chunks = []
-    for c in chunker.cut_bytes(data):
-        chunks.append((c.id, c.length))
-        on_chunk(c)
     progress.advance(len(data))
-    return (chunks[0][0] if chunks else EMPTY_HASH), chunks, st
+    if not data:
+        return EMPTY_HASH, [], st
+    on_chunk(Chunk(digest, data))  # a file of one chunk: the chunk's id is the file's hash
+    return digest, [(digest, len(data))], st
 
 
 def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
@@ -322,11 +309,11 @@ def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
     if prefetched is not None:
         got = prefetched.result()
         if len(got[0]) <= fmt.CHUNK_MIN:
-            return _read_small(got, chunker, on_chunk, progress)
+            return _read_small(got, on_chunk, progress)
         # It grew past one chunk since the scan: read it as a large file.
-    fd = os.open(sf.os_path, _OPEN_FLAGS)
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        st = os.fstat(fd)
+    f = directio.Reader(directio.open_fd(sf.os_path, _OPEN_FLAGS))
+    try:
+        st = os.fstat(f.fd)
         # A file of one chunk (up to CHUNK_MIN bytes) has its chunk id as its file hash.
         h = blake3() if st.st_size > fmt.CHUNK_MIN else None
         chunks: list[tuple[bytes, int]] = []
@@ -338,7 +325,9 @@ def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
             total += c.length
             on_chunk(c)
             progress.advance(c.length)
-        st2 = os.fstat(fd)
+        st2 = os.fstat(f.fd)
+    finally:
+        f.close()
     if total != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
         return None
     if h is not None:
@@ -448,6 +437,8 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
             cache.set_state(name, cc.LOST)
         return summary
 
+    import socket  # here: a sync with nothing to send should not pay for importing it
+
     m = mf.Manifest(opts.study, opts.site, _user(), socket.gethostname()[: fmt.TEXT_MAX], now_ns(), tuple(entries))
     data = mf.encode(m)
     up.ensure_staging()
@@ -466,5 +457,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
 
 def _user() -> str:
     with contextlib.suppress(Exception):
+        import getpass
+
         return getpass.getuser()[: fmt.TEXT_MAX]
     return "unknown"

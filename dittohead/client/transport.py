@@ -15,8 +15,8 @@ import shutil
 import stat
 from typing import Protocol
 
+from dittohead import directio, fsutil
 from dittohead import format as fmt
-from dittohead import fsutil
 from dittohead.errors import NotFound, TransportError
 
 STAGING_DIR_MODE = 0o750
@@ -54,23 +54,28 @@ class Upload(Protocol):
 
 
 class LocalUpload:
+    """Written around the page cache where the share allows (``directio``): a pack is read by
+    the server once, and the collector's machine keeps its cache for its own programs."""
+
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.tmp = fsutil.tmp_name(directory, "upload-")
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), STAGING_FILE_MODE)
-        self.f = os.fdopen(fd, "wb")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        self.w = directio.Writer(directio.open_fd(self.tmp, flags, STAGING_FILE_MODE), hashed=True)
 
     def write(self, data: bytes | memoryview) -> int:
-        return self.f.write(data)
+        return self.w.write(data)
+
+    def digest(self) -> bytes:
+        """BLAKE3 of what was written (the pack id), hashed off the caller's thread."""
+        return self.w.digest()
 
     def finish(self, filename: str) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self.w.finish()
         os.replace(self.tmp, os.path.join(self.directory, filename))
 
     def abort(self) -> None:
-        self.f.close()
+        self.w.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 

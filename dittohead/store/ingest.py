@@ -30,8 +30,8 @@ from typing import BinaryIO, Callable
 
 import filelock
 
+from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
-from dittohead import fsutil, pack, records, studylog
 from dittohead import manifest as mf
 from dittohead.errors import (
     FormatError,
@@ -43,6 +43,7 @@ from dittohead.errors import (
 from dittohead.hashing import blake3
 from dittohead.store.index import pack_chunk_list
 from dittohead.store.layout import StudyDropbox
+from dittohead.store.objects import TmpFile
 from dittohead.store.repo import Store, log_key, manifest_key, pack_key
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,13 @@ class StorePackWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.done: list[tuple[bytes, str, list[pack.PackEntry]]] = []  # (pack id, tmp path, entries)
-        self._cur: tuple[str, BinaryIO, pack.PackWriter] | None = None
+        self._cur: tuple[str, TmpFile, pack.PackWriter] | None = None
         self.ids: set[bytes] = set()
         # Finished packs are fsynced by one worker thread while verification goes on.
         self._pool: ThreadPoolExecutor | None = None
         self._syncing: list[Future[None]] = []
 
-    def add(self, cid: bytes, data: bytes) -> None:
+    def add(self, cid: bytes, data: bytes | memoryview) -> None:
         if cid in self.ids:
             return
         if self._cur is None:
@@ -87,10 +88,9 @@ class StorePackWriter:
         assert self._cur is not None
         path, f, w = self._cur
         pid, _ = w.finish()
-        f.flush()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-ingest")
-        self._syncing.append(self._pool.submit(_fsync_close, f))
+        self._syncing.append(self._pool.submit(f.finish))
         self.done.append((pid, path, w.entries))
         self._cur = None
 
@@ -125,13 +125,6 @@ class StorePackWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.done = []
-
-
-def _fsync_close(f: BinaryIO) -> None:
-    try:
-        os.fsync(f.fileno())
-    finally:
-        f.close()
 
 
 @dataclass
@@ -360,11 +353,18 @@ class Ingestor:
                 ppath = os.path.join(path, pname)
                 with _open_untrusted(ppath) as f:
                     entries = pack.read_entries(f, what=f"pack {pname}")
-                    for pe, chunk in pack.iter_verified(f, entries, what=f"pack {pname}"):
-                        plan.carried.setdefault(pe.id, (ppath, pe.offset, pe.length))
-                        hashing.feed(pe.id, chunk)
-                        if pe.id in to_write:
-                            writer.add(pe.id, chunk)
+                    # The data is read once: around the page cache where the filesystem allows.
+                    fd = os.dup(f.fileno())
+                    directio.enable(fd)
+                    r = directio.Reader(fd)
+                    try:
+                        for pe, chunk in pack.iter_verified_stream(r, entries, what=f"pack {pname}"):
+                            plan.carried.setdefault(pe.id, (ppath, pe.offset, pe.length))
+                            hashing.feed(pe.id, chunk)
+                            if pe.id in to_write:
+                                writer.add(pe.id, chunk)
+                    finally:
+                        r.close()
             for cid in needed:
                 if cid not in plan.carried:
                     raise _reject(f"chunk {cid.hex()} is neither held by study {box.name!r} nor carried by this submission")

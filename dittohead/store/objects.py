@@ -14,8 +14,16 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
-from dittohead import fsutil
+from dittohead import directio, fsutil
 from dittohead.errors import StoreError
+
+
+class TmpFile(Protocol):
+    """A new local file being written for ``put_file``."""
+
+    def write(self, data: bytes | memoryview, /) -> int: ...
+    def finish(self) -> None: ...  # complete, fsynced and closed
+    def close(self) -> None: ...  # abandoned
 
 
 class ObjectStore(Protocol):
@@ -27,7 +35,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[str]: ...
     def put_bytes(self, key: str, data: bytes) -> bool: ...
     def put_file(self, key: str, tmp_path: str) -> bool: ...
-    def new_tmp(self) -> tuple[str, BinaryIO]: ...
+    def new_tmp(self) -> tuple[str, TmpFile]: ...
     def append(self, key: str, data: bytes, *, create_with: bytes = b"") -> None: ...
     def truncate_torn(self, key: str, good_size: int) -> bytes: ...
 
@@ -82,11 +90,13 @@ class LocalObjectStore:
             os.makedirs(parent, mode=0o700, exist_ok=True)
             fsutil.fsync_dir(os.path.dirname(parent))
 
-    def new_tmp(self) -> tuple[str, BinaryIO]:
+    def new_tmp(self) -> tuple[str, TmpFile]:
+        """A temporary file for ``put_file``, written around the page cache (``directio``):
+        a new pack is read again only by fsck and by reads long after."""
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
         path = fsutil.tmp_name(self.tmp_dir)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return path, os.fdopen(fd, "wb")
+        fd = directio.open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return path, directio.Writer(fd, hashed=True)
 
     def put_file(self, key: str, tmp_path: str) -> bool:
         """Move a finished (already fsynced) temporary file into place; False if it existed."""
