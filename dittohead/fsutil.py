@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -30,7 +29,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def tmp_name(directory: str | os.PathLike[str], hint: str = "") -> str:
-    return os.path.join(directory, f".tmp-{hint}{secrets.token_hex(8)}")
+    return os.path.join(directory, f".tmp-{hint}{os.urandom(8).hex()}")
 
 
 def link_new(tmp: str, dest: str) -> bool:

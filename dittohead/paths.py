@@ -49,6 +49,32 @@ def check(path: object) -> str:
     return path
 
 
+def check_name(name: str, path: str) -> None:
+    """Check one component ``name`` of ``path``, whose folder was checked already (a scan checks
+    each name once, as it meets it, instead of every path from its root). Same rules and
+    messages as ``check``."""
+    if name in ("", ".", ".."):
+        raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
+    bad = _FORBIDDEN.search(name)
+    if bad:
+        c = bad.group()
+        what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
+        raise BadPath(f"path contains {what}: {path!r}")
+    if name.isascii():
+        size = len(name)
+    else:
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadPath(f"path is not valid Unicode: {path!r}") from None
+        if not unicodedata.is_normalized("NFC", name):
+            raise BadPath(f"path is not in Unicode NFC: {path!r}")
+    if size > fmt.NAME_MAX_BYTES:
+        raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {name[:80]!r}...")
+    if len(path) * 4 > fmt.PATH_MAX_BYTES and len(path.encode("utf-8", "surrogatepass")) > fmt.PATH_MAX_BYTES:
+        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {path[:80]!r}...")
+
+
 def check_tree(paths: list[str]) -> None:
     """No duplicates, and no path that is also a folder of another (a file cannot be both)."""
     seen: set[str] = set()

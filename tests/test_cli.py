@@ -286,6 +286,25 @@ def test_symlinks_and_fifos_are_skipped_and_counted(server: Server, tmp_path: Pa
     assert (outside / "secret.txt").read_bytes() == b"SECRET-OUTSIDE-THE-SOURCE"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="names with control characters and backslashes (POSIX)")
+def test_names_a_study_cannot_hold_are_skipped_and_counted(server: Server, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_file(src / "ok/a.txt", b"kept\n")
+    write_file(src / "ok/tab\there.txt", b"control character")
+    write_file(src / "back\\slash/inner.txt", b"in a folder whose name has a backslash")
+    write_file(src / ("x" * 200) / ("y" * 200) / ("z" * 200) / "deep.txt", b"fine: each name is short")
+    cp = server.proc(*server.sync_args(src), timeout=60)
+    assert cp.returncode == 0, describe(cp)
+    summary = cp.stdout.decode() + cp.stderr
+    assert "tab\\there.txt" in summary and "back\\\\slash" in summary, summary
+    assert skipped_count(summary) == 2, summary  # the bad file, and the bad folder once
+    server.ingest()
+    assert server.cat("ok/a.txt") == b"kept\n"
+    assert server.cat("/".join(("x" * 200, "y" * 200, "z" * 200, "deep.txt"))) == b"fine: each name is short"
+    for path in ("ok/tab\there.txt", "back\\slash/inner.txt"):
+        assert server.run("versions", "--store", server.root, "--study", "s", path, "--json").exit_code == 1
+
+
 def skipped_count(summary: str) -> int:
     """The total of the counts in the summary's "skipped: 2 symlinks, 1 special file" part."""
     match = re.search(r"skipped:?([^\n]*)", summary, re.IGNORECASE)

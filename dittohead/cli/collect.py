@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 
@@ -16,6 +15,7 @@ from dittohead.client.sync import NoProgress, Progress, SyncOptions
 from dittohead.client.sync import sync as run_sync
 from dittohead.client.transport import open_transport
 from dittohead.errors import LockedError, UsageError
+from dittohead.hashing import blake3
 from dittohead.store.layout import check_study_name
 
 
@@ -79,7 +79,7 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
     if any(ord(c) < 32 for c in opts.site) or len(opts.site) > 256:
         raise UsageError("--site: at most 256 printable characters")
     sdir = state_dir()
-    digest = hashlib.sha256(f"{key}\0{study}".encode()).hexdigest()[:24]
+    digest = blake3(f"{key}\0{study}".encode()).hexdigest()[:24]
     os.makedirs(os.path.join(sdir, "locks"), exist_ok=True)
     lock = filelock.FileLock(os.path.join(sdir, "locks", f"{digest}.lock"))
     try:

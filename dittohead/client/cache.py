@@ -14,8 +14,6 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import platformdirs
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     dest TEXT, study TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER,
@@ -44,7 +42,11 @@ LOST = "lost"  # gone from the inbox with no receipt: rejected (its files will b
 
 
 def state_dir() -> str:
-    return os.environ.get("DITTOHEAD_STATE_DIR") or platformdirs.user_data_dir("dittohead", appauthor=False)
+    if os.environ.get("DITTOHEAD_STATE_DIR"):
+        return os.environ["DITTOHEAD_STATE_DIR"]
+    import platformdirs
+
+    return platformdirs.user_data_dir("dittohead", appauthor=False)
 
 
 @dataclass(frozen=True)

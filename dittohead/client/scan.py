@@ -11,8 +11,10 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 from dittohead import paths
 
@@ -35,8 +37,7 @@ class ScanCounts:
     problems: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):
     path: str  # study path: relative, POSIX, NFC
     os_path: str
     size: int
@@ -92,44 +93,87 @@ def selected(path: str, opts: ScanOptions) -> bool:
     return not any(matches(p, path) for p in opts.exclude)
 
 
-def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> Iterator[SourceFile]:
-    """Every selected regular file under ``source``, in a stable order."""
+LIST_THREADS = 8  # folders listed and stat'ed ahead at once: a cold disk answers a queue faster
+
+Listed = list[tuple[os.DirEntry[str], "os.stat_result | OSError"]]  # sorted by name
+
+
+def _list(dir_os: str) -> Listed:
+    """A folder's entries, sorted by name, each with its lstat (or the error getting it)."""
+    with os.scandir(dir_os) as it:
+        items = sorted(it, key=lambda e: e.name)
+    out: Listed = []
+    for e in items:
+        try:
+            out.append((e, e.stat(follow_symlinks=False)))
+        except OSError as err:
+            out.append((e, err))
+    return out
+
+
+def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
+    """Every selected regular file under ``source``, in a stable order (sorted by name, depth first).
+
+    This is most of a no-change sync, and most of that is waiting for a cold disk: folders are
+    listed and their entries stat'ed on threads, every subfolder queued as soon as its parent
+    is read. Each name is checked once, as it is met (its folder's path was checked already),
+    and an ASCII name skips normalisation.
+    """
+    if not stat.S_ISDIR(os.stat(source).st_mode):
+        raise NotADirectoryError(source)
+    out: list[SourceFile] = []
     seen: set[str] = set()
     min_age_ns = int(opts.min_age * 1e9)
+    filtered = bool(opts.include or opts.exclude)
+    S_IFMT, S_IFREG, S_IFDIR, S_IFLNK = stat.S_IFMT, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+    # The folders being gone through, innermost last: (study path, its entries, its subfolders' listings).
+    stack: list[tuple[str, Iterator[tuple[os.DirEntry[str], os.stat_result | OSError]], dict[str, Future[Listed]]]] = []
+    with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="dittohead-scan") as pool:
 
-    def walk(dir_os: str, rel: str) -> Iterator[SourceFile]:
-        try:
-            with os.scandir(dir_os) as it:
-                items = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            counts.unreadable += 1
-            counts.problems.append(f"{rel or '.'}: cannot list ({e.strerror})")
-            return
-        for item in items:
-            name = paths.normalize(item.name, os.sep)
-            rpath = f"{rel}/{name}" if rel else name
+        def enter(rel: str, fut: Future[Listed]) -> None:
             try:
-                st = item.stat(follow_symlinks=False)
-            except OSError as err:
+                listing = fut.result()
+            except OSError as e:
                 counts.unreadable += 1
-                counts.problems.append(f"{rpath}: cannot stat ({err.strerror})")
+                counts.problems.append(f"{rel or '.'}: cannot list ({e.strerror})")
+                return
+            subdirs = {item.path: pool.submit(_list, item.path) for item, st in listing
+                       if not isinstance(st, OSError) and S_IFMT(st.st_mode) == S_IFDIR}
+            stack.append((rel, iter(listing), subdirs))
+
+        enter("", pool.submit(_list, source))
+        while stack:
+            rel, items, subdirs = stack[-1]
+            nxt = next(items, None)
+            if nxt is None:
+                stack.pop()
                 continue
-            if stat.S_ISLNK(st.st_mode) or getattr(item, "is_junction", lambda: False)():
+            item, st = nxt
+            name = item.name
+            if not name.isascii() or os.sep != "/":
+                name = paths.normalize(name, os.sep)
+            rpath = f"{rel}/{name}" if rel else name
+            if isinstance(st, OSError):
+                counts.unreadable += 1
+                counts.problems.append(f"{rpath}: cannot stat ({st.strerror})")
+                continue
+            fmt_ = S_IFMT(st.st_mode)
+            if fmt_ == S_IFLNK or (is_junction is not None and is_junction(item)):
                 counts.symlinks += 1
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                yield from walk(item.path, rpath)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                counts.special += 1
-                continue
             try:
-                paths.check(rpath)
+                paths.check_name(name, rpath)
             except paths.BadPath as err:
                 counts.bad_names += 1
                 counts.problems.append(f"{rpath!r}: skipped, {err}")
                 continue
-            if not selected(rpath, opts):
+            if fmt_ == S_IFDIR:
+                enter(rpath, subdirs.pop(item.path))
+                continue
+            if fmt_ != S_IFREG:
+                counts.special += 1
+                continue
+            if filtered and not selected(rpath, opts):
                 counts.excluded += 1
                 continue
             if rpath in seen:
@@ -140,10 +184,9 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> Ite
             if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:
                 counts.too_new += 1
                 continue
-            yield SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                             stat.S_IMODE(st.st_mode))
+            out.append(SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                                  st.st_mode & 0o7777))
+    return out
 
-    st = os.stat(source)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(source)
-    yield from walk(source, "")
+
+is_junction = getattr(os.DirEntry, "is_junction", None)  # Windows junctions (Python 3.12+)
