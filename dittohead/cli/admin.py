@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,12 +16,12 @@ from dittohead.cli.base import (
     store_option,
 )
 from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE
-from dittohead.export import export_study
-from dittohead.store import fsck as fsck_mod
-from dittohead.store.ingest import Ingestor, IngestResult
 from dittohead.store.layout import ServerRoot, StudySettings, check_study_name
-from dittohead.store.repo import Store
 from dittohead.units import human_bytes, plural
+
+if TYPE_CHECKING:
+    from dittohead.store.ingest import Ingestor, IngestResult
+    from dittohead.store.repo import Store
 
 
 @click.command()
@@ -71,6 +72,14 @@ def watch(store: str, once: bool, interval: float) -> None:
     dropbox/NAME/failed/ with a REASON file and changes nothing. With --once, exits 1 if any
     submission was rejected.
     """
+    if once:
+        root = ServerRoot(store)
+        root.config()  # a usable server root, or a clear error
+        if not root.has_work():  # the common case for a timer-driven --once: answer fast
+            click.echo("watch: nothing to ingest")
+            return
+    from dittohead.store.ingest import Ingestor
+
     st = open_store(store)
     ingestor = Ingestor(st)
     if once:
@@ -88,6 +97,8 @@ def watch(store: str, once: bool, interval: float) -> None:
 
 def _ingest_and_export(st: Store, ingestor: Ingestor) -> list[IngestResult]:
     """One pass: ingest, then export each study that gained a submission and has a destination."""
+    from dittohead.export import export_study
+
     results = ingestor.run_once(_report)
     for name in sorted({r.study for r in results if r.ok}):
         dest = st.root.study_settings(name).export
@@ -109,6 +120,8 @@ def fsck(store: str, read_data: bool, as_json: bool) -> None:
     Always: pack trailers, study logs, manifests (every chunk present, right length), the index
     (rebuilt if it disagrees), folder modes. With --read-data: every stored byte.
     """
+    from dittohead.store import fsck as fsck_mod
+
     st = open_store(store)
     bar = None
     checker = fsck_mod.Checker(st, read_data=read_data)

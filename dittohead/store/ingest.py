@@ -216,7 +216,7 @@ class Ingestor:
         results: list[IngestResult] = []
         with self.locked():
             self._sweep_tmp()
-            if not any(self._has_work(self.root.dropbox(s)) for s in self.root.studies()):
+            if not self.root.has_work():
                 return results  # idle: not even the index needs opening
             self.store.catch_up()  # after a crash past a commit point
             for study in self.root.studies():
@@ -227,14 +227,6 @@ class Ingestor:
                     if on_result:
                         on_result(r)
         return results
-
-    @staticmethod
-    def _has_work(box: StudyDropbox) -> bool:
-        for folder in (box.processing, box.inbox):
-            with contextlib.suppress(FileNotFoundError), os.scandir(folder) as it:
-                if any(folder == box.processing or not e.name.startswith(fmt.STAGING_PREFIX) for e in it):
-                    return True
-        return False
 
     def _sweep_tmp(self) -> None:
         """Remove what an interrupted ingest left in store/tmp/ (never part of the store)."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -145,6 +146,16 @@ class ServerRoot:
             return []
         return sorted(n for n in os.listdir(self.dropbox_root) if fmt.STUDY_NAME_RE.match(n)
                       and os.path.isdir(os.path.join(self.dropbox_root, n)))
+
+    def has_work(self) -> bool:
+        """Is anything committed in an inbox, or left in processing/ by an interrupted ingest?"""
+        for study in self.studies():
+            box = self.dropbox(study)
+            for folder in (box.processing, box.inbox):
+                with contextlib.suppress(FileNotFoundError), os.scandir(folder) as it:
+                    if any(folder == box.processing or not e.name.startswith(fmt.STAGING_PREFIX) for e in it):
+                        return True
+        return False
 
     def require_study(self, study: str) -> StudyDropbox:
         box = self.dropbox(study)
