@@ -174,7 +174,7 @@ def read_small(path: str, flags: int, limit: int) -> tuple[bytes, os.stat_result
         with memoryview(buf) as view:
             got = 0
             while got < want:
-                n = _readinto(fd, view[got:])
+                n = _readinto(fd, view[got : round_up(want)])
                 if n <= 0:
                     break
                 got += n

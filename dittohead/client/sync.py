@@ -351,7 +351,6 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     if not opts.dry_run:
         _reconcile(t, cache, opts.study, summary)
     _refresh_have(t, cache, opts.study)
-    have = cache.have()
     name, staged_ids = (None, set()) if opts.dry_run else _resume_staging(t, cache, opts.study)
     staging_exists = name is not None
     name = name or new_submission_name()
@@ -360,7 +359,14 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     files = list(scan(opts.source, opts.scan, summary.counts, start_ns))
     cached = cache.load_files()
     last_sent = cache.last_sent()
-    skip = have | staged_ids
+    skip: set[bytes] | None = None  # chunks the server holds or this submission carries
+
+    def skip_set() -> set[bytes]:  # loaded only when some file may need sending
+        nonlocal skip
+        if skip is None:
+            skip = cache.have()
+            skip |= staged_ids
+        return skip
 
     def needs_read(sf: SourceFile) -> bool:
         c = cached.get(sf.path)
@@ -368,11 +374,12 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
             return True
         if last_sent.get(sf.path) == c.hash:
             return False
-        return any(cid not in skip for cid, _ in unpack_chunk_list(c.chunks))
+        held = skip_set()
+        return any(cid not in held for cid, _ in unpack_chunk_list(c.chunks))
 
     to_read = {sf.path for sf in files if needs_read(sf)}
     progress.start(sum(sf.size for sf in files if sf.path in to_read), len(to_read))
-    up = _Uploader(t, cache, opts.study, name, skip, opts.dry_run, staging_exists)
+    up = _Uploader(t, cache, opts.study, name, skip_set() if to_read else set(), opts.dry_run, staging_exists)
     chunker = Chunker()
     prefetch = _Prefetcher([sf for sf in files if sf.path in to_read])
     entries: list[mf.Entry] = []

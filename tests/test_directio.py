@@ -1,0 +1,637 @@
+"""Tests of ``dittohead.directio`` (bulk file I/O with O_DIRECT, falling back to buffered I/O).
+
+All on real files, in pytest's tmp dir and (where it exists) in a dir on /dev/shm (tmpfs).
+
+Covered:
+- open_fd / is_direct / enable / undirect: O_DIRECT is really set wherever the filesystem accepts
+  it (checked against an independent raw probe, so a silent fallback everywhere fails), the
+  flag round-trips, and the fallbacks: a platform without O_DIRECT, a filesystem that refuses it
+  at open, and one that accepts the open but refuses the reads and writes (EINVAL); other errors
+  are raised, not swallowed.
+- Writer: data written in pieces of arbitrary sizes (file sizes 0, 1, ALIGN±1, ALIGN, BLOCK±1,
+  BLOCK, 2*BLOCK+5 and random; random split points, as a hypothesis property) is byte-identical
+  on disk after finish(), with the exact size; digest() (hashed=True, before finish, also
+  mid-stream) is BLAKE3 of what was written; close() without finish abandons quietly; direct and
+  plain fds alike.
+- Reader: readinto with buffers of random sizes, and read(n), return exactly the file's bytes, for
+  the same sizes, from direct and plain fds, from the start whatever the fd's offset; a file that
+  grows while it is read gives a prefix of its final content; read errors that are not a refusal
+  of O_DIRECT are raised.
+- read_small: the first limit+1 bytes at most with stat before and after, for sizes 0, 1, ALIGN,
+  limit, limit+1, limit+5000, several limits, from many threads at once; flags are honoured.
+- pyfastcdc: Chunker().cut_stream(Reader(fd), size) cuts exactly as Chunker().cut_bytes(data).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dittohead import directio
+from dittohead import format as fmt
+from dittohead.chunking import Chunker
+from dittohead.hashing import blake3
+
+ALIGN, BLOCK = directio.ALIGN, directio.BLOCK
+SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 5]
+WFLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+HAS_O_DIRECT = hasattr(os, "O_DIRECT")
+_names = itertools.count()
+
+
+def raw_accepts_direct(d: Path) -> bool:
+    """Whether ``d``'s filesystem takes O_DIRECT, probed without directio."""
+    if not HAS_O_DIRECT:
+        return False
+    import fcntl
+
+    p = d / f".probe{next(_names)}"
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    finally:
+        os.close(fd)
+        os.unlink(p)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Scratch dirs by filesystem: "disk" (pytest's tmp dir) and "shm" (tmpfs), if present."""
+    out = {"disk": tmp_path_factory.mktemp("directio")}
+    shm = None
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        shm = Path(tempfile.mkdtemp(prefix="dittohead-test-", dir="/dev/shm"))
+        out["shm"] = shm
+    yield out
+    if shm is not None:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def accepts(dirs: dict[str, Path]) -> dict[str, bool]:
+    return {k: raw_accepts_direct(d) for k, d in dirs.items()}
+
+
+@pytest.fixture(params=["disk", "shm"])
+def where(request: pytest.FixtureRequest, dirs: dict[str, Path]) -> str:
+    if request.param not in dirs:
+        pytest.skip("no writable /dev/shm")
+    return request.param
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def new_path(d: Path) -> str:
+    return str(d / f"f{next(_names)}")
+
+
+def open_write(path: str, direct: bool) -> int:
+    if direct:
+        return directio.open_fd(path, WFLAGS, 0o600)
+    return os.open(path, WFLAGS, 0o600)
+
+
+def open_read(path: str, direct: bool) -> int:
+    return directio.open_fd(path, os.O_RDONLY) if direct else os.open(path, os.O_RDONLY)
+
+
+def closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        return e.errno == errno.EBADF
+    return False
+
+
+def write_pieces(path: str, data: bytes, cuts: list[int], *, direct: bool) -> tuple[bytes, bool]:
+    """Write ``data`` split at ``cuts`` through a hashed Writer, checking a mid-stream digest.
+
+    Returns the digest taken before finish, and whether the fd was still direct then.
+    """
+    w = directio.Writer(open_write(path, direct), hashed=True)
+    bounds = [0, *sorted(cuts), len(data)]
+    mid = len(bounds) // 2
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if i == mid:
+            assert w.digest() == blake3(data[:a]).digest()
+        assert w.write(memoryview(data)[a:b]) == b - a
+    assert w.size == len(data)
+    fd = w.fd
+    direct_before_finish = directio.is_direct(fd)
+    digest = w.digest()
+    w.finish()
+    assert closed(fd)
+    return digest, direct_before_finish
+
+
+# --- open_fd, is_direct, enable, undirect ---------------------------------------------------
+
+
+def test_open_fd_is_direct_where_the_filesystem_accepts_it(
+    where: str, dirs: dict[str, Path], accepts: dict[str, bool]
+) -> None:
+    if HAS_O_DIRECT and where == "disk":
+        assert accepts["disk"], "tmp dir refuses O_DIRECT: the direct paths go untested here"
+    path = new_path(dirs[where])
+    fd = directio.open_fd(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert directio.is_direct(fd) == accepts[where]
+    finally:
+        os.close(fd)
+    fd = directio.open_fd(path, os.O_RDONLY)
+    try:
+        assert directio.is_direct(fd) == accepts[where]
+    finally:
+        os.close(fd)
+    fd = directio.open_fd(path, os.O_RDONLY, direct=False)
+    try:
+        assert not directio.is_direct(fd)
+    finally:
+        os.close(fd)
+
+
+def test_undirect_enable_round_trip(
+    where: str, dirs: dict[str, Path], accepts: dict[str, bool]
+) -> None:
+    path = new_path(dirs[where])
+    fd = directio.open_fd(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        directio.undirect(fd)
+        assert not directio.is_direct(fd)
+        directio.undirect(fd)  # idempotent
+        assert not directio.is_direct(fd)
+        assert directio.enable(fd) == accepts[where]
+        assert directio.is_direct(fd) == accepts[where]
+        assert directio.enable(fd) == accepts[where]  # idempotent
+        directio.undirect(fd)
+        assert not directio.is_direct(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)  # a plain fd can be made direct too
+    try:
+        assert directio.enable(fd) == accepts[where]
+    finally:
+        os.close(fd)
+
+
+def test_open_fd_raises_errors_other_than_a_refusal(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        directio.open_fd(str(tmp_path / "missing"), os.O_RDONLY)
+    with pytest.raises(FileExistsError):
+        directio.open_fd(str(tmp_path), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
+def test_platform_without_o_direct(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(directio, "_O_DIRECT", 0)
+    data = data_of(BLOCK + ALIGN + 1, seed=7)
+    path = str(tmp_path / "f")
+    fd = directio.open_fd(path, WFLAGS, 0o600)
+    assert not directio.is_direct(fd) and not directio.enable(fd)
+    if HAS_O_DIRECT:  # the module must not set the flag it believes it lacks
+        import fcntl
+
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    directio.undirect(fd)
+    w = directio.Writer(fd)
+    w.write(data)
+    w.finish()
+    assert Path(path).read_bytes() == data
+    r = directio.Reader(directio.open_fd(path, os.O_RDONLY))
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+    got, st1, st2 = directio.read_small(path, os.O_RDONLY, 100)
+    assert got == data[:101] and st1.st_size == st2.st_size == len(data)
+
+
+@pytest.mark.skipif(not HAS_O_DIRECT, reason="no O_DIRECT on this platform")
+def test_filesystem_refusing_o_direct_at_open(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real_open = os.open
+
+    def refusing_open(path, flags, mode=0o777, **kw):  # type: ignore[no-untyped-def]
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    data = data_of(BLOCK + 3, seed=8)
+    path = str(tmp_path / "f")
+    fd = directio.open_fd(path, WFLAGS, 0o600)
+    assert not directio.is_direct(fd)
+    w = directio.Writer(fd, hashed=True)
+    w.write(data)
+    assert w.digest() == blake3(data).digest()
+    w.finish()
+    fd = directio.open_fd(path, os.O_RDONLY)
+    assert not directio.is_direct(fd)
+    r = directio.Reader(fd)
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+    assert directio.read_small(path, os.O_RDONLY, 10)[0] == data[:11]
+
+
+@pytest.mark.skipif(not HAS_O_DIRECT, reason="no O_DIRECT on this platform")
+def test_filesystem_refusing_direct_reads_and_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, accepts: dict[str, bool]
+) -> None:
+    """A filesystem that accepts O_DIRECT at open but fails the I/O with EINVAL."""
+    if not accepts["disk"]:
+        pytest.skip("tmp dir refuses O_DIRECT")
+    real_write, real_readv = os.write, os.readv
+    refused: list[str] = []
+
+    def write(fd, data):  # type: ignore[no-untyped-def]
+        if directio.is_direct(fd):
+            refused.append("write")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    def readv(fd, bufs):  # type: ignore[no-untyped-def]
+        if directio.is_direct(fd):
+            refused.append("read")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "readv", readv)
+    data = data_of(2 * BLOCK + 5, seed=9)
+    path = str(tmp_path / "f")
+    fd = directio.open_fd(path, WFLAGS, 0o600)
+    assert directio.is_direct(fd)
+    w = directio.Writer(fd, hashed=True)
+    w.write(data)
+    assert w.digest() == blake3(data).digest()
+    w.finish()
+    assert "write" in refused
+    assert Path(path).read_bytes() == data
+    fd = directio.open_fd(path, os.O_RDONLY)
+    assert directio.is_direct(fd)
+    r = directio.Reader(fd)
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+    assert "read" in refused
+    assert directio.read_small(path, os.O_RDONLY, ALIGN)[0] == data[: ALIGN + 1]
+
+
+@pytest.fixture
+def short_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read(2) and write(2) that move fewer bytes than asked (a network filesystem, a signal).
+
+    A short read moves the offset back over what it read past its count, so it needs no
+    particular alignment; a short write to a direct fd stays aligned.
+    """
+    real_write, real_readv = os.write, os.readv
+    caps = itertools.cycle([1000, 3 * ALIGN, 5, BLOCK // 2 + 1])
+
+    def write(fd, data):  # type: ignore[no-untyped-def]
+        cap = 3 * ALIGN if directio.is_direct(fd) else 1001
+        return real_write(fd, memoryview(data)[:cap])
+
+    def readv(fd, bufs):  # type: ignore[no-untyped-def]
+        n, cap = real_readv(fd, bufs), next(caps)
+        if n > cap:
+            os.lseek(fd, cap - n, os.SEEK_CUR)
+            return cap
+        return n
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "readv", readv)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
+@pytest.mark.parametrize("size", [ALIGN + 1, 300_000, BLOCK + 7])
+def test_short_reads_and_writes(
+    short_io: None, tmp_path: Path, accepts: dict[str, bool], size: int, direct: bool
+) -> None:
+    data = data_of(size, seed=13)
+    path = str(tmp_path / "f")
+    digest, still_direct = write_pieces(path, data, [size // 3], direct=direct)
+    assert digest == blake3(data).digest()
+    assert still_direct == (direct and accepts["disk"])
+    assert Path(path).read_bytes() == data
+    r = directio.Reader(open_read(path, direct))
+    try:
+        assert r.read(size + 1) == data
+    finally:
+        r.close()
+    for limit in (10, 2000, ALIGN, size, size + 10):
+        assert directio.read_small(path, os.O_RDONLY, limit)[0] == data[: limit + 1], limit
+
+
+# --- Writer ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
+@pytest.mark.parametrize("size", SIZES)
+def test_writer_sizes(
+    size: int, direct: bool, where: str, dirs: dict[str, Path], accepts: dict[str, bool]
+) -> None:
+    data = data_of(size, seed=size)
+    path = new_path(dirs[where])
+    stride = 65537 if size > BLOCK else 1021
+    cuts = [*range(0, size, stride), size // 2, size // 2]  # with empty writes
+    digest, still_direct = write_pieces(path, data, cuts, direct=direct)
+    assert digest == blake3(data).digest()
+    # full blocks went out direct: a Writer on a direct fd did not fall back to buffered writes
+    assert still_direct == (direct and accepts[where])
+    assert os.stat(path).st_size == size
+    assert Path(path).read_bytes() == data
+    os.unlink(path)
+
+
+@st.composite
+def sizes_and_cuts(draw: st.DrawFn) -> tuple[int, list[int]]:
+    size = draw(st.sampled_from(SIZES) | st.integers(0, 2 * BLOCK + 5))
+    cuts = draw(st.lists(st.integers(0, size), max_size=12))
+    cuts += draw(st.lists(st.sampled_from([ALIGN, BLOCK - 1, BLOCK, BLOCK + 1]), max_size=2))
+    return size, [min(c, size) for c in cuts]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sc=sizes_and_cuts(), direct=st.booleans(), fs=st.sampled_from(["disk", "shm"]),
+       seed=st.integers(0, 2**32))
+def test_writer_random_splits(
+    dirs: dict[str, Path], sc: tuple[int, list[int]], direct: bool, fs: str, seed: int
+) -> None:
+    size, cuts = sc
+    d = dirs.get(fs, dirs["disk"])
+    data = data_of(size, seed)
+    path = new_path(d)
+    try:
+        assert write_pieces(path, data, cuts, direct=direct)[0] == blake3(data).digest()
+        assert os.stat(path).st_size == size
+        assert Path(path).read_bytes() == data
+    finally:
+        os.unlink(path)
+
+
+def test_writer_digest_needs_hashed(tmp_path: Path) -> None:
+    w = directio.Writer(open_write(str(tmp_path / "f"), True))
+    w.write(b"x" * 10)
+    with pytest.raises(ValueError):
+        w.digest()
+    w.finish()
+    assert (tmp_path / "f").read_bytes() == b"x" * 10
+
+
+@pytest.mark.parametrize("size", [0, ALIGN + 1, BLOCK, 2 * BLOCK + 5])
+def test_writer_close_without_finish_abandons(tmp_path: Path, size: int) -> None:
+    w = directio.Writer(open_write(str(tmp_path / "f"), True), hashed=True)
+    w.write(data_of(size))  # the last full block may still be in flight
+    fd = w.fd
+    w.close()
+    assert closed(fd)
+    w.close()  # twice is harmless
+    assert os.stat(tmp_path / "f").st_size <= size
+
+
+# --- Reader ----------------------------------------------------------------------------------
+
+
+def read_all(r: directio.Reader, rng: random.Random, *, use_read: bool) -> bytes:
+    out = bytearray()
+    while True:
+        n = rng.choice([1, ALIGN - 1, ALIGN, 65536 + 3, BLOCK + 1, rng.randrange(1, 3 * BLOCK)])
+        if use_read:
+            b = r.read(n)
+            assert len(b) <= n
+        else:
+            buf = bytearray(n)
+            k = r.readinto(memoryview(buf))
+            assert 0 <= k <= n
+            b = bytes(buf[:k])
+        if not b:
+            return bytes(out)
+        out += b
+
+
+@pytest.mark.parametrize("use_read", [False, True], ids=["readinto", "read"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
+@pytest.mark.parametrize("size", SIZES)
+def test_reader_sizes(
+    size: int,
+    direct: bool,
+    use_read: bool,
+    where: str,
+    dirs: dict[str, Path],
+    accepts: dict[str, bool],
+) -> None:
+    data = data_of(size, seed=size + 1)
+    path = new_path(dirs[where])
+    Path(path).write_bytes(data)
+    r = directio.Reader(open_read(path, direct))
+    fd = r.fd
+    try:
+        assert directio.is_direct(fd) == (direct and accepts[where])
+        assert read_all(r, random.Random(size), use_read=use_read) == data
+        assert r.readinto(bytearray(10)) == 0 and r.read(10) == b""  # stays at the end
+        if size % ALIGN == 0:  # no unaligned tail: it never had reason to leave O_DIRECT
+            assert directio.is_direct(fd) == (direct and accepts[where])
+    finally:
+        r.close()
+    assert closed(fd)
+    r.close()  # twice is harmless
+    os.unlink(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.sampled_from(SIZES) | st.integers(0, 2 * BLOCK + 5), direct=st.booleans(),
+       use_read=st.booleans(), seed=st.integers(0, 2**32))
+def test_reader_random(
+    dirs: dict[str, Path], size: int, direct: bool, use_read: bool, seed: int
+) -> None:
+    data = data_of(size, seed)
+    path = new_path(dirs["disk"])
+    Path(path).write_bytes(data)
+    r = directio.Reader(open_read(path, direct))
+    try:
+        assert read_all(r, random.Random(seed), use_read=use_read) == data
+    finally:
+        r.close()
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
+def test_reader_starts_at_the_beginning(tmp_path: Path, direct: bool) -> None:
+    data = data_of(BLOCK + 10)
+    (tmp_path / "f").write_bytes(data)
+    fd = open_read(str(tmp_path / "f"), direct)
+    os.lseek(fd, 3 * ALIGN, os.SEEK_SET)
+    r = directio.Reader(fd)
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+
+
+def test_reader_on_a_dup_made_direct_by_enable(tmp_path: Path, accepts: dict[str, bool]) -> None:
+    """As ingest uses it: a buffered file read a little, its fd dup'ed and made direct."""
+    data = data_of(2 * BLOCK + ALIGN, seed=4)
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb") as f:
+        assert f.read(100) == data[:100]
+        fd = os.dup(f.fileno())
+        assert directio.enable(fd) == accepts["disk"]
+        r = directio.Reader(fd)
+        try:
+            assert read_all(r, random.Random(4), use_read=False) == data
+            assert directio.is_direct(fd) == accepts["disk"]  # all aligned: no fallback
+        finally:
+            r.close()
+
+
+def test_reader_close_midway(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(data_of(2 * BLOCK + 1))
+    r = directio.Reader(open_read(str(tmp_path / "f"), True))
+    fd = r.fd
+    assert r.read(ALIGN + 1) == data_of(2 * BLOCK + 1)[: ALIGN + 1]  # a read ahead is in flight
+    r.close()
+    assert closed(fd)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
+@pytest.mark.parametrize("initial", [0, 1, ALIGN, ALIGN + 3, BLOCK - 1, BLOCK, 2 * BLOCK])
+def test_reader_on_a_growing_file(
+    initial: int, direct: bool, where: str, dirs: dict[str, Path]
+) -> None:
+    rng = random.Random(initial)
+    content = bytearray(data_of(initial, seed=3))
+    path = new_path(dirs[where])
+    Path(path).write_bytes(content)
+    r = directio.Reader(open_read(path, direct))
+    got = bytearray()
+    try:
+        with open(path, "ab", buffering=0) as app:
+            for i in itertools.count():
+                buf = bytearray(rng.choice([1, 777, ALIGN + 1, 100_003, BLOCK]))
+                k = r.readinto(memoryview(buf))
+                if k == 0:
+                    break
+                got += buf[:k]
+                if i < 40:  # unaligned appends between reads
+                    extra = rng.randbytes(rng.choice([1, 5, ALIGN - 1, ALIGN + 7, 50_001]))
+                    app.write(extra)
+                    content += extra
+    finally:
+        r.close()
+    assert len(got) >= initial
+    assert got == content[: len(got)]
+    os.unlink(path)
+
+
+def test_reader_raises_real_errors(tmp_path: Path) -> None:
+    """A read that fails for another reason than a refused O_DIRECT is raised, not swallowed."""
+    fd = directio.open_fd(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT, 0o600)
+    r = directio.Reader(fd)  # write-only: read(2) fails with EBADF
+    with pytest.raises(OSError) as e:
+        r.read(10)
+    assert e.value.errno == errno.EBADF
+    r.close()
+    assert closed(fd)
+
+
+# --- read_small ------------------------------------------------------------------------------
+
+
+LIMITS = [0, 100, ALIGN - 1, ALIGN, 3 * ALIGN + 5, fmt.CHUNK_MIN, 300_000]
+
+
+def small_sizes(limit: int) -> list[int]:
+    return sorted({0, 1, ALIGN, limit, limit + 1, limit + 5000})
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_read_small(
+    limit: int, where: str, dirs: dict[str, Path], accepts: dict[str, bool]
+) -> None:
+    for size in small_sizes(limit):
+        data = data_of(size, seed=size)
+        path = new_path(dirs[where])
+        Path(path).write_bytes(data)
+        got, st1, st2 = directio.read_small(path, os.O_RDONLY, limit)
+        assert got == data[: limit + 1], (size, limit)
+        assert st1.st_size == st2.st_size == size
+        assert st1.st_ino == st2.st_ino == os.stat(path).st_ino
+        assert st1.st_mtime_ns == st2.st_mtime_ns
+        os.unlink(path)
+
+
+def test_read_small_honours_flags(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    (tmp_path / "link").symlink_to("f")
+    assert directio.read_small(str(tmp_path / "link"), os.O_RDONLY, 10)[0] == b"abc"
+    with pytest.raises(OSError) as e:
+        directio.read_small(str(tmp_path / "link"), os.O_RDONLY | os.O_NOFOLLOW, 10)
+    assert e.value.errno == errno.ELOOP
+    with pytest.raises(FileNotFoundError):
+        directio.read_small(str(tmp_path / "missing"), os.O_RDONLY, 10)
+
+
+def test_read_small_from_many_threads(dirs: dict[str, Path]) -> None:
+    files: dict[str, bytes] = {}
+    for d in dirs.values():
+        for size in sorted({s for lim in LIMITS for s in small_sizes(lim)}):
+            path = new_path(d)
+            files[path] = data_of(size, seed=size + 11)
+            Path(path).write_bytes(files[path])
+    jobs = [(p, lim) for p in files for lim in LIMITS] * 3
+    random.Random(5).shuffle(jobs)  # each thread's buffer gets limits small and large in turn
+
+    def one(job: tuple[str, int]) -> bool:
+        path, limit = job
+        got, st1, st2 = directio.read_small(path, os.O_RDONLY, limit)
+        n = len(files[path])
+        return got == files[path][: limit + 1] and st1.st_size == st2.st_size == n
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, jobs))
+    assert all(results), [j for j, ok in zip(jobs, results) if not ok][:5]
+    for p in files:
+        os.unlink(p)
+
+
+# --- pyfastcdc ------------------------------------------------------------------------------
+
+
+def chunks(it: Iterator) -> list[tuple[bytes, bytes]]:
+    return [(c.id, bytes(c.data)) for c in it]  # a streamed chunk's data lives until the next
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
+@pytest.mark.parametrize(
+    "size", [0, fmt.CHUNK_MIN, fmt.CHUNK_MIN + 1, 2 * BLOCK + 12345, 3 * BLOCK]
+)
+def test_cut_stream_over_reader_equals_cut_bytes(tmp_path: Path, size: int, direct: bool) -> None:
+    data = data_of(size, seed=42)
+    (tmp_path / "f").write_bytes(data)
+    want = chunks(Chunker().cut_bytes(data))
+    assert b"".join(c for _, c in want) == data
+    for hint in {size, 10}:  # 10: the file grew after its stat
+        r = directio.Reader(open_read(str(tmp_path / "f"), direct))
+        try:
+            assert chunks(Chunker().cut_stream(r, hint)) == want, hint
+        finally:
+            r.close()
