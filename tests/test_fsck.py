@@ -494,6 +494,71 @@ def test_damaged_index_is_repaired_by_fsck(base: Base, tmp_path: Path, how: str)
     assert code == 0 and doc["findings"] == [], doc
 
 
+_TAMPER = {
+    "none": [],
+    "row-deleted": ["DELETE FROM versions WHERE path='a.txt' AND n=2"],
+    "value-changed": ["UPDATE submissions SET site='forged' WHERE seq=1"],
+    "type-changed": ["UPDATE entries SET n='two' WHERE n=2"],
+    "row-added": ["INSERT INTO studies VALUES ('other', 1)"],
+    "chunk-length": ["UPDATE chunks SET length=length+1 WHERE id=(SELECT min(id) FROM chunks)"],
+    "chunk-pack": ["UPDATE chunks SET pack=x'00'"],  # not compared: which pack holds a chunk
+    "reshaped": ["ALTER TABLE study_chunks RENAME TO old",
+                 ("CREATE TABLE study_chunks (study TEXT, id BLOB, seq INTEGER, extra INTEGER, "
+                  "PRIMARY KEY (study, id)) WITHOUT ROWID"),
+                 "INSERT INTO study_chunks SELECT *, 0 FROM old", "DROP TABLE old"],
+}
+
+
+@pytest.mark.parametrize("how", sorted(_TAMPER))
+def test_index_comparison_names_the_tables_a_row_by_row_one_would(base: Base, tmp_path: Path, how: str) -> None:
+    """fsck compares the live index with its own inside SQLite (Index.differs_from); it must name
+    exactly the tables in which comparing every row (Index.dump) finds a difference."""
+    from dittohead.store.index import Index
+
+    work = base.copy(tmp_path / "root")
+    ip = work / "store" / "index.sqlite"
+    src, dst = sqlite3.connect(ip), sqlite3.connect(tmp_path / "want.sqlite")
+    src.backup(dst)  # with whatever the WAL holds
+    src.close()
+    dst.close()
+    db = sqlite3.connect(ip)
+    for sql in _TAMPER[how]:
+        db.execute(sql)
+    db.commit()
+    db.close()
+    want, live = Index(str(tmp_path / "want.sqlite")), Index(str(ip))
+    try:
+        have = live.dump()
+        expect = sorted(k for k, rows in want.dump().items() if have[k] != rows)
+        assert want.differs_from(str(ip)) == expect
+    finally:
+        want.close()
+        live.close()
+    assert (expect == []) == (how in ("none", "chunk-pack")), expect
+
+
+def test_pack_data_is_hashed_piece_by_piece(base: Base, tmp_path: Path) -> None:
+    """hash_pack_data reads READ_SIZE at a time: chunks longer than a piece, and pieces holding the
+    end of one chunk and the start of the next, hash whole; a pack cut short (after its trailer
+    was read) fails exactly the chunks it cuts, and counts the bytes it did read."""
+    from dittohead.store import fsck as fsck_mod
+
+    p = max(base.packs, key=lambda p: len(p.entries))
+    assert len(p.entries) >= 3 and any(e.length > fsck_mod.READ_SIZE for e in p.entries)
+    assert any(e.length % fsck_mod.READ_SIZE for e in p.entries[:-1])  # a piece spans two chunks
+    entries = [(e.id, e.offset, e.length) for e in p.entries]
+    path = base.root / p.rel
+    assert fsck_mod.hash_pack_data(str(path), entries) == (p.data_end - fmt.PACK_HEADER.size, [], "")
+    cut = tmp_path / "cut.pack"
+    at = (fmt.PACK_HEADER.size + p.data_end) // 2
+    cut.write_bytes(path.read_bytes()[:at])
+    got, bad, error = fsck_mod.hash_pack_data(str(cut), entries)
+    assert (got, error) == (at - fmt.PACK_HEADER.size, "")
+    assert bad == [(e.id, e.offset) for e in p.entries if e.offset + e.length > at]
+    assert fsck_mod.hash_pack_data(str(tmp_path / "gone.pack"), entries) == (
+        0, [], "cannot read: No such file or directory")
+
+
 def test_deleted_index_is_rebuilt_on_first_use(base: Base, tmp_path: Path) -> None:
     work = base.copy(tmp_path / "root")
     _damage_index(work, "deleted")

@@ -5,7 +5,7 @@
 3. manifests: each one named by a log is present, matches its id, decodes, and every chunk it
    references is in a sound pack with the right length; a finding names the studies, paths and
    versions it affects;
-4. the index: rebuilt from the above into a temporary file and compared; replaced when it
+4. the index: rebuilt from the above in memory and compared (in SQLite); replaced when it
    disagrees (the index is derived, so this is a repair, not damage);
 5. the server root's folders and modes.
 Severity "damage" makes the CLI exit 3; "warning" and "repaired" do not.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -25,7 +25,7 @@ from dittohead import fsutil, pack, records
 from dittohead import manifest as mf
 from dittohead.errors import FormatError
 from dittohead.hashing import blake3
-from dittohead.store.index import Index
+from dittohead.store.index import DERIVED_TABLES, Index
 from dittohead.store.repo import Store, manifest_key
 
 DAMAGE = "damage"
@@ -71,29 +71,56 @@ class FsckStats:
 
 
 PARALLEL_MIN_BYTES = 64 * 1024 * 1024
+READ_SIZE = 128 * 1024
+TRAILER_READERS = 8
 
 
 def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[int, list[tuple[bytes, int]], str]:
-    """Read a pack's data region in one call and check each chunk against its id.
+    """Read a pack's data region front to back and check each chunk against its id.
 
+    The region is read in READ_SIZE pieces into one buffer, each piece fed to the hash of the
+    chunk(s) it holds: pieces that stay in the CPU's cache cost the kernel far less than one read
+    of the whole region (measured on 1.2 GB, cold: about 0.25 s of system time instead of 0.6 to
+    0.9 s), and the kernel's readahead keeps the disk busy meanwhile. Entries are contiguous from the
+    header on (the trailer check made sure). A chunk cut short by the end of the file fails.
     Returns (bytes read, [(bad chunk id, offset)], error). Runs in a worker process.
     """
-    start = fmt.PACK_HEADER.size
-    end = entries[-1][1] + entries[-1][2]
-    buf = bytearray(end - start)
+    left_in_region = entries[-1][1] + entries[-1][2] - fmt.PACK_HEADER.size
+    view = memoryview(bytearray(READ_SIZE))
+    got = pos = have = 0  # view[pos:have]: read but not yet hashed
+    bad = []
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            got = f.readinto(buf)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(fmt.PACK_HEADER.size)
+            for cid, offset, length in entries:
+                h = blake3()
+                left = length
+                while left:
+                    if pos == have:
+                        have, pos = f.readinto(view[: min(READ_SIZE, left_in_region)]) or 0, 0
+                        if not have:
+                            break
+                        got += have
+                        left_in_region -= have
+                    take = min(left, have - pos)
+                    h.update(view[pos : pos + take])
+                    pos += take
+                    left -= take
+                if left or h.digest() != cid:
+                    bad.append((cid, offset))
     except OSError as e:
         return 0, [], f"cannot read: {e.strerror}"
-    view = memoryview(buf)
-    bad = []
-    for cid, offset, length in entries:
-        lo = offset - start
-        if lo + length > got or blake3(view[lo : lo + length]).digest() != cid:
-            bad.append((cid, offset))
     return got, bad, ""
+
+
+@dataclass
+class DataJob:
+    """One sound pack's data to hash, and the worker's answer once it is submitted."""
+
+    hexid: str
+    path: str
+    entries: list[tuple[bytes, int, int]]
+    future: Future[tuple[int, list[tuple[bytes, int]], str]] | None = None
 
 
 class Checker:
@@ -105,8 +132,12 @@ class Checker:
         self.stats = FsckStats()
         self.chunks: dict[bytes, tuple[bytes, int]] = {}  # id -> (pack id, length), by trailers
         self.bad_chunks: dict[bytes, str] = {}  # id -> why
-        self.refs: dict[bytes, list[Affected]] = {}  # id -> the versions made of it
-        self.data_jobs: list[tuple[str, str, list[tuple[bytes, int, int]]]] = []
+        # Every new version as (study, path, n, chunks); which versions a chunk makes is only
+        # worked out when a chunk fails its hash (see affected_by).
+        self.made: list[tuple[str, str, int, tuple[mf.ChunkRef, ...]]] = []
+        self._refs: dict[bytes, list[Affected]] | None = None
+        self.data_jobs: list[DataJob] = []
+        self._data_queued = 0  # how far into their packs data_jobs reach, summed
         self._pool: ProcessPoolExecutor | None = None
         self.sound_packs: set[bytes] = set()
         self.damaged_packs: set[bytes] = set()
@@ -122,91 +153,149 @@ class Checker:
         self.fresh = Index(":memory:")
         try:
             yield from self.check_packs()
-            futures = self.start_data_checks()
             history_ok = True
             for f in self.check_history():
                 if f.kind in ("log", "manifest") and f.severity == DAMAGE:
                     history_ok = False
                 yield f
-            yield from self.finish_data_checks(futures)
+            # Compared while the workers still hash; whether to act on it waits for their verdict.
+            differs = self.compare_index() if history_ok and not self.damaged_packs else None
+            yield from self.finish_data_checks()
             packs_ok = not self.damaged_packs and not self.bad_chunks
-            yield from self.check_index(history_ok, packs_ok)
+            yield from self.check_index(history_ok, packs_ok, differs)
         finally:
             self.fresh.close()
+            self.stop_pool()
         for problem in self.store.root.mode_problems():
             where, _, what = problem.partition(": ")
             yield Finding(WARNING, "layout", where, what)
 
-    # -- layer 1: trailers (always), then the data (in worker processes, beside layer 2)
+    # -- layer 1: trailers (always), then the data (in worker processes, beside layers 2 to 4)
     def check_packs(self) -> Iterator[Finding]:
-        for key in self.store.objects.list("packs"):
-            name = key.rsplit("/", 1)[-1]
-            hexid = name[: -len(fmt.PACK_SUFFIX)] if name.endswith(fmt.PACK_SUFFIX) else ""
-            try:
+        """Every trailer, read TRAILER_READERS at a time: each is a small read at the far end of
+        its pack, and cold, one after another, they wait on the disk far longer than they take
+        to check (and behind the data reads of the workers, once those have begun)."""
+        named = [(key, self.pack_hexid(key)) for key in self.store.objects.list("packs")]
+        with ThreadPoolExecutor(TRAILER_READERS, thread_name_prefix="dittohead-fsck") as readers:
+            readers.submit(self.warm_index)
+            trailers = readers.map(self.read_trailer, named)
+            for (key, hexid), trailer in zip(named, trailers):
+                if hexid is None:
+                    yield Finding(WARNING, "pack", key, "a file that is not a pack lies among the packs")
+                    continue
                 pid = bytes.fromhex(hexid)
-                if len(pid) != fmt.HASH_SIZE or key != f"packs/{hexid[:2]}/{name}":
-                    raise ValueError(key)
-            except ValueError:
-                yield Finding(WARNING, "pack", key, "a file that is not a pack lies among the packs")
-                continue
-            self.stats.packs += 1
-            try:
-                with self.store.objects.open(key) as f:
-                    entries = pack.read_entries(f, what=f"pack {hexid}")
-            except FormatError as e:
-                self.damaged_packs.add(pid)
-                yield Finding(DAMAGE, "pack", hexid, str(e))
-                continue
-            except OSError as e:
-                self.damaged_packs.add(pid)
-                yield Finding(DAMAGE, "pack", hexid, f"cannot read: {e.strerror}")
-                continue
-            self.sound_packs.add(pid)
-            self.stats.chunks += len(entries)
-            self.fresh.add_chunks((pe.id, pid, pe.offset, pe.length) for pe in entries)
-            for pe in entries:
-                self.chunks.setdefault(pe.id, (pid, pe.length))
-            if self.read_data and entries:
-                self.data_jobs.append((hexid, self.store.objects.path_of(key),  # type: ignore[attr-defined]
-                                       [(pe.id, pe.offset, pe.length) for pe in entries]))
+                self.stats.packs += 1
+                if isinstance(trailer, FormatError):
+                    self.damaged_packs.add(pid)
+                    yield Finding(DAMAGE, "pack", hexid, str(trailer))
+                    continue
+                if isinstance(trailer, OSError):
+                    self.damaged_packs.add(pid)
+                    yield Finding(DAMAGE, "pack", hexid, f"cannot read: {trailer.strerror}")
+                    continue
+                assert trailer is not None
+                entries = trailer
+                self.sound_packs.add(pid)
+                self.stats.chunks += len(entries)
+                if self.read_data and entries:
+                    self.queue_data_check(DataJob(hexid, self.store.objects.path_of(key),  # type: ignore[attr-defined]
+                                                  [(pe.id, pe.offset, pe.length) for pe in entries]))
+                self.fresh.add_chunks((pe.id, pid, pe.offset, pe.length) for pe in entries)
+                for pe in entries:
+                    self.chunks.setdefault(pe.id, (pid, pe.length))
 
-    def start_data_checks(self) -> list[tuple[str, Future[tuple[int, list[tuple[bytes, int]], str]]]]:
-        """Hash every pack's data: in worker processes when there is much of it (blake3 holds
-        the GIL, and the history check needs the main process meanwhile)."""
-        total = sum(e[-1][1] + e[-1][2] for _, _, e in self.data_jobs)
-        if total < PARALLEL_MIN_BYTES or (os.cpu_count() or 1) < 2:
-            self._pool = None
-            futures = []
-            for hexid, path, entries in self.data_jobs:
-                fut: Future[tuple[int, list[tuple[bytes, int]], str]] = Future()
-                fut.set_result(hash_pack_data(path, entries))
-                futures.append((hexid, fut))
-            return futures
-        self._pool = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
-        futures = []
-        for hexid, path, entries in self.data_jobs:
-            fut = self._pool.submit(hash_pack_data, path, entries)
-            futures.append((hexid, fut))
-        return futures
-
-    def finish_data_checks(self, futures) -> Iterator[Finding]:
+    @staticmethod
+    def pack_hexid(key: str) -> str | None:
+        """The pack id a key under packs/ names, or None for a file that is not a pack."""
+        name = key.rsplit("/", 1)[-1]
+        hexid = name[: -len(fmt.PACK_SUFFIX)] if name.endswith(fmt.PACK_SUFFIX) else ""
         try:
-            for hexid, fut in futures:
-                got, bad, error = fut.result()
-                self.stats.bytes_read += got
-                self.progress(got)
-                if error:
-                    self.damaged_packs.add(bytes.fromhex(hexid))
-                    yield Finding(DAMAGE, "pack", hexid, error)
-                for cid, offset in bad:
-                    self.bad_chunks[cid] = f"fails its hash in pack {hexid}"
-                    yield Finding(DAMAGE, "chunk", cid.hex(),
-                                  f"in pack {hexid} at offset {offset}: bytes do not match the id",
-                                  self.refs.get(cid, []))
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            pid = bytes.fromhex(hexid)
+        except ValueError:
+            return None
+        if len(pid) != fmt.HASH_SIZE or key != f"packs/{hexid[:2]}/{name}":
+            return None
+        return hexid
+
+    def warm_index(self) -> None:
+        """Read the live index into the page cache while the trailers are read, so that comparing
+        it later (page by page, in SQLite) does not wait on the disk for each page, behind the
+        workers' data reads. Runs in a reader thread."""
+        for path in (self.store.root.index_path, self.store.root.index_path + "-wal"):
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(1024 * 1024):
+                        pass
+            except OSError:
+                pass
+
+    def read_trailer(self, named: tuple[str, str | None]) -> list[pack.PackEntry] | FormatError | OSError | None:
+        """A pack's entries, or why they cannot be had. Runs in a reader thread."""
+        key, hexid = named
+        if hexid is None:
+            return None
+        try:
+            with self.store.objects.open(key) as f:
+                return pack.read_entries(f, what=f"pack {hexid}")
+        except (FormatError, OSError) as e:
+            return e
+
+    def queue_data_check(self, job: DataJob) -> None:
+        """Hash a pack's data in worker processes once there is much of it (blake3 holds the
+        GIL, and the other layers need the main process meanwhile); each pack is handed over as
+        soon as its trailer is read, so the disk is busy from the first pack on. A small store
+        is hashed in this process, in finish_data_checks."""
+        self.data_jobs.append(job)
+        self._data_queued += job.entries[-1][1] + job.entries[-1][2]
+        if self._pool is None:
+            if self._data_queued < PARALLEL_MIN_BYTES or (os.cpu_count() or 1) < 2:
+                return
+            self._pool = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
+            for queued in self.data_jobs:
+                queued.future = self._pool.submit(hash_pack_data, queued.path, queued.entries)
+        else:
+            job.future = self._pool.submit(hash_pack_data, job.path, job.entries)
+
+    def finish_data_checks(self) -> Iterator[Finding]:
+        """The data findings, pack by pack in order. Packs no worker has started yet are hashed
+        here, from the last one back (the workers take them from the front): this process has
+        nothing else left to do."""
+        done: dict[int, tuple[int, list[tuple[bytes, int]], str]] = {}
+        for i in reversed(range(len(self.data_jobs))):
+            job = self.data_jobs[i]
+            if job.future is not None and not job.future.cancel():
+                break  # begun, and so have all before it
+            done[i] = hash_pack_data(job.path, job.entries)
+        for i, job in enumerate(self.data_jobs):
+            if i not in done:
+                assert job.future is not None
+                done[i] = job.future.result()
+            got, bad, error = done.pop(i)
+            self.stats.bytes_read += got
+            self.progress(got)
+            if error:
+                self.damaged_packs.add(bytes.fromhex(job.hexid))
+                yield Finding(DAMAGE, "pack", job.hexid, error)
+            for cid, offset in bad:
+                self.bad_chunks[cid] = f"fails its hash in pack {job.hexid}"
+                yield Finding(DAMAGE, "chunk", cid.hex(),
+                              f"in pack {job.hexid} at offset {offset}: bytes do not match the id",
+                              self.affected_by(cid))
+        self.stop_pool()
+
+    def stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def affected_by(self, cid: bytes) -> list[Affected]:
+        """The versions made of chunk ``cid``, in the order the history check met them."""
+        if self._refs is None:
+            self._refs = {}
+            for study, path, n, chunks in self.made:
+                for c, _ in chunks:
+                    self._refs.setdefault(c, []).append(Affected(study, path, n))
+        return self._refs.get(cid, [])
 
     # -- layers 2 and 3
     def check_history(self) -> Iterator[Finding]:
@@ -260,13 +349,14 @@ class Checker:
                     n = 1 if prev is None else prev[0] + 1
                     latest[entry.path] = (n, entry.hash)
                     self.stats.versions += 1
+                    self.made.append((study, entry.path, n, entry.chunks))
                     for cid, length in entry.chunks:
-                        self.refs.setdefault(cid, []).append(Affected(study, entry.path, n))
+                        stored = self.chunks.get(cid)
                         why = None
-                        if cid not in self.chunks:
+                        if stored is None:
                             why = "missing from every sound pack"
-                        elif self.chunks[cid][1] != length:
-                            why = f"stored with length {self.chunks[cid][1]}, manifest says {length}"
+                        elif stored[1] != length:
+                            why = f"stored with length {stored[1]}, manifest says {length}"
                         if why:
                             problems.setdefault(cid, (why, []))[1].append(Affected(study, entry.path, n))
                 for cid, (why, affected) in problems.items():
@@ -289,7 +379,16 @@ class Checker:
                                   f"study {study}: unreadable ({e})")
 
     # -- layer 4
-    def check_index(self, history_ok: bool, packs_ok: bool) -> Iterator[Finding]:
+    def compare_index(self) -> list[str]:
+        """Which tables of the live index disagree with the fresh one ([] if none)."""
+        path = self.store.root.index_path
+        try:
+            Index(path).close()  # opened as any command opens it (a missing table is made, empty)
+            return self.fresh.differs_from(path)
+        except sqlite3.DatabaseError:  # a damaged SQLite file: rebuild it
+            return sorted([*DERIVED_TABLES, "error"])
+
+    def check_index(self, history_ok: bool, packs_ok: bool, differs: list[str] | None) -> Iterator[Finding]:
         if not history_ok:
             yield Finding(WARNING, "index", "index.sqlite", "not compared: the history it derives from is damaged")
             return
@@ -298,17 +397,8 @@ class Checker:
             # damaged: never rebuild it away while there is damage.
             yield Finding(WARNING, "index", "index.sqlite", "not compared or rebuilt while packs are damaged")
             return
-        want = self.fresh.dump()
-        try:
-            live = Index(self.store.root.index_path)
-            try:
-                have = live.dump()
-            finally:
-                live.close()
-        except sqlite3.DatabaseError as e:  # a damaged SQLite file: rebuild it
-            have = {"error": [(str(e),)]}
-        if have != want:
-            differs = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        assert differs is not None  # compared: no pack was damaged before the data check either
+        if differs:
             self.store.rebuild_index()
             yield Finding(REPAIRED, "index", "index.sqlite",
                           f"disagreed with the store ({', '.join(differs)}); rebuilt from packs, manifests and logs")

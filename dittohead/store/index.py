@@ -164,7 +164,13 @@ class Index:
 
     def apply(self, study: str, rec: LogRecord, m: Manifest,
               chunk_rows: Iterable[tuple[bytes, bytes, int, int]] = ()) -> Applied:
-        """Apply one committed log record (in one transaction). Idempotent by seq."""
+        """Apply one committed log record (in one transaction). Idempotent by seq.
+
+        Rows go in as batches, once it is known what they are. What the study held before, and
+        each path's latest version, are looked up row by row only if the study holds anything at
+        all: its first submission (most of a fresh store, and of an index rebuilt from one) needs
+        no lookups.
+        """
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -172,32 +178,42 @@ class Index:
                 db.execute("ROLLBACK")
                 raise ValueError(f"index already holds {study} seq {rec.seq}")
             self.add_chunks(chunk_rows)
-            new_versions = 0
+            held_any = db.execute("SELECT 1 FROM study_chunks WHERE study=? LIMIT 1", (study,)).fetchone()
+            versioned = db.execute("SELECT 1 FROM versions WHERE study=? LIMIT 1", (study,)).fetchone()
+            met: set[bytes] = set()  # chunks of this submission looked at
+            made: dict[str, tuple[int, bytes]] = {}  # path -> the version this submission made of it
+            versions: list[tuple] = []
+            entries: list[tuple[str, int, str, int]] = []
             new_chunks: list[bytes] = []
             new_chunk_bytes = 0
             total = 0
             for e in m.entries:
                 total += e.size
                 for cid, length in e.chunks:
-                    cur = db.execute("INSERT OR IGNORE INTO study_chunks VALUES (?, ?, ?)", (study, cid, rec.seq))
-                    if cur.rowcount:
-                        new_chunks.append(cid)
-                        new_chunk_bytes += length
-                latest = self.latest(study, e.path)
+                    if cid in met:
+                        continue
+                    met.add(cid)
+                    if held_any and db.execute("SELECT 1 FROM study_chunks WHERE study=? AND id=?",
+                                               (study, cid)).fetchone():
+                        continue
+                    new_chunks.append(cid)
+                    new_chunk_bytes += length
+                latest = made.get(e.path) or (self.latest(study, e.path) if versioned else None)
                 if latest is not None and latest[1] == e.hash:
                     n = latest[0]
                 else:
                     n = 1 if latest is None else latest[0] + 1
-                    db.execute(
-                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (study, e.path, n, rec.seq, e.hash, e.size, e.mtime_ns, e.mode, pack_chunk_list(e.chunks)),
-                    )
-                    new_versions += 1
-                db.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (study, rec.seq, e.path, n))
+                    versions.append((study, e.path, n, rec.seq, e.hash, e.size, e.mtime_ns, e.mode,
+                                     pack_chunk_list(e.chunks)))
+                    made[e.path] = (n, e.hash)
+                entries.append((study, rec.seq, e.path, n))
+            db.executemany("INSERT INTO study_chunks VALUES (?, ?, ?)", [(study, cid, rec.seq) for cid in new_chunks])
+            db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", versions)
+            db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)", entries)
             db.execute(
                 "INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (study, rec.seq, rec.submission, rec.manifest, rec.ingested_ns, m.site, m.user, m.host,
-                 m.created_ns, len(m.entries), total, new_versions, new_chunk_bytes),
+                 m.created_ns, len(m.entries), total, len(versions), new_chunk_bytes),
             )
             db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?)", (study, rec.seq))
             db.execute("COMMIT")
@@ -205,7 +221,7 @@ class Index:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return Applied(len(m.entries), total, new_versions, new_chunk_bytes, new_chunks)
+        return Applied(len(m.entries), total, len(versions), new_chunk_bytes, new_chunks)
 
     def chunks_gained(self, study: str, seq: int) -> list[bytes]:
         """The chunks study first held with submission ``seq`` (its have-segment)."""
@@ -244,9 +260,38 @@ class Index:
 
     def dump(self) -> dict[str, list[tuple]]:
         """Every derived row, for comparing this index with a rebuilt one."""
-        out = {}
-        for table, order in [("studies", "name"), ("study_chunks", "study, id"), ("submissions", "study, seq"),
-                             ("versions", "study, path, n"), ("entries", "study, seq, path")]:
-            out[table] = list(self.db.execute(f"SELECT * FROM {table} ORDER BY {order}"))
-        out["chunks"] = list(self.db.execute("SELECT id, length FROM chunks ORDER BY id"))
-        return out
+        return {table: list(self.db.execute(f"SELECT {cols} FROM {table} ORDER BY {order}"))
+                for table, cols, order in _DERIVED}
+
+    def differs_from(self, path: str) -> list[str]:
+        """The tables whose dump() differs from that of the index file at ``path``, sorted.
+
+        Compared inside SQLite, with the file attached to this connection, instead of making a
+        Python tuple of every row on both sides. Every table's rows are unique (a primary key), so
+        equal counts and nothing of this side missing from the other means equal dumps. Raises
+        sqlite3.DatabaseError as dump() would on a damaged file.
+        """
+        q = self.db.execute
+        q("ATTACH DATABASE ? AS other", (path,))
+        try:
+            out = []
+            for table, cols, _ in _DERIVED:
+                n = q(f"SELECT count(*) FROM main.{table}").fetchone()[0]
+                if n != q(f"SELECT count(*) FROM other.{table}").fetchone()[0]:
+                    out.append(table)
+                elif n and cols == "*" and (len(q(f"SELECT * FROM main.{table} LIMIT 0").description)
+                                            != len(q(f"SELECT * FROM other.{table} LIMIT 0").description)):
+                    out.append(table)  # rows of another shape never equal these
+                elif n and q(f"SELECT 1 FROM (SELECT {cols} FROM main.{table} EXCEPT "
+                             f"SELECT {cols} FROM other.{table}) LIMIT 1").fetchone():
+                    out.append(table)
+            return sorted(out)
+        finally:
+            q("DETACH DATABASE other")
+
+
+# What dump() and differs_from() compare: (table, columns, order by).
+_DERIVED = [("studies", "*", "name"), ("study_chunks", "*", "study, id"), ("submissions", "*", "study, seq"),
+            ("versions", "*", "study, path, n"), ("entries", "*", "study, seq, path"),
+            ("chunks", "id, length", "id")]
+DERIVED_TABLES = [table for table, _, _ in _DERIVED]
