@@ -117,6 +117,13 @@ if not hasattr(os, "readv"):  # Windows: no readv, and no O_DIRECT either
             return f.readinto(view) or 0
 
 
+def _read_hash(fd: int, view: memoryview, hasher: Any) -> int:
+    n = _readinto(fd, view)
+    if hasher is not None and n > 0:
+        hasher.update(view[:n])
+    return n
+
+
 def _hash_write(fd: int, view: memoryview, hasher: Any) -> None:
     if hasher is not None:
         hasher.update(view)
@@ -193,18 +200,20 @@ class Reader:
     """Reads one open file sequentially in large blocks, the next block read ahead on a thread.
 
     Reads from the start of the file. Offers ``readinto`` (what ``pyfastcdc``'s ``cut_stream``
-    prefers) and ``read``. Owns ``fd`` and closes it.
+    prefers) and ``read``. Owns ``fd`` and closes it. With ``hashed``, it also hashes the whole
+    file as it reads it, on the reading thread (``digest``).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, hashed: bool = False) -> None:
         self.fd = fd
+        self._hasher = blake3() if hashed else None
         os.lseek(fd, 0, os.SEEK_SET)
         self._bufs = [_take_block(), _take_block()]
         self._views = [memoryview(b) for b in self._bufs]
         self._cur = 0
         self._have = 0  # bytes in the current buffer
         self._pos = 0  # bytes of it already handed out
-        self._ahead: Future[int] | None = _io_pool().submit(_readinto, fd, self._views[1])
+        self._ahead: Future[int] | None = _io_pool().submit(_read_hash, fd, self._views[1], self._hasher)
 
     def _advance(self) -> None:
         assert self._ahead is not None
@@ -216,7 +225,7 @@ class Reader:
             return  # the end
         if n % ALIGN:
             undirect(self.fd)  # the end, or a short read: the next read starts unaligned
-        self._ahead = _io_pool().submit(_readinto, self.fd, self._views[1 - self._cur])
+        self._ahead = _io_pool().submit(_read_hash, self.fd, self._views[1 - self._cur], self._hasher)
 
     def readinto(self, b: memoryview | bytearray) -> int:
         while self._pos >= self._have:
@@ -227,6 +236,15 @@ class Reader:
         b[:n] = self._views[self._cur][self._pos : self._pos + n]
         self._pos += n
         return n
+
+    def digest(self) -> bytes:
+        """BLAKE3 of the whole file (with ``hashed``): reads on to its end, handing nothing out."""
+        if self._hasher is None:
+            raise ValueError("this Reader does not hash")
+        while self._ahead is not None:
+            self._advance()
+        self._pos = self._have
+        return self._hasher.digest()
 
     def read(self, n: int) -> bytes:
         out = bytearray(n)

@@ -92,6 +92,28 @@ def encode_trailer(entries: list[PackEntry]) -> bytes:
     return codec.pack([[e.id, e.offset, e.length, e.codec] for e in entries])
 
 
+def canonical_tail(entries: list[PackEntry]) -> bytes:
+    """The trailer and footer PackWriter writes after these entries."""
+    trailer = encode_trailer(entries)
+    return trailer + fmt.PACK_FOOTER.pack(len(trailer), blake3(trailer).digest(), fmt.PACK_MAGIC)
+
+
+def is_canonical(f: BinaryIO, entries: list[PackEntry]) -> bool:
+    """Is this pack (its trailer accepted by read_entries) byte for byte what PackWriter writes
+    for these entries, the chunks' bytes aside (those are checked against their ids)?"""
+    if not entries:
+        return False
+    tail = canonical_tail(entries)
+    size = os.fstat(f.fileno()).st_size
+    if size != entries[-1].offset + entries[-1].length + len(tail):
+        return False
+    f.seek(0)
+    if f.read(fmt.PACK_HEADER.size) != fmt.PACK_HEADER.pack(fmt.PACK_MAGIC, fmt.FORMAT_VERSION):
+        return False
+    f.seek(size - len(tail))
+    return f.read(len(tail)) == tail
+
+
 def parse_pack_tail(header: bytes, tail: bytes, size: int, *, what: str) -> list[PackEntry]:
     """Validate a pack from its first bytes, its last bytes and its size.
 

@@ -251,41 +251,64 @@ def _resume_staging(t: Transport, cache: cc.StateCache, study: str) -> tuple[str
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 PREFETCH_THREADS = 4  # small files are read ahead, several at once: a cold disk serves them faster
-PREFETCH_WINDOW = 64  # files read ahead at most (each at most CHUNK_MIN bytes: 16 MiB in all)
+PREFETCH_BATCH = 16  # files per task: one hand-over between threads per batch, not per file
+PREFETCH_WINDOW = 128  # files read ahead at most (each at most CHUNK_MIN bytes)
 
 Slurped = tuple[bytes, bytes, os.stat_result, os.stat_result]  # data, BLAKE3 of it, stat before, after
 
 
-def _slurp(path: str) -> Slurped:
-    """A small file's bytes (at most CHUNK_MIN + 1 of them), their hash, and its stat before and
-    after. Hashed here, on the reading thread: a small file's hash is its one chunk's id."""
-    data, st, st2 = directio.read_small(path, _OPEN_FLAGS, fmt.CHUNK_MIN)
-    return data, blake3(data).digest(), st, st2
+def _slurp(paths: list[str]) -> list[Slurped | OSError]:
+    """Small files' bytes (at most CHUNK_MIN + 1 of each), their hashes, and their stat before
+    and after. Hashed here, on the reading thread: a small file's hash is its one chunk's id."""
+    out: list[Slurped | OSError] = []
+    for path in paths:
+        try:
+            data, st, st2 = directio.read_small(path, _OPEN_FLAGS, fmt.CHUNK_MIN)
+        except OSError as e:
+            out.append(e)
+            continue
+        out.append((data, blake3(data).digest(), st, st2))
+    return out
+
+
+class _Slot:
+    """One file's place in a batch being read ahead."""
+
+    def __init__(self, batch: Future[list[Slurped | OSError]], i: int) -> None:
+        self.batch, self.i = batch, i
+
+    def result(self) -> Slurped:
+        got = self.batch.result()[self.i]
+        if isinstance(got, OSError):
+            raise got
+        return got
 
 
 class _Prefetcher:
-    """Reads the small files among ``files`` ahead, in order, on worker threads."""
+    """Reads the small files among ``files`` ahead, in order, in batches on worker threads."""
 
     def __init__(self, files: list[SourceFile]) -> None:
         self.queue = deque(sf for sf in files if sf.size <= fmt.CHUNK_MIN)
-        self.pending: dict[str, Future[Slurped]] = {}
+        self.pending: dict[str, _Slot] = {}
         self.pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="dittohead-read") if self.queue else None
         self._fill()
 
     def _fill(self) -> None:
-        while self.pool is not None and self.queue and len(self.pending) < PREFETCH_WINDOW:
-            sf = self.queue.popleft()
-            self.pending[sf.path] = self.pool.submit(_slurp, sf.os_path)
+        while self.pool is not None and self.queue and len(self.pending) + PREFETCH_BATCH <= PREFETCH_WINDOW:
+            batch = [self.queue.popleft() for _ in range(min(PREFETCH_BATCH, len(self.queue)))]
+            fut = self.pool.submit(_slurp, [sf.os_path for sf in batch])
+            for i, sf in enumerate(batch):
+                self.pending[sf.path] = _Slot(fut, i)
 
-    def take(self, sf: SourceFile) -> Future[Slurped] | None:
-        fut = self.pending.pop(sf.path, None)
+    def take(self, sf: SourceFile) -> _Slot | None:
+        slot = self.pending.pop(sf.path, None)
         self._fill()
-        return fut
+        return slot
 
     def close(self) -> None:
         if self.pool is not None:
-            for fut in self.pending.values():
-                fut.cancel()
+            for slot in self.pending.values():
+                slot.batch.cancel()
             self.pool.shutdown(wait=True)
             self.pool = None
 
@@ -303,7 +326,7 @@ def _read_small(got: Slurped, on_chunk: Callable[[Chunk], None],
 
 
 def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
-          progress: Progress, prefetched: Future[Slurped] | None = None,
+          progress: Progress, prefetched: _Slot | None = None,
           ) -> tuple[bytes, list[tuple[bytes, int]], os.stat_result] | None:
     """Chunk and hash one file; None if it changed while being read."""
     if prefetched is not None:

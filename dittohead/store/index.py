@@ -126,12 +126,16 @@ class Index:
 
     def has_chunks(self, ids: Iterable[bytes]) -> set[bytes]:
         q = self.db.execute
+        if not q("SELECT 1 FROM chunks LIMIT 1").fetchone():
+            return set()  # an empty store: no look-up per chunk
         return {cid for cid in ids if q("SELECT 1 FROM chunks WHERE id=?", (cid,)).fetchone()}
 
     def study_holds(self, study: str, ids: Iterable[bytes]) -> dict[bytes, int]:
         """Of ``ids``, those the study holds, with their stored lengths."""
         q = self.db.execute
-        out = {}
+        out: dict[bytes, int] = {}
+        if not q("SELECT 1 FROM study_chunks WHERE study=? LIMIT 1", (study,)).fetchone():
+            return out  # the study's first submission: no look-up per chunk
         for cid in ids:
             row = q("SELECT c.length FROM study_chunks s JOIN chunks c ON c.id = s.id "
                     "WHERE s.study=? AND s.id=?", (study, cid)).fetchone()

@@ -6,7 +6,8 @@ holds only regular, singly-linked files named ``manifest`` or ``<64 hex>.pack``;
 decodes strictly and names this study; every pack's trailer is sound and every chunk matches its
 id; every chunk the manifest references is held by the study already or carried by this
 submission, with the right length; every new version's bytes hash to its file hash); then copy the
-chunks new to the store into server-written packs, store the manifest, append the study-log
+chunks new to the store into server-written packs (or adopt an upload that is exactly such a
+pack, from the server's own account: ``_adoptable``), store the manifest, append the study-log
 record (the commit point, fsynced), update the index, publish the have-segment and the receipt,
 and move the submission to ``done/``. A rejected submission goes to ``failed/`` with a REASON file
 and the store does not change.
@@ -43,7 +44,7 @@ from dittohead.errors import (
 from dittohead.hashing import blake3
 from dittohead.store.index import pack_chunk_list
 from dittohead.store.layout import StudyDropbox
-from dittohead.store.objects import TmpFile
+from dittohead.store.objects import LocalObjectStore, TmpFile
 from dittohead.store.repo import Store, log_key, manifest_key, pack_key
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class StorePackWriter:
         self.done: list[tuple[bytes, str, list[pack.PackEntry]]] = []  # (pack id, tmp path, entries)
         self._cur: tuple[str, TmpFile, pack.PackWriter] | None = None
         self.ids: set[bytes] = set()
+        self.adopted: list[tuple[bytes, str, list[pack.PackEntry]]] = []  # (pack id, upload path, entries)
         # Finished packs are fsynced by one worker thread while verification goes on.
         self._pool: ThreadPoolExecutor | None = None
         self._syncing: list[Future[None]] = []
@@ -83,6 +85,11 @@ class StorePackWriter:
         self.ids.add(cid)
         if self._cur[2].full():
             self._close_current()
+
+    def adopt(self, pid: bytes, path: str, entries: list[pack.PackEntry]) -> None:
+        """Take an uploaded pack into the store as it is (see ``Ingestor._adoptable``)."""
+        self.ids.update(pe.id for pe in entries)
+        self.adopted.append((pid, path, entries))
 
     def _close_current(self) -> None:
         assert self._cur is not None
@@ -112,6 +119,11 @@ class StorePackWriter:
         for pid, path, entries in self.done:
             self.store.objects.put_file(pack_key(pid), path)
             out.append((pid, entries))
+        objects = self.store.objects
+        for pid, path, entries in self.adopted:
+            assert isinstance(objects, LocalObjectStore)
+            objects.link_durable(pack_key(pid), path, mode=0o600)
+            out.append((pid, entries))
         return out
 
     def discard(self) -> None:
@@ -140,16 +152,45 @@ def _reject(msg: str) -> RejectedSubmission:
     return RejectedSubmission(msg)
 
 
-def _open_untrusted(path: str) -> BinaryIO:
+def _open_untrusted(path: str, twin: str | None = None) -> BinaryIO:
+    """Open a file of a submission: a regular file, singly linked (or linked once more, as
+    ``twin``, the store's own copy of a pack adopted before a crash)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise _reject(f"{os.path.basename(path)}: not a regular file")
-    if st.st_nlink != 1:
+    if st.st_nlink != 1 and not _is_twin(st, twin):
         os.close(fd)
         raise _reject(f"{os.path.basename(path)}: a hard link (link count {st.st_nlink})")
     return os.fdopen(fd, "rb")
+
+
+def _is_twin(st: os.stat_result, twin: str | None) -> bool:
+    if twin is None or st.st_nlink != 2:
+        return False
+    try:
+        other = os.lstat(twin)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _no_writer(fd: int) -> bool:
+    """True if no process has this file open for writing (or mapped writable): Linux grants a
+    read lease only then. Taken and given back at once; a lease break in between is sent as
+    SIGURG, which is ignored by default, instead of SIGIO, which would end the process."""
+    try:
+        import fcntl
+        import signal
+
+        setsig = getattr(fcntl, "F_SETSIG", 10)
+        fcntl.fcntl(fd, setsig, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    except (ImportError, AttributeError, OSError):
+        return False
 
 
 def _free_name(directory: str, name: str) -> str:
@@ -302,7 +343,7 @@ class Ingestor:
                 raise _reject(f"{entry}: a symlink")
             if not stat.S_ISREG(est.st_mode):
                 raise _reject(f"{entry}: not a regular file (folder, FIFO, socket or device)")
-            if est.st_nlink != 1:
+            if est.st_nlink != 1 and not _is_twin(est, self._twin(entry)):
                 raise _reject(f"{entry}: a hard link (link count {est.st_nlink})")
             if entry == fmt.MANIFEST_NAME:
                 has_manifest = True
@@ -343,20 +384,18 @@ class Ingestor:
             # as chunks stream past; out of order, they are computed by a second read).
             for _, pname in sorted(packs):
                 ppath = os.path.join(path, pname)
-                with _open_untrusted(ppath) as f:
-                    entries = pack.read_entries(f, what=f"pack {pname}")
-                    # The data is read once: around the page cache where the filesystem allows.
-                    fd = os.dup(f.fileno())
-                    directio.enable(fd)
-                    r = directio.Reader(fd)
-                    try:
-                        for pe, chunk in pack.iter_verified_stream(r, entries, what=f"pack {pname}"):
-                            plan.carried.setdefault(pe.id, (ppath, pe.offset, pe.length))
-                            hashing.feed(pe.id, chunk)
-                            if pe.id in to_write:
-                                writer.add(pe.id, chunk)
-                    finally:
-                        r.close()
+                with _open_untrusted(ppath, self._twin(pname)) as f:
+                    what = f"pack {pname}"
+                    entries = pack.read_entries(f, what=what)
+                    if self._adoptable(f, entries, to_write, writer):
+                        pid = self._stream(f, ppath, entries, what, plan, hashing, whole=True)
+                        if pid is not None and pid.hex() + fmt.PACK_SUFFIX == pname:
+                            writer.adopt(pid, ppath, entries)
+                            continue
+                        # Named for other bytes: written into server packs after all.
+                        self._stream(f, ppath, entries, what, plan, None, copy_to=(writer, to_write))
+                    else:
+                        self._stream(f, ppath, entries, what, plan, hashing, copy_to=(writer, to_write))
             for cid in needed:
                 if cid not in plan.carried:
                     raise _reject(f"chunk {cid.hex()} is neither held by study {box.name!r} nor carried by this submission")
@@ -367,6 +406,57 @@ class Ingestor:
             writer.discard()
             raise
         return plan
+
+    @staticmethod
+    def _stream(f: BinaryIO, path: str, entries: list[pack.PackEntry], what: str, plan: _Plan, hashing: _FileHashes | None,
+                *, whole: bool = False, copy_to: tuple[StorePackWriter, set[bytes]] | None = None) -> bytes | None:
+        """Read a pack's chunks once, each checked against its id, for the file hashes and for
+        copying into server packs; with ``whole``, return the hash of the whole file (its id, if
+        it is what it is named), computed on the reading thread. Around the page cache where the
+        filesystem allows: nothing reads these bytes again soon."""
+        fd = os.dup(f.fileno())
+        directio.enable(fd)
+        r = directio.Reader(fd, hashed=whole)
+        try:
+            for pe, chunk in pack.iter_verified_stream(r, entries, what=what):
+                plan.carried.setdefault(pe.id, (path, pe.offset, pe.length))
+                if hashing is not None:
+                    hashing.feed(pe.id, chunk)
+                if copy_to is not None and pe.id in copy_to[1]:
+                    copy_to[0].add(pe.id, chunk)
+            return r.digest() if whole else None
+        finally:
+            r.close()
+
+    def _twin(self, filename: str) -> str | None:
+        """Where the store keeps the pack an uploaded file of this name would be adopted as."""
+        objects = self.store.objects
+        m = fmt.PACK_FILE_RE.match(filename)
+        if not m or not isinstance(objects, LocalObjectStore):
+            return None
+        return objects.path_of(pack_key(bytes.fromhex(filename[: -len(fmt.PACK_SUFFIX)])))
+
+    def _adoptable(self, f: BinaryIO, entries: list[pack.PackEntry], to_write: set[bytes],
+                   writer: StorePackWriter) -> bool:
+        """May this uploaded pack become a store pack as it is, instead of being copied?
+
+        Only when nothing would tell the two apart, and nobody else could change it: it is byte
+        for byte what the server would write (PackWriter's header and trailer; each chunk is
+        checked against its id as it is read); every chunk in it is new to the store; it belongs
+        to the server's own account (the upload came from that account, through the local
+        transport, so no other account wrote it and none can reach it in processing/); no
+        process has it open for writing; and it lies on the store's filesystem (it is linked,
+        not copied). Any other upload is copied into server-written packs.
+        """
+        objects = self.store.objects
+        if not isinstance(objects, LocalObjectStore) or not hasattr(os, "geteuid"):
+            return False
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_dev != os.stat(objects.root).st_dev:
+            return False
+        if not entries or any(pe.id not in to_write or pe.id in writer.ids for pe in entries):
+            return False
+        return _no_writer(f.fileno()) and pack.is_canonical(f, entries)
 
     def _entries_to_hash(self, box: StudyDropbox, m: mf.Manifest) -> list[mf.Entry]:
         """Entries whose bytes must be hashed: new content of more than one chunk.
@@ -412,7 +502,7 @@ class Ingestor:
             ppath, offset, length = plan.carried[cid]
             f = open_packs.get(ppath)
             if f is None:
-                f = open_packs[ppath] = _open_untrusted(ppath)
+                f = open_packs[ppath] = _open_untrusted(ppath, self._twin(os.path.basename(ppath)))
             f.seek(offset)
             data = f.read(length)
             if blake3(data).digest() != cid:  # changed under us since it was verified

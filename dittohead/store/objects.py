@@ -104,6 +104,26 @@ class LocalObjectStore:
         self._ensure_parent(dest)
         return fsutil.link_new(tmp_path, dest)
 
+    def link_durable(self, key: str, path: str, *, mode: int) -> bool:
+        """Put the existing file ``path`` (same filesystem) at ``key`` as a second hard link, after
+        setting its mode and making it durable; never overwrites. False if ``key`` existed.
+        The caller removes ``path`` once the link is committed to."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dest = self._path(key)
+        self._ensure_parent(dest)
+        try:
+            os.link(path, dest)
+            created = True
+        except FileExistsError:
+            created = False
+        fsutil.fsync_dir(os.path.dirname(dest))
+        return created
+
     def put_bytes(self, key: str, data: bytes) -> bool:
         dest = self._path(key)
         self._ensure_parent(dest)
