@@ -26,7 +26,8 @@ from typing import Any
 from dittohead.hashing import blake3
 
 ALIGN = 4096  # the largest logical block size in common use; a multiple of the smaller ones
-BLOCK = 4 << 20  # bytes moved per system call on the streaming paths
+BLOCK = 4 << 20  # bytes read per system call on the streaming paths
+WRITE_BLOCK = 2 << 20  # bytes written per call: a sync has two packs' buffers at once, so half
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
@@ -145,21 +146,23 @@ def _io_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-_spare: list[mmap.mmap] = []  # BLOCK buffers given back, kept for the next Reader or Writer
-_SPARE_MAX = 4
+_spare: dict[int, list[mmap.mmap]] = {}  # buffers given back, by size, kept for the next Reader or Writer
+_SPARE_MAX = 2  # of each size
 
 
-def _take_block() -> mmap.mmap:
+def _take_block(size: int) -> mmap.mmap:
     with _pool_lock:
-        if _spare:
-            return _spare.pop()
-    return aligned_buffer(BLOCK)
+        spare = _spare.get(size)
+        if spare:
+            return spare.pop()
+    return aligned_buffer(size)
 
 
 def _give_back(buf: mmap.mmap) -> None:
     with _pool_lock:
-        if len(_spare) < _SPARE_MAX and len(buf) == BLOCK:
-            _spare.append(buf)
+        spare = _spare.setdefault(len(buf), [])
+        if len(spare) < _SPARE_MAX:
+            spare.append(buf)
             return
     buf.close()
 
@@ -208,7 +211,7 @@ class Reader:
         self.fd = fd
         self._hasher = blake3() if hashed else None
         os.lseek(fd, 0, os.SEEK_SET)
-        self._bufs = [_take_block(), _take_block()]
+        self._bufs = [_take_block(BLOCK), _take_block(BLOCK)]
         self._views = [memoryview(b) for b in self._bufs]
         self._cur = 0
         self._have = 0  # bytes in the current buffer
@@ -283,7 +286,7 @@ class Writer:
     def __init__(self, fd: int, *, hashed: bool = False) -> None:
         self.fd = fd
         self._hasher = blake3() if hashed else None
-        self._bufs = [_take_block(), _take_block()]
+        self._bufs = [_take_block(WRITE_BLOCK), _take_block(WRITE_BLOCK)]
         self._views = [memoryview(b) for b in self._bufs]
         self._busy: Future[None] | None = None  # the other buffer's write, if in flight
         self._cur = 0

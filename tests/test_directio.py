@@ -44,7 +44,8 @@ from dittohead.chunking import Chunker
 from dittohead.hashing import blake3
 
 ALIGN, BLOCK = directio.ALIGN, directio.BLOCK
-SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 5]
+SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, directio.WRITE_BLOCK - 1, directio.WRITE_BLOCK + 1, BLOCK - 1, BLOCK,
+         BLOCK + 1, 2 * BLOCK + 5]
 WFLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 HAS_O_DIRECT = hasattr(os, "O_DIRECT")
 _names = itertools.count()
