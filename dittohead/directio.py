@@ -240,6 +240,17 @@ class Reader:
         self._pos += n
         return n
 
+    def next_block(self) -> memoryview:
+        """The next unread part of the file, as read: valid until the next call; empty at the end.
+        (Hashing straight from the read buffers saves ``readinto``'s copy.)"""
+        while self._pos >= self._have:
+            if self._ahead is None:
+                return memoryview(b"")
+            self._advance()
+        view = self._views[self._cur][self._pos : self._have]
+        self._pos = self._have
+        return view
+
     def digest(self) -> bytes:
         """BLAKE3 of the whole file (with ``hashed``): reads on to its end, handing nothing out."""
         if self._hasher is None:

@@ -20,8 +20,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from dittohead import directio, fsutil, pack, records
 from dittohead import format as fmt
-from dittohead import fsutil, pack, records
 from dittohead import manifest as mf
 from dittohead.errors import FormatError
 from dittohead.hashing import blake3
@@ -71,45 +71,53 @@ class FsckStats:
 
 
 PARALLEL_MIN_BYTES = 64 * 1024 * 1024
-READ_SIZE = 128 * 1024
 TRAILER_READERS = 8
 
 
 def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[int, list[tuple[bytes, int]], str]:
     """Read a pack's data region front to back and check each chunk against its id.
 
-    The region is read in READ_SIZE pieces into one buffer, each piece fed to the hash of the
-    chunk(s) it holds: pieces that stay in the CPU's cache cost the kernel far less than one read
-    of the whole region (measured on 1.2 GB, cold: about 0.25 s of system time instead of 0.6 to
-    0.9 s), and the kernel's readahead keeps the disk busy meanwhile. Entries are contiguous from the
-    header on (the trailer check made sure). A chunk cut short by the end of the file fails.
+    Read around the page cache where the filesystem allows (``directio``: on the benchmark
+    machine a buffered cold read of 1.2 GB cost 0.3 to 0.9 s of kernel time, a direct one
+    under 0.1 s), a block ahead on a thread, each block fed straight to the hash of the
+    chunk(s) it holds. Entries are contiguous from the header on (the trailer check made
+    sure). A chunk cut short by the end of the file fails.
     Returns (bytes read, [(bad chunk id, offset)], error). Runs in a worker process.
     """
-    left_in_region = entries[-1][1] + entries[-1][2] - fmt.PACK_HEADER.size
-    view = memoryview(bytearray(READ_SIZE))
-    got = pos = have = 0  # view[pos:have]: read but not yet hashed
-    bad = []
+    bad: list[tuple[bytes, int]] = []
+    got = 0
     try:
-        with open(path, "rb", buffering=0) as f:
-            f.seek(fmt.PACK_HEADER.size)
-            for cid, offset, length in entries:
-                h = blake3()
-                left = length
-                while left:
-                    if pos == have:
-                        have, pos = f.readinto(view[: min(READ_SIZE, left_in_region)]) or 0, 0
-                        if not have:
-                            break
-                        got += have
-                        left_in_region -= have
-                    take = min(left, have - pos)
-                    h.update(view[pos : pos + take])
-                    pos += take
-                    left -= take
-                if left or h.digest() != cid:
-                    bad.append((cid, offset))
+        r = directio.Reader(directio.open_fd(path, os.O_RDONLY))
     except OSError as e:
         return 0, [], f"cannot read: {e.strerror}"
+    try:
+        block, pos = memoryview(b""), 0
+        skip = fmt.PACK_HEADER.size  # checked with the trailer
+        while skip:
+            block, pos = r.next_block(), 0
+            if not block:
+                break
+            pos = min(skip, len(block))
+            skip -= pos
+        for cid, offset, length in entries:
+            h = blake3()
+            left = length
+            while left:
+                if pos == len(block):
+                    block, pos = r.next_block(), 0
+                    if not block:
+                        break
+                take = min(left, len(block) - pos)
+                h.update(block[pos : pos + take])
+                pos += take
+                left -= take
+                got += take
+            if left or h.digest() != cid:
+                bad.append((cid, offset))
+    except OSError as e:
+        return got, bad, f"cannot read: {e.strerror}"
+    finally:
+        r.close()
     return got, bad, ""
 
 
