@@ -7,6 +7,7 @@ file's name alone (so ``--exclude '*.tmp'`` works at any depth). ``**`` matches 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -93,22 +94,28 @@ def selected(path: str, opts: ScanOptions) -> bool:
     return not any(matches(p, path) for p in opts.exclude)
 
 
-LIST_THREADS = 8  # folders listed and stat'ed ahead at once: a cold disk answers a queue faster
+LIST_THREADS = 4  # folders listed and stat'ed ahead at once: a cold disk answers a queue faster
 
-Listed = list[tuple[os.DirEntry[str], "os.stat_result | OSError"]]  # sorted by name
+Listed = list[os.DirEntry[str]]  # sorted by name
 
 
-def _list(dir_os: str) -> Listed:
-    """A folder's entries, sorted by name, each with its lstat (or the error getting it)."""
+WARM_EVERY = 16  # a listing thread stats one entry in so many: see _list
+
+
+def _list(dir_os: str) -> list[os.DirEntry[str]]:
+    """A folder's entries, sorted by name.
+
+    Every WARM_EVERY-th entry is lstat'ed here (DirEntry keeps the result): that reads its
+    inode's block from a cold disk, and with it its neighbours', so the scanning thread's own
+    lstat of the others finds them cached. Stat-ing every entry here instead passes the
+    interpreter lock between threads around each call, which costs more than it saves.
+    """
     with os.scandir(dir_os) as it:
         items = sorted(it, key=lambda e: e.name)
-    out: Listed = []
-    for e in items:
-        try:
-            out.append((e, e.stat(follow_symlinks=False)))
-        except OSError as err:
-            out.append((e, err))
-    return out
+    for e in items[::WARM_EVERY]:
+        with contextlib.suppress(OSError):
+            e.stat(follow_symlinks=False)
+    return items
 
 
 def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
@@ -127,7 +134,7 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
     filtered = bool(opts.include or opts.exclude)
     S_IFMT, S_IFREG, S_IFDIR, S_IFLNK = stat.S_IFMT, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
     # The folders being gone through, innermost last: (study path, its entries, its subfolders' listings).
-    stack: list[tuple[str, Iterator[tuple[os.DirEntry[str], os.stat_result | OSError]], dict[str, Future[Listed]]]] = []
+    stack: list[tuple[str, Iterator[os.DirEntry[str]], dict[str, Future[Listed]]]] = []
     with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="dittohead-scan") as pool:
 
         def enter(rel: str, fut: Future[Listed]) -> None:
@@ -137,8 +144,7 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
                 counts.unreadable += 1
                 counts.problems.append(f"{rel or '.'}: cannot list ({e.strerror})")
                 return
-            subdirs = {item.path: pool.submit(_list, item.path) for item, st in listing
-                       if not isinstance(st, OSError) and S_IFMT(st.st_mode) == S_IFDIR}
+            subdirs = {item.path: pool.submit(_list, item.path) for item in listing if _is_dir(item)}
             stack.append((rel, iter(listing), subdirs))
 
         enter("", pool.submit(_list, source))
@@ -148,14 +154,16 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
             if nxt is None:
                 stack.pop()
                 continue
-            item, st = nxt
+            item = nxt
             name = item.name
             if not name.isascii() or os.sep != "/":
                 name = paths.normalize(name, os.sep)
             rpath = f"{rel}/{name}" if rel else name
-            if isinstance(st, OSError):
+            try:
+                st = item.stat(follow_symlinks=False)
+            except OSError as err:
                 counts.unreadable += 1
-                counts.problems.append(f"{rpath}: cannot stat ({st.strerror})")
+                counts.problems.append(f"{rpath}: cannot stat ({err.strerror})")
                 continue
             fmt_ = S_IFMT(st.st_mode)
             if fmt_ == S_IFLNK or (is_junction is not None and is_junction(item)):
@@ -168,7 +176,8 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
                 counts.problems.append(f"{rpath!r}: skipped, {err}")
                 continue
             if fmt_ == S_IFDIR:
-                enter(rpath, subdirs.pop(item.path))
+                fut = subdirs.pop(item.path, None)
+                enter(rpath, fut if fut is not None else pool.submit(_list, item.path))
                 continue
             if fmt_ != S_IFREG:
                 counts.special += 1
@@ -187,6 +196,13 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
             out.append(SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                                   st.st_mode & 0o7777))
     return out
+
+
+def _is_dir(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir(follow_symlinks=False)  # from the listing itself where the OS says
+    except OSError:
+        return False
 
 
 is_junction = getattr(os.DirEntry, "is_junction", None)  # Windows junctions (Python 3.12+)

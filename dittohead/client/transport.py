@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 from typing import Protocol
 
@@ -169,6 +168,8 @@ class LocalTransport:
             os.unlink(os.path.join(self._staging(study, name), filename))
 
     def remove_staging(self, study: str, name: str) -> None:
+        import shutil  # here: it imports the archive modules, which a sync does not need
+
         shutil.rmtree(self._staging(study, name), ignore_errors=True)
 
     def commit(self, study: str, name: str) -> None:

@@ -7,7 +7,7 @@ speaks another format or would cut files differently.
 from __future__ import annotations
 
 import json
-import secrets
+import os
 from dataclasses import dataclass
 
 from dittohead import format as fmt
@@ -22,7 +22,7 @@ class StoreConfig:
 
     @classmethod
     def new(cls) -> StoreConfig:
-        return cls(fmt.FORMAT_VERSION, secrets.token_hex(16), fmt.chunking_params())
+        return cls(fmt.FORMAT_VERSION, os.urandom(16).hex(), fmt.chunking_params())
 
     def encode(self) -> bytes:
         doc = {"kind": fmt.CONFIG_KIND, "version": self.version, "id": self.store_id,
