@@ -150,6 +150,19 @@ _spare: dict[int, list[mmap.mmap]] = {}  # buffers given back, by size, kept for
 _SPARE_MAX = 2  # of each size
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (fsck's hashing workers) has none of its parent's threads: it must not
+    inherit the parent's pool object (work queued there would never run) nor a lock that one of
+    those threads held at the fork."""
+    global _pool, _pool_lock, _local
+    _pool, _pool_lock, _local = None, threading.Lock(), threading.local()
+    _spare.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _take_block(size: int) -> mmap.mmap:
     with _pool_lock:
         spare = _spare.get(size)

@@ -636,3 +636,26 @@ def test_cut_stream_over_reader_equals_cut_bytes(tmp_path: Path, size: int, dire
             assert chunks(Chunker().cut_stream(r, hint)) == want, hint
         finally:
             r.close()
+
+
+def _read_all_in_child(path: str) -> bytes:
+    r = directio.Reader(directio.open_fd(path, os.O_RDONLY))
+    try:
+        return r.read(1 << 30)
+    finally:
+        r.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork (POSIX)")
+def test_a_forked_child_reads_with_its_own_threads(tmp_path: Path) -> None:
+    """fsck's workers are forked from a process whose I/O threads are running: a child must
+    not inherit the parent's thread pool (its work would never run) or a lock held at the fork."""
+    import multiprocessing
+
+    data = data_of(3 * BLOCK + 5, seed=11)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert _read_all_in_child(str(path)) == data  # the parent's pool now exists, with threads
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_read_all_in_child, (str(path),))
+        assert got.get(timeout=60) == data
