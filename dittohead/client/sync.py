@@ -252,7 +252,7 @@ def _resume_staging(t: Transport, cache: cc.StateCache, study: str) -> tuple[str
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 PREFETCH_THREADS = 4  # small files are read ahead, several at once: a cold disk serves them faster
 PREFETCH_BATCH = 16  # files per task: one hand-over between threads per batch, not per file
-PREFETCH_WINDOW = 128  # files read ahead at most (each at most CHUNK_MIN bytes)
+PREFETCH_WINDOW = 64  # files read ahead at most (each at most CHUNK_MIN bytes: 16 MiB in all)
 
 Slurped = tuple[bytes, bytes, os.stat_result, os.stat_result]  # data, BLAKE3 of it, stat before, after
 
