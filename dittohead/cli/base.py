@@ -64,6 +64,10 @@ class DittoheadGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as e:  # a bug: still one line, the traceback only when asked for
+            sqlite3 = sys.modules.get("sqlite3")
+            if sqlite3 is not None and isinstance(e, sqlite3.OperationalError):  # a full disk, a lock
+                click.echo(f"dittohead: {e}", err=True)
+                ctx.exit(EXIT_FAILURE)
             if logging.getLogger().isEnabledFor(logging.INFO):
                 logging.getLogger("dittohead").exception("internal error")
             click.echo(f"dittohead: internal error: {type(e).__name__}: {e} (run with -v for details)", err=True)

@@ -27,7 +27,7 @@ from dittohead.chunking import Chunk, Chunker
 from dittohead.client import cache as cc
 from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
 from dittohead.client.transport import GONE, IN_STAGING, Transport, Upload
-from dittohead.errors import FormatError, UsageError
+from dittohead.errors import FormatError, TransportError, UsageError
 from dittohead.hashing import EMPTY_HASH, blake3
 from dittohead.store.index import pack_chunk_list, unpack_chunk_list
 from dittohead.units import human_bytes, plural
@@ -120,7 +120,7 @@ class _Uploader:
         # Each finished pack is fsynced and renamed in the background while the next one fills;
         # at most one is in flight, and it is recorded as staged only once it is complete.
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: tuple[Future[None], str, int, bytes] | None = None
+        self._inflight: tuple[Future[None], Upload, str, int, bytes] | None = None
 
     def offer(self, chunk: Chunk) -> None:
         if chunk.id in self.skip:
@@ -129,13 +129,16 @@ class _Uploader:
         if self.dry_run:
             self.bytes_sent += chunk.length
             return
-        if self.writer is None:
-            self.ensure_staging()
-            self.upload = self.t.open_upload(self.study, self.name)
-            self.writer = pack.PackWriter(self.upload)
-        self.writer.add(chunk.id, chunk.data)
-        if self.writer.full():
-            self.flush()
+        try:
+            if self.writer is None:
+                self.ensure_staging()
+                self.upload = self.t.open_upload(self.study, self.name)
+                self.writer = pack.PackWriter(self.upload)
+            self.writer.add(chunk.id, chunk.data)
+            if self.writer.full():
+                self.flush()
+        except OSError as e:  # not a source file's fault: it must not read as one
+            raise _write_error(e) from e
 
     def ensure_staging(self) -> None:
         if not self.staging_exists:
@@ -145,24 +148,31 @@ class _Uploader:
 
     def flush(self, wait: bool = False) -> None:
         """Finish the current pack (in the background); with ``wait``, every pack is complete."""
-        if self.writer is not None and self.upload is not None:
-            pid, size = self.writer.finish()
-            filename = pid.hex() + fmt.PACK_SUFFIX
-            ids = b"".join(e.id for e in self.writer.entries)
-            self._settle()
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-upload")
-            self._inflight = (self._pool.submit(self.upload.finish, filename), filename, size, ids)
-            self.upload, self.writer = None, None
-        if wait:
-            self._settle()
+        try:
+            if self.writer is not None and self.upload is not None:
+                self._settle()  # the previous pack is recorded before anything of this one can fail
+                pid, size = self.writer.finish()
+                filename = pid.hex() + fmt.PACK_SUFFIX
+                ids = b"".join(e.id for e in self.writer.entries)
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-upload")
+                self._inflight = (self._pool.submit(self.upload.finish, filename), self.upload, filename, size, ids)
+                self.upload, self.writer = None, None
+            if wait:
+                self._settle()
+        except OSError as e:
+            raise _write_error(e) from e
 
     def _settle(self) -> None:
         if self._inflight is None:
             return
-        fut, filename, size, ids = self._inflight
+        fut, upload, filename, size, ids = self._inflight
         self._inflight = None
-        fut.result()
+        try:
+            fut.result()
+        except BaseException:
+            upload.abort()  # its temporary file: a pack that never became complete
+            raise
         self.cache.add_staged(self.name, filename, size, ids)
         self.bytes_sent += size
 
@@ -179,6 +189,10 @@ class _Uploader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _write_error(e: OSError) -> TransportError:
+    return TransportError(f"cannot write to the drop box: {e.strerror or e}")
 
 
 def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
@@ -457,7 +471,11 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     if opts.dry_run:
         summary.bytes_sent = up.bytes_sent
         return summary
-    up.flush(wait=True)
+    try:
+        up.flush(wait=True)
+    except BaseException:
+        up.abort()
+        raise
     up.close()
     summary.bytes_sent = up.bytes_sent
     if not entries:

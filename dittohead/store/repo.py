@@ -7,6 +7,7 @@ follow and can all be redone from the log. Reads verify every chunk against its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -67,6 +68,26 @@ def log_key(study: str) -> str:
     return f"studies/{study}.log"
 
 
+def _is_damage(e: sqlite3.DatabaseError) -> bool:
+    """Is this an index that cannot be read as SQLite (to be rebuilt), rather than an index that
+    cannot be used now (a full disk, no permission, locked)?"""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is None:  # raised by this module's own checks, or an SQLite without error codes
+        return not isinstance(e, sqlite3.OperationalError)
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _sqlite_reason(e: sqlite3.Error, where: str) -> str:
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    full = code == sqlite3.SQLITE_FULL
+    if not full:
+        import shutil
+
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(where).free < (1 << 20)
+    return "No space left on device" if full else str(e)
+
+
 class Store:
     """A server root's store, opened for reading and (under the ingest lock) writing."""
 
@@ -104,6 +125,8 @@ class Store:
                     idx.close()
                     idx = None
             except sqlite3.DatabaseError as e:
+                if not _is_damage(e):  # a full disk, say: the index is fine, rebuilding cannot help
+                    raise StoreError(f"{self.root.index_path}: cannot open the index: {_sqlite_reason(e, self.root.store)}") from e
                 log.warning("index %s is unreadable (%s): rebuilding it from the store", self.root.index_path, e)
                 idx = None
             if idx is None:
