@@ -137,9 +137,10 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
     stack: list[tuple[str, Iterator[os.DirEntry[str]], dict[str, Future[Listed]]]] = []
     with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="dittohead-scan") as pool:
 
-        def enter(rel: str, fut: Future[Listed]) -> None:
+        def enter(rel: str, path: str, fut: Future[Listed] | None) -> None:
             try:
-                listing = fut.result()
+                # Not begun yet (queued behind its siblings): list it here rather than wait.
+                listing = _list(path) if fut is None or fut.cancel() else fut.result()
             except OSError as e:
                 counts.unreadable += 1
                 counts.problems.append(f"{rel or '.'}: cannot list ({e.strerror})")
@@ -147,7 +148,7 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
             subdirs = {item.path: pool.submit(_list, item.path) for item in listing if _is_dir(item)}
             stack.append((rel, iter(listing), subdirs))
 
-        enter("", pool.submit(_list, source))
+        enter("", source, None)
         while stack:
             rel, items, subdirs = stack[-1]
             nxt = next(items, None)
@@ -176,8 +177,7 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
                 counts.problems.append(f"{rpath!r}: skipped, {err}")
                 continue
             if fmt_ == S_IFDIR:
-                fut = subdirs.pop(item.path, None)
-                enter(rpath, fut if fut is not None else pool.submit(_list, item.path))
+                enter(rpath, item.path, subdirs.pop(item.path, None))
                 continue
             if fmt_ != S_IFREG:
                 counts.special += 1
