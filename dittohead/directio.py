@@ -212,6 +212,19 @@ def read_small(path: str, flags: int, limit: int) -> tuple[bytes, os.stat_result
         os.close(fd)
 
 
+def _release(fd: int, views: list[memoryview], bufs: list[mmap.mmap]) -> int:
+    """A Reader's or Writer's end: its buffers given back (the lists emptied), its file closed."""
+    for v in views:
+        v.release()
+    for b in bufs:
+        _give_back(b)
+    views.clear()
+    bufs.clear()
+    if fd >= 0:
+        os.close(fd)
+    return -1
+
+
 class Reader:
     """Reads one open file sequentially in large blocks, the next block read ahead on a thread.
 
@@ -285,14 +298,7 @@ class Reader:
             with contextlib.suppress(Exception):
                 self._ahead.result()
             self._ahead = None
-        for v in self._views:
-            v.release()
-        for b in self._bufs:
-            _give_back(b)
-        self._views, self._bufs = [], []
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = _release(self.fd, self._views, self._bufs)
 
 
 class Writer:
@@ -365,11 +371,4 @@ class Writer:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._settle()
-        for v in self._views:
-            v.release()
-        for b in self._bufs:
-            _give_back(b)
-        self._views, self._bufs = [], []
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = _release(self.fd, self._views, self._bufs)

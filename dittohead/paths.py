@@ -20,6 +20,14 @@ class BadPath(ValueError):
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
+def _check_chars(text: str, path: str) -> None:
+    bad = _FORBIDDEN.search(text)
+    if bad:
+        c = bad.group()
+        what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
+        raise BadPath(f"path contains {what}: {path!r}")
+
+
 def check(path: object) -> str:
     """Return ``path`` if it is a valid study path, else raise BadPath naming the rule."""
     if not isinstance(path, str):
@@ -28,11 +36,7 @@ def check(path: object) -> str:
         raise BadPath("empty path")
     if path[0] == "/":
         raise BadPath(f"absolute path: {path!r}")
-    bad = _FORBIDDEN.search(path)
-    if bad:
-        c = bad.group()
-        what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
-        raise BadPath(f"path contains {what}: {path!r}")
+    _check_chars(path, path)
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
@@ -55,11 +59,7 @@ def check_name(name: str, path: str) -> None:
     messages as ``check``."""
     if name in ("", ".", ".."):
         raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
-    bad = _FORBIDDEN.search(name)
-    if bad:
-        c = bad.group()
-        what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
-        raise BadPath(f"path contains {what}: {path!r}")
+    _check_chars(name, path)
     if name.isascii():
         size = len(name)
     else:
