@@ -197,23 +197,14 @@ def read_chunk(f: BinaryIO, entry: PackEntry, *, what: str) -> bytes:
     return data
 
 
-def iter_verified(f: BinaryIO, entries: list[PackEntry], *, what: str) -> Iterator[tuple[PackEntry, bytes]]:
-    """Every chunk of a pack in order, each checked against its id (one sequential read)."""
-    f.seek(fmt.PACK_HEADER.size)
-    for entry in entries:
-        data = f.read(entry.length)
-        if len(data) != entry.length or blake3(data).digest() != entry.id:
-            raise IntegrityError(f"{what}: chunk {entry.id.hex()} at offset {entry.offset} does not match its id")
-        yield entry, data
-
-
 class Stream(Protocol):
     def readinto(self, b: memoryview, /) -> int: ...
 
 
-def iter_verified_stream(r: Stream, entries: list[PackEntry], *, what: str) -> Iterator[tuple[PackEntry, memoryview]]:
-    """``iter_verified`` from a stream at the pack's start; each chunk's bytes are only valid
-    until the next is read (one buffer serves them all)."""
+def iter_verified(r: Stream, entries: list[PackEntry], *, what: str) -> Iterator[tuple[PackEntry, memoryview]]:
+    """Every chunk of a pack in order, each checked against its id, from a stream at the pack's
+    start (one sequential read); a chunk's bytes are only valid until the next is read (one
+    buffer serves them all). IntegrityError on a mismatch."""
     view = memoryview(bytearray(max([fmt.PACK_HEADER.size, *(e.length for e in entries)])))
     _read_exactly(r, view[: fmt.PACK_HEADER.size])  # the header, checked by read_entries
     for entry in entries:

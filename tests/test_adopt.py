@@ -80,6 +80,15 @@ def _assert_fsck_clean(root: Path) -> None:
     assert doc["ok"] and doc["findings"] == [], doc
 
 
+def _assert_store_sound(server: Server, files: dict[str, bytes]) -> None:
+    """Every file reads back, every store pack is named by its id, fsck --read-data is clean and
+    nothing under the root is linked twice."""
+    _assert_reads_back(server, files)
+    _assert_packs_named_by_id(server.root)
+    _assert_fsck_clean(server.root)
+    _assert_no_links_left(server.root)
+
+
 def _assert_no_links_left(root: Path) -> None:
     """Nothing under the server root is linked twice (no upload shares an inode with the store)."""
     for dirpath, _dirs, files in os.walk(root):
@@ -152,10 +161,7 @@ def test_pack_uploaded_by_the_daemons_account_is_adopted(server: Server, tmp_pat
     assert (done / fmt.MANIFEST_NAME).is_file()
     assert list(done.glob("*" + fmt.PACK_SUFFIX)) == [], "done/ keeps the manifest only"
     assert len(server.log()) == 1
-    _assert_reads_back(server, files)
-    _assert_packs_named_by_id(server.root)
-    _assert_fsck_clean(server.root)
-    _assert_no_links_left(server.root)
+    _assert_store_sound(server, files)
 
 
 def test_second_submission_adopts_only_new_chunks(server: Server, tmp_path: Path) -> None:
@@ -238,10 +244,7 @@ def test_pack_owned_by_another_account_is_copied(server: Server, tmp_path: Path)
         assert st.st_uid == os.geteuid(), f"{path}: owned by uid {st.st_uid}"
         assert st.st_ino not in inodes, f"{path}: the other account's file was adopted"
         assert stat.S_IMODE(st.st_mode) == 0o600
-    _assert_reads_back(server, files)
-    _assert_packs_named_by_id(server.root)
-    _assert_fsck_clean(server.root)
-    _assert_no_links_left(server.root)
+    _assert_store_sound(server, files)
 
 
 # -- 3. open for writing: copied ---------------------------------------------------------------
@@ -323,10 +326,7 @@ def test_non_canonical_pack_is_copied(server: Server, tmp_path: Path, named: str
     # What the server writes for the same chunks is the canonical pack: the original bytes.
     assert set(packs) == {upload.name}
     assert packs[upload.name].read_bytes() == data
-    _assert_reads_back(server, files)
-    _assert_packs_named_by_id(server.root)
-    _assert_fsck_clean(server.root)
-    _assert_no_links_left(server.root)
+    _assert_store_sound(server, files)
 
 
 # -- 5. a crash between linking the pack into the store and the commit -------------------------
@@ -351,10 +351,7 @@ def test_resume_after_crash_between_link_and_commit(server: Server, tmp_path: Pa
     assert set(packs) == set(inodes)
     for pname, path in packs.items():
         assert path.stat().st_ino == inodes[pname]
-    _assert_reads_back(server, files)
-    _assert_packs_named_by_id(server.root)
-    _assert_fsck_clean(server.root)
-    _assert_no_links_left(server.root)
+    _assert_store_sound(server, files)
     # Ingested once: nothing left to do, and the log did not grow.
     server.ingest()
     assert len(server.log()) == 1
@@ -391,10 +388,7 @@ def test_resume_after_crash_when_file_hash_needs_a_second_read(
         f"\nREASON: {_reason(server, name)}" if failed.exists() else ""
     )
     assert len(server.log()) == 2
-    _assert_reads_back(server, files)
-    _assert_packs_named_by_id(server.root)
-    _assert_fsck_clean(server.root)
-    _assert_no_links_left(server.root)
+    _assert_store_sound(server, files)
 
 
 @pytest.mark.parametrize("where", ["elsewhere", "store-and-elsewhere", "in-inbox"])
@@ -448,7 +442,4 @@ def test_pack_named_for_other_bytes_is_copied_not_adopted(server: Server, tmp_pa
     assert set(packs) == {real}
     assert packs[real].read_bytes() == data
     assert packs[real].stat().st_ino != ino
-    _assert_reads_back(server, files)
-    _assert_packs_named_by_id(server.root)
-    _assert_fsck_clean(server.root)
-    _assert_no_links_left(server.root)
+    _assert_store_sound(server, files)

@@ -418,7 +418,7 @@ class Ingestor:
         directio.enable(fd)
         r = directio.Reader(fd, hashed=whole)
         try:
-            for pe, chunk in pack.iter_verified_stream(r, entries, what=what):
+            for pe, chunk in pack.iter_verified(r, entries, what=what):
                 plan.carried.setdefault(pe.id, (path, pe.offset, pe.length))
                 if hashing is not None:
                     hashing.feed(pe.id, chunk)
