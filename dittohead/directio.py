@@ -89,9 +89,7 @@ def _readinto(fd: int, view: memoryview) -> int:
     """One read(2) into ``view``; a filesystem that refuses the direct read gets a buffered one."""
     while True:
         try:
-            return os.readv(fd, [view])
-        except InterruptedError:
-            continue
+            return os.readv(fd, [view])  # (Python retries a call a signal interrupts itself)
         except OSError as e:
             if e.errno not in _REFUSED or not is_direct(fd):
                 raise
@@ -102,8 +100,6 @@ def _write_all(fd: int, view: memoryview) -> None:
     while view:
         try:
             n = os.write(fd, view)
-        except InterruptedError:
-            continue
         except OSError as e:
             if e.errno not in _REFUSED or not is_direct(fd):
                 raise
@@ -177,7 +173,10 @@ def _give_back(buf: mmap.mmap) -> None:
         if len(spare) < _SPARE_MAX:
             spare.append(buf)
             return
-    buf.close()
+    # A slice of it may outlive its Reader or Writer in an exception's traceback (an error
+    # raised on an I/O thread): then the mapping goes when that does, not here.
+    with contextlib.suppress(BufferError):
+        buf.close()
 
 
 def read_small(path: str, flags: int, limit: int) -> tuple[bytes, os.stat_result, os.stat_result]:

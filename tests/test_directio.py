@@ -659,3 +659,13 @@ def test_a_forked_child_reads_with_its_own_threads(tmp_path: Path) -> None:
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(_read_all_in_child, (str(path),))
         assert got.get(timeout=60) == data
+
+
+def test_a_buffer_still_viewed_is_dropped_not_closed() -> None:
+    """An error raised on an I/O thread keeps a slice of a buffer alive in its traceback while
+    the Reader or Writer closes: giving the buffer back must not raise (BufferError)."""
+    extra = [directio.aligned_buffer(directio.BLOCK) for _ in range(directio._SPARE_MAX + 1)]
+    held = memoryview(extra[-1])[10:20]
+    for b in extra:
+        directio._give_back(b)  # the last one finds the spare list full and is closed, or dropped
+    assert bytes(held) == bytes(10)
