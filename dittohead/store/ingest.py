@@ -29,8 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
-import filelock
-
 from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
 from dittohead import manifest as mf
@@ -42,6 +40,7 @@ from dittohead.errors import (
     StoreError,
 )
 from dittohead.hashing import blake3
+from dittohead.lock import FileLock, Held
 from dittohead.store.index import pack_chunk_list
 from dittohead.store.layout import StudyDropbox
 from dittohead.store.objects import LocalObjectStore, TmpFile
@@ -242,10 +241,10 @@ class Ingestor:
 
     @contextlib.contextmanager
     def locked(self):
-        lock = filelock.FileLock(self.root.lock_path)
+        lock = FileLock(self.root.lock_path)
         try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
+            lock.acquire()
+        except Held:
             raise LockedError(f"{self.root.path}: another ingest is running (lock {self.root.lock_path})") from None
         try:
             yield
