@@ -7,7 +7,8 @@ its minimum), which lets small files skip the chunker and its buffer allocation 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,6 +35,19 @@ class Chunk:
     @property
     def length(self) -> int:
         return len(self.data)
+
+
+_CHUNKREF = struct.Struct("<32sI")  # a chunk list's entry: id, length
+
+
+def pack_chunk_list(chunks: Iterable[tuple[bytes, int]]) -> bytes:
+    """A file's chunks, (id, length) in order, packed for a local SQLite table (the server's
+    index, the client's cache): 36 bytes each. Not part of the store's format."""
+    return b"".join(_CHUNKREF.pack(cid, n) for cid, n in chunks)
+
+
+def unpack_chunk_list(blob: bytes) -> list[tuple[bytes, int]]:
+    return [_CHUNKREF.unpack_from(blob, i) for i in range(0, len(blob), _CHUNKREF.size)]
 
 
 def make_chunker() -> FastCDC:

@@ -20,8 +20,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from dittohead.chunking import unpack_chunk_list
 from dittohead.errors import NotFound
-from dittohead.store.index import Version, unpack_chunk_list
+from dittohead.store.index import Version
 from dittohead.store.repo import Store
 from dittohead.units import utc_stamp
 

@@ -324,15 +324,12 @@ def check_history(server: Server, history: dict[str, list[bytes]], where: str) -
 # -- resuming an interrupted upload ---------------------------------------------------------------
 
 
-def test_killed_sync_is_resumed_by_the_next(tmp_path: Path) -> None:
-    """A sync killed after a complete pack reached its staging folder: the next sync carries
-    on in that folder (the help: "An interrupted run is resumed by the next one"), so nothing
-    is left behind in the inbox and the complete pack is not sent again."""
-    src = tmp_path / "src"
+def kill_sync_with_a_pack_staged(server: Server, src: Path) -> str:
+    """Writes 48 MiB into ``src``, starts a sync of it, and kills it (SIGKILL) as soon as a
+    complete pack is in its staging folder; returns that folder's name (".NAME")."""
     rng = random.Random(BASE_SEED + 7)
     for i in range(3):
         write_file(src / f"raw/part{i}.bin", rng.randbytes(16 * MiB))
-    server = Server(tmp_path).init()
     proc = server.popen(*server.sync_args(src))
     inbox = server.dropbox("inbox")
     caught = None
@@ -351,6 +348,17 @@ def test_killed_sync_is_resumed_by_the_next(tmp_path: Path) -> None:
         pytest.skip(
             "the sync finished before a complete pack could be caught in its staging folder"
         )
+    return caught
+
+
+def test_killed_sync_is_resumed_by_the_next(tmp_path: Path) -> None:
+    """A sync killed after a complete pack reached its staging folder: the next sync carries
+    on in that folder (the help: "An interrupted run is resumed by the next one"), so nothing
+    is left behind in the inbox and the complete pack is not sent again."""
+    src = tmp_path / "src"
+    server = Server(tmp_path).init()
+    caught = kill_sync_with_a_pack_staged(server, src)
+    inbox = server.dropbox("inbox")
     staged = {
         f: (inbox / caught / f).stat().st_size
         for f in os.listdir(inbox / caught)
@@ -366,3 +374,19 @@ def test_killed_sync_is_resumed_by_the_next(tmp_path: Path) -> None:
     server.ingest()
     for i in range(3):
         assert server.cat(f"raw/part{i}.bin") == (src / f"raw/part{i}.bin").read_bytes()
+
+
+def test_a_killed_sync_whose_files_are_gone_leaves_no_staging_folder(tmp_path: Path) -> None:
+    """The collector deletes what a killed sync was sending: the next sync has nothing to send,
+    says so, and removes the unfinished staging folder instead of committing it."""
+    src = tmp_path / "src"
+    server = Server(tmp_path).init()
+    kill_sync_with_a_pack_staged(server, src)
+    for f in (src / "raw").iterdir():
+        f.unlink()
+    again = server.sync(src)
+    assert again.submission is None, again.output
+    assert "nothing to send" in again.output
+    assert server.inbox_entries() == [], "the unfinished staging folder was left behind"
+    assert server.ingest().exit_code == 0
+    assert server.log() == []

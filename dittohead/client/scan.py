@@ -156,15 +156,43 @@ class _Prefetch:
             t.join()
 
 
-def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
-    """Every selected regular file under ``source``, in a stable order (sorted by name, depth first).
+class Scanner:
+    """A scan of one source folder, begun when made: the folders are listed ahead (see
+    _Prefetch) while the caller does its other start-up work, then ``files()`` walks them.
 
-    This is most of a no-change sync, and most of that is waiting for a cold disk: see _Prefetch.
-    Each name is checked once, as it is met (its folder's path was checked already), and an
-    ASCII name skips normalisation.
+    files() stops the listing threads when done; a caller that never calls it calls close().
     """
-    if not stat.S_ISDIR(os.stat(source).st_mode):
-        raise NotADirectoryError(source)
+
+    def __init__(self, source: str, opts: ScanOptions) -> None:
+        if not stat.S_ISDIR(os.stat(source).st_mode):
+            raise NotADirectoryError(source)
+        self.source = source
+        self.opts = opts
+        self._ahead = _Prefetch(source, LIST_THREADS) if LIST_THREADS else None
+
+    def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.stop()
+
+    def files(self, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
+        """Every selected regular file, in a stable order (sorted by name, depth first).
+
+        Each name is checked once, as it is met (its folder's path was checked already), and
+        an ASCII name skips normalisation. Files modified after ``now_ns - min_age`` are left.
+        """
+        try:
+            return _walk(self.source, self.opts, counts, now_ns)
+        finally:
+            self.close()
+
+
+def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
+    """Scanner(source, opts).files(counts, now_ns), for a caller with nothing to do meanwhile."""
+    return Scanner(source, opts).files(counts, now_ns)
+
+
+def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
     out: list[SourceFile] = []
     seen: set[str] = set()
     min_age_ns = int(opts.min_age * 1e9)
@@ -183,58 +211,53 @@ def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> lis
             return
         stack.append((rel, iter(listing)))
 
-    prefetch = _Prefetch(source, LIST_THREADS) if LIST_THREADS else None
-    try:
-        enter("", source)
-        while stack:
-            rel, items = stack[-1]
-            nxt = next(items, None)
-            if nxt is None:
-                stack.pop()
-                continue
-            item = nxt
-            name = item.name
-            if not name.isascii() or os.sep != "/":
-                name = paths.normalize(name, os.sep)
-            rpath = f"{rel}/{name}" if rel else name
-            try:
-                st = item.stat(follow_symlinks=False)
-            except OSError as err:
-                counts.unreadable += 1
-                counts.problems.append(f"{rpath}: cannot stat ({err.strerror})")
-                continue
-            fmt_ = S_IFMT(st.st_mode)
-            if fmt_ == S_IFLNK or (is_junction is not None and is_junction(item)):
-                counts.symlinks += 1
-                continue
-            try:
-                paths.check_name(name, rpath)
-            except paths.BadPath as err:
-                counts.bad_names += 1
-                counts.problems.append(f"{rpath!r}: skipped, {err}")
-                continue
-            if fmt_ == S_IFDIR:
-                enter(rpath, item.path)
-                continue
-            if fmt_ != S_IFREG:
-                counts.special += 1
-                continue
-            if filtered and not selected(rpath, opts):
-                counts.excluded += 1
-                continue
-            if rpath in seen:
-                counts.bad_names += 1
-                counts.problems.append(f"{rpath!r}: skipped, two names normalise to the same path")
-                continue
-            seen.add(rpath)
-            if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:
-                counts.too_new += 1
-                continue
-            out.append(SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                                  st.st_mode & 0o7777))
-    finally:
-        if prefetch is not None:
-            prefetch.stop()
+    enter("", source)
+    while stack:
+        rel, items = stack[-1]
+        nxt = next(items, None)
+        if nxt is None:
+            stack.pop()
+            continue
+        item = nxt
+        name = item.name
+        if not name.isascii() or os.sep != "/":
+            name = paths.normalize(name, os.sep)
+        rpath = f"{rel}/{name}" if rel else name
+        try:
+            st = item.stat(follow_symlinks=False)
+        except OSError as err:
+            counts.unreadable += 1
+            counts.problems.append(f"{rpath}: cannot stat ({err.strerror})")
+            continue
+        fmt_ = S_IFMT(st.st_mode)
+        if fmt_ == S_IFLNK or (is_junction is not None and is_junction(item)):
+            counts.symlinks += 1
+            continue
+        try:
+            paths.check_name(name, rpath)
+        except paths.BadPath as err:
+            counts.bad_names += 1
+            counts.problems.append(f"{rpath!r}: skipped, {err}")
+            continue
+        if fmt_ == S_IFDIR:
+            enter(rpath, item.path)
+            continue
+        if fmt_ != S_IFREG:
+            counts.special += 1
+            continue
+        if filtered and not selected(rpath, opts):
+            counts.excluded += 1
+            continue
+        if rpath in seen:
+            counts.bad_names += 1
+            counts.problems.append(f"{rpath!r}: skipped, two names normalise to the same path")
+            continue
+        seen.add(rpath)
+        if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:
+            counts.too_new += 1
+            continue
+        out.append(SourceFile(rpath, item.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                              st.st_mode & 0o7777))
     return out
 
 

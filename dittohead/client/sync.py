@@ -15,21 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from dittohead import directio, pack, records
 from dittohead import format as fmt
-from dittohead import manifest as mf
-from dittohead.chunking import Chunk, Chunker
+from dittohead import records
 from dittohead.client import cache as cc
-from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
-from dittohead.client.transport import GONE, IN_STAGING, Transport, Upload
-from dittohead.errors import FormatError, TransportError, UsageError
-from dittohead.hashing import EMPTY_HASH, blake3
-from dittohead.store.index import pack_chunk_list, unpack_chunk_list
+from dittohead.client.scan import ScanCounts, Scanner, ScanOptions, SourceFile
+from dittohead.client.transport import GONE, IN_STAGING, Transport
+from dittohead.errors import FormatError, UsageError
 from dittohead.units import human_bytes, plural
 
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within its timestamps' tick
@@ -105,96 +99,6 @@ def new_submission_name() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(6).hex()
 
 
-class _Uploader:
-    """Streams chunks the server lacks into packs in the staging folder, one pack at a time."""
-
-    def __init__(self, t: Transport, cache: cc.StateCache, study: str, name: str,
-                 skip: set[bytes], dry_run: bool, staging_exists: bool) -> None:
-        self.t, self.cache, self.study, self.name = t, cache, study, name
-        self.skip = skip
-        self.dry_run = dry_run
-        self.staging_exists = staging_exists
-        self.upload: Upload | None = None
-        self.writer: pack.PackWriter | None = None
-        self.bytes_sent = 0
-        # Each finished pack is fsynced and renamed in the background while the next one fills;
-        # at most one is in flight, and it is recorded as staged only once it is complete.
-        self._pool: ThreadPoolExecutor | None = None
-        self._inflight: tuple[Future[None], Upload, str, int, bytes] | None = None
-
-    def offer(self, chunk: Chunk) -> None:
-        if chunk.id in self.skip:
-            return
-        self.skip.add(chunk.id)
-        if self.dry_run:
-            self.bytes_sent += chunk.length
-            return
-        try:
-            if self.writer is None:
-                self.ensure_staging()
-                self.upload = self.t.open_upload(self.study, self.name)
-                self.writer = pack.PackWriter(self.upload)
-            self.writer.add(chunk.id, chunk.data)
-            if self.writer.full():
-                self.flush()
-        except OSError as e:  # not a source file's fault: it must not read as one
-            raise _write_error(e) from e
-
-    def ensure_staging(self) -> None:
-        if not self.staging_exists:
-            self.cache.set_state(self.name, cc.STAGING, time.time_ns())
-            self.t.make_staging(self.study, self.name)
-            self.staging_exists = True
-
-    def flush(self, wait: bool = False) -> None:
-        """Finish the current pack (in the background); with ``wait``, every pack is complete."""
-        try:
-            if self.writer is not None and self.upload is not None:
-                self._settle()  # the previous pack is recorded before anything of this one can fail
-                pid, size = self.writer.finish()
-                filename = pid.hex() + fmt.PACK_SUFFIX
-                ids = b"".join(e.id for e in self.writer.entries)
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-upload")
-                self._inflight = (self._pool.submit(self.upload.finish, filename), self.upload, filename, size, ids)
-                self.upload, self.writer = None, None
-            if wait:
-                self._settle()
-        except OSError as e:
-            raise _write_error(e) from e
-
-    def _settle(self) -> None:
-        if self._inflight is None:
-            return
-        fut, upload, filename, size, ids = self._inflight
-        self._inflight = None
-        try:
-            fut.result()
-        except BaseException:
-            upload.abort()  # its temporary file: a pack that never became complete
-            raise
-        self.cache.add_staged(self.name, filename, size, ids)
-        self.bytes_sent += size
-
-    def abort(self) -> None:
-        if self._inflight is not None:
-            with contextlib.suppress(Exception):
-                self._settle()
-        if self.upload is not None:
-            self.upload.abort()
-            self.upload, self.writer = None, None
-        self.close()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-
-def _write_error(e: OSError) -> TransportError:
-    return TransportError(f"cannot write to the drop box: {e.strerror or e}")
-
-
 def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
     for name in cache.submissions((cc.COMMITTING, cc.PENDING)):
         raw = t.read_receipt(study, name)
@@ -263,139 +167,27 @@ def _resume_staging(t: Transport, cache: cc.StateCache, study: str) -> tuple[str
     return name, ids
 
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-PREFETCH_THREADS = 4  # small files are read ahead, several at once: a cold disk serves them faster
-PREFETCH_BATCH = 16  # files per task: one hand-over between threads per batch, not per file
-PREFETCH_WINDOW = 64  # files read ahead at most (each at most CHUNK_MIN bytes: 16 MiB in all)
-
-Slurped = tuple[bytes, bytes, os.stat_result, os.stat_result]  # data, BLAKE3 of it, stat before, after
-
-
-def _slurp(paths: list[str]) -> list[Slurped | OSError]:
-    """Small files' bytes (at most CHUNK_MIN + 1 of each), their hashes, and their stat before
-    and after. Hashed here, on the reading thread: a small file's hash is its one chunk's id."""
-    out: list[Slurped | OSError] = []
-    for path in paths:
-        try:
-            data, st, st2 = directio.read_small(path, _OPEN_FLAGS, fmt.CHUNK_MIN)
-        except OSError as e:
-            out.append(e)
-            continue
-        out.append((data, blake3(data).digest(), st, st2))
-    return out
-
-
-class _Slot:
-    """One file's place in a batch being read ahead."""
-
-    def __init__(self, batch: Future[list[Slurped | OSError]], i: int) -> None:
-        self.batch, self.i = batch, i
-
-    def result(self) -> Slurped:
-        got = self.batch.result()[self.i]
-        if isinstance(got, OSError):
-            raise got
-        return got
-
-
-class _Prefetcher:
-    """Reads the small files among ``files`` ahead, in order, in batches on worker threads."""
-
-    def __init__(self, files: list[SourceFile]) -> None:
-        self.queue = deque(sf for sf in files if sf.size <= fmt.CHUNK_MIN)
-        self.pending: dict[str, _Slot] = {}
-        self.pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="dittohead-read") if self.queue else None
-        self._fill()
-
-    def _fill(self) -> None:
-        while self.pool is not None and self.queue and len(self.pending) + PREFETCH_BATCH <= PREFETCH_WINDOW:
-            batch = [self.queue.popleft() for _ in range(min(PREFETCH_BATCH, len(self.queue)))]
-            fut = self.pool.submit(_slurp, [sf.os_path for sf in batch])
-            for i, sf in enumerate(batch):
-                self.pending[sf.path] = _Slot(fut, i)
-
-    def take(self, sf: SourceFile) -> _Slot | None:
-        slot = self.pending.pop(sf.path, None)
-        self._fill()
-        return slot
-
-    def close(self) -> None:
-        if self.pool is not None:
-            for slot in self.pending.values():
-                slot.batch.cancel()
-            self.pool.shutdown(wait=True)
-            self.pool = None
-
-
-def _read_small(got: Slurped, on_chunk: Callable[[Chunk], None],
-                progress: Progress) -> tuple[bytes, list[tuple[bytes, int]], os.stat_result] | None:
-    data, digest, st, st2 = got
-    if len(data) != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-        return None
-    progress.advance(len(data))
-    if not data:
-        return EMPTY_HASH, [], st
-    on_chunk(Chunk(digest, data))  # a file of one chunk: the chunk's id is the file's hash
-    return digest, [(digest, len(data))], st
-
-
-def _read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
-          progress: Progress, prefetched: _Slot | None = None,
-          ) -> tuple[bytes, list[tuple[bytes, int]], os.stat_result] | None:
-    """Chunk and hash one file; None if it changed while being read."""
-    if prefetched is not None:
-        got = prefetched.result()
-        if len(got[0]) <= fmt.CHUNK_MIN:
-            return _read_small(got, on_chunk, progress)
-        # It grew past one chunk since the scan: read it as a large file.
-    f = directio.Reader(directio.open_fd(sf.os_path, _OPEN_FLAGS))
-    try:
-        st = os.fstat(f.fd)
-        # A file of one chunk (up to CHUNK_MIN bytes) has its chunk id as its file hash.
-        h = blake3() if st.st_size > fmt.CHUNK_MIN else None
-        chunks: list[tuple[bytes, int]] = []
-        total = 0
-        for c in chunker.cut_stream(f, st.st_size):
-            if h is not None:
-                h.update(c.data)
-            chunks.append((c.id, c.length))
-            total += c.length
-            on_chunk(c)
-            progress.advance(c.length)
-        st2 = os.fstat(f.fd)
-    finally:
-        f.close()
-    if total != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-        return None
-    if h is not None:
-        fhash = h.digest()
-    elif len(chunks) == 1:
-        fhash = chunks[0][0]
-    elif not chunks:
-        fhash = EMPTY_HASH
-    else:
-        return None  # grew past CHUNK_MIN while being read: changing
-    return fhash, chunks, st
-
-
 def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
          progress: Progress | None = None, *, now_ns: Callable[[], int] = time.time_ns) -> SyncSummary:
     progress = progress or NoProgress()
     if not os.path.isdir(opts.source):
         raise UsageError(f"{opts.source}: no such folder")
     summary = SyncSummary(dry_run=opts.dry_run)
-    t.check_study(opts.study)
-    if not opts.dry_run:
-        _reconcile(t, cache, opts.study, summary)
-    _refresh_have(t, cache, opts.study)
-    name, staged_ids = (None, set()) if opts.dry_run else _resume_staging(t, cache, opts.study)
+    scanner = Scanner(opts.source, opts.scan)  # lists the folders ahead while this goes on
+    try:
+        t.check_study(opts.study)
+        if not opts.dry_run:
+            _reconcile(t, cache, opts.study, summary)
+        _refresh_have(t, cache, opts.study)
+        name, staged_ids = (None, set()) if opts.dry_run else _resume_staging(t, cache, opts.study)
+        cached = cache.load_files()
+        last_sent = cache.last_sent()
+        start_ns = now_ns()
+        files = scanner.files(summary.counts, start_ns)
+    finally:
+        scanner.close()
     staging_exists = name is not None
     name = name or new_submission_name()
-
-    start_ns = now_ns()
-    files = list(scan(opts.source, opts.scan, summary.counts, start_ns))
-    cached = cache.load_files()
-    last_sent = cache.last_sent()
     skip: set[bytes] | None = None  # chunks the server holds or this submission carries
 
     def skip_set() -> set[bytes]:  # loaded only when some file may need sending
@@ -414,18 +206,36 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
         held = skip_set()
         return any(cid not in held for cid, _ in unpack_chunk_list(c.chunks))
 
+    def sent_as_is(sf: SourceFile) -> bool:
+        c = cached.get(sf.path)
+        return (c is not None and (c.size, c.mtime_ns, c.ctime_ns, c.ino) == (sf.size, sf.mtime_ns, sf.ctime_ns, sf.ino)
+                and last_sent.get(sf.path) == c.hash)
+
+    if all(sent_as_is(sf) for sf in files):
+        # Nothing new, changed or unsent: the common case. It ends here, before the code that
+        # reads, packs and sends is even imported.
+        summary.unchanged = len(files)
+        if staging_exists:
+            _drop_staging(t, cache, opts.study, name)
+        return summary
+
+    from dittohead import manifest as mf
+    from dittohead.chunking import Chunker, pack_chunk_list, unpack_chunk_list
+    from dittohead.client.packer import Packer
+    from dittohead.client.reader import SmallFiles, read
+
     to_read = {sf.path for sf in files if needs_read(sf)}
     progress.start(sum(sf.size for sf in files if sf.path in to_read), len(to_read))
-    up = _Uploader(t, cache, opts.study, name, skip_set() if to_read else set(), opts.dry_run, staging_exists)
+    up = Packer(t, cache, opts.study, name, skip_set() if to_read else set(), opts.dry_run, staging_exists)
     chunker = Chunker()
-    prefetch = _Prefetcher([sf for sf in files if sf.path in to_read])
+    prefetch = SmallFiles([sf for sf in files if sf.path in to_read])
     entries: list[mf.Entry] = []
     batch: list[tuple[str, cc.CachedFile]] = []
     try:
         for sf in files:
             if sf.path in to_read:
                 try:
-                    got = _read(sf, chunker, up.offer, progress, prefetch.take(sf))
+                    got = read(sf, chunker, up.offer, progress.advance, prefetch.take(sf))
                 except OSError as e:
                     summary.counts.unreadable += 1
                     summary.counts.problems.append(f"{sf.path}: cannot read ({e.strerror})")
@@ -480,9 +290,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     summary.bytes_sent = up.bytes_sent
     if not entries:
         if up.staging_exists:
-            t.remove_staging(opts.study, name)
-            cache.drop_staged(name)
-            cache.set_state(name, cc.LOST)
+            _drop_staging(t, cache, opts.study, name)
         return summary
 
     import socket  # here: a sync with nothing to send should not pay for importing it
@@ -501,6 +309,13 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
         cache.drop_staged(name)
     summary.submission = name
     return summary
+
+
+def _drop_staging(t: Transport, cache: cc.StateCache, study: str, name: str) -> None:
+    """An unfinished staging folder that this run has nothing to add to: it goes."""
+    t.remove_staging(study, name)
+    cache.drop_staged(name)
+    cache.set_state(name, cc.LOST)
 
 
 def _user() -> str:

@@ -10,10 +10,10 @@ index is always exactly "the log up to last_seq".
 from __future__ import annotations
 
 import sqlite3
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from dittohead.chunking import pack_chunk_list
 from dittohead.manifest import Manifest
 from dittohead.studylog import LogRecord
 
@@ -47,15 +47,6 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 """
 
-_CHUNKREF = struct.Struct("<32sI")
-
-
-def pack_chunk_list(chunks: Iterable[tuple[bytes, int]]) -> bytes:
-    return b"".join(_CHUNKREF.pack(cid, n) for cid, n in chunks)
-
-
-def unpack_chunk_list(blob: bytes) -> list[tuple[bytes, int]]:
-    return [_CHUNKREF.unpack_from(blob, i) for i in range(0, len(blob), _CHUNKREF.size)]
 
 
 @dataclass(frozen=True)
@@ -68,7 +59,7 @@ class Version:
     size: int
     mtime_ns: int
     mode: int
-    chunks: bytes  # packed chunk list; see unpack_chunk_list
+    chunks: bytes  # packed chunk list; see chunking.unpack_chunk_list
     ingested_ns: int
     site: str
 

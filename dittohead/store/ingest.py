@@ -32,6 +32,7 @@ from typing import BinaryIO, Callable
 from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
 from dittohead import manifest as mf
+from dittohead.chunking import pack_chunk_list
 from dittohead.errors import (
     FormatError,
     IntegrityError,
@@ -41,7 +42,6 @@ from dittohead.errors import (
 )
 from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
-from dittohead.store.index import pack_chunk_list
 from dittohead.store.layout import StudyDropbox
 from dittohead.store.objects import LocalObjectStore, TmpFile
 from dittohead.store.repo import Store, log_key, manifest_key, pack_key
