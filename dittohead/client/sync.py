@@ -197,9 +197,16 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
             skip |= staged_ids
         return skip
 
-    def needs_read(sf: SourceFile) -> bool:
+    def as_read(sf: SourceFile) -> cc.CachedFile | None:
+        """What the cache knows of the file, if it is unchanged since it was read."""
         c = cached.get(sf.path)
         if c is None or (c.size, c.mtime_ns, c.ctime_ns, c.ino) != (sf.size, sf.mtime_ns, sf.ctime_ns, sf.ino):
+            return None
+        return c
+
+    def needs_read(sf: SourceFile) -> bool:
+        c = as_read(sf)
+        if c is None:
             return True
         if last_sent.get(sf.path) == c.hash:
             return False
@@ -207,9 +214,8 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
         return any(cid not in held for cid, _ in unpack_chunk_list(c.chunks))
 
     def sent_as_is(sf: SourceFile) -> bool:
-        c = cached.get(sf.path)
-        return (c is not None and (c.size, c.mtime_ns, c.ctime_ns, c.ino) == (sf.size, sf.mtime_ns, sf.ctime_ns, sf.ino)
-                and last_sent.get(sf.path) == c.hash)
+        c = as_read(sf)
+        return c is not None and last_sent.get(sf.path) == c.hash
 
     if all(sent_as_is(sf) for sf in files):
         # Nothing new, changed or unsent: the common case. It ends here, before the code that

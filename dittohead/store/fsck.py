@@ -13,6 +13,7 @@ Severity "damage" makes the CLI exit 3; "warning" and "repaired" do not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -145,7 +146,6 @@ class Checker:
         self.made: list[tuple[str, str, int, tuple[mf.ChunkRef, ...]]] = []
         self._refs: dict[bytes, list[Affected]] | None = None
         self.data_jobs: list[DataJob] = []
-        self._data_queued = 0  # how far into their packs data_jobs reach, summed
         self._pool: ProcessPoolExecutor | None = None
         self.sound_packs: set[bytes] = set()
         self.damaged_packs: set[bytes] = set()
@@ -184,6 +184,11 @@ class Checker:
         its pack, and cold, one after another, they wait on the disk far longer than they take
         to check (and behind the data reads of the workers, once those have begun)."""
         named = [(key, self.pack_hexid(key)) for key in self.store.objects.list("packs")]
+        if self.read_data and (os.cpu_count() or 1) >= 2:
+            with contextlib.suppress(OSError):  # a pack gone or unreadable: its trailer will say
+                if sum(self.store.objects.size(key) for key, _ in named) >= PARALLEL_MIN_BYTES:
+                    # Started now, so that the workers are ready when the first trailer is read.
+                    self._pool = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
         with ThreadPoolExecutor(TRAILER_READERS, thread_name_prefix="dittohead-fsck") as readers:
             readers.submit(self.warm_index)
             trailers = readers.map(self.read_trailer, named)
@@ -249,19 +254,12 @@ class Checker:
             return e
 
     def queue_data_check(self, job: DataJob) -> None:
-        """Hash a pack's data in worker processes once there is much of it (blake3 holds the
-        GIL, and the other layers need the main process meanwhile); each pack is handed over as
-        soon as its trailer is read, so the disk is busy from the first pack on. A small store
-        is hashed in this process, in finish_data_checks."""
+        """Hash a pack's data in worker processes when the store is large (the other layers keep
+        the main process busy meanwhile, in Python); each pack is handed over as soon as its
+        trailer is read, so the disk is busy from the first pack on. A small store is hashed in
+        this process, in finish_data_checks."""
         self.data_jobs.append(job)
-        self._data_queued += job.entries[-1][1] + job.entries[-1][2]
-        if self._pool is None:
-            if self._data_queued < PARALLEL_MIN_BYTES or (os.cpu_count() or 1) < 2:
-                return
-            self._pool = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
-            for queued in self.data_jobs:
-                queued.future = self._pool.submit(hash_pack_data, queued.path, queued.entries)
-        else:
+        if self._pool is not None:
             job.future = self._pool.submit(hash_pack_data, job.path, job.entries)
 
     def finish_data_checks(self) -> Iterator[Finding]:
