@@ -255,7 +255,12 @@ class Reader:
             undirect(self.fd)  # the end, or a short read: the next read starts unaligned
         self._ahead = _io_pool().submit(_read_hash, self.fd, self._views[1 - self._cur], self._hasher)
 
+    def _check_open(self) -> None:
+        if self.fd < 0:
+            raise ValueError("I/O on a closed Reader")
+
     def readinto(self, b: memoryview | bytearray) -> int:
+        self._check_open()
         while self._pos >= self._have:
             if self._ahead is None:
                 return 0
@@ -268,6 +273,7 @@ class Reader:
     def next_block(self) -> memoryview:
         """The next unread part of the file, as read: valid until the next call; empty at the end.
         (Hashing straight from the read buffers saves ``readinto``'s copy.)"""
+        self._check_open()
         while self._pos >= self._have:
             if self._ahead is None:
                 return memoryview(b"")
@@ -280,6 +286,7 @@ class Reader:
         """BLAKE3 of the whole file (with ``hashed``): reads on to its end, handing nothing out."""
         if self._hasher is None:
             raise ValueError("this Reader does not hash")
+        self._check_open()
         while self._ahead is not None:
             self._advance()
         self._pos = self._have
@@ -322,7 +329,12 @@ class Writer:
         self._fill = 0
         self.size = 0
 
+    def _check_open(self) -> None:
+        if self.fd < 0:
+            raise ValueError("I/O on a closed Writer")
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._check_open()
         src = memoryview(data).cast("B")
         total = len(src)
         while src:
@@ -347,6 +359,7 @@ class Writer:
         """BLAKE3 of everything written so far (with ``hashed``)."""
         if self._hasher is None:
             raise ValueError("this Writer does not hash")
+        self._check_open()
         self._settle()
         h = self._hasher.copy()
         h.update(self._views[self._cur][: self._fill])
@@ -354,6 +367,7 @@ class Writer:
 
     def finish(self) -> None:
         """Write what is buffered, fsync, close: the file is complete and durable."""
+        self._check_open()
         try:
             self._settle()
             aligned = self._fill - self._fill % ALIGN

@@ -669,3 +669,30 @@ def test_a_buffer_still_viewed_is_dropped_not_closed() -> None:
     for b in extra:
         directio._give_back(b)  # the last one finds the spare list full and is closed, or dropped
     assert bytes(held) == bytes(10)
+
+
+def test_io_after_close_is_a_clear_error(tmp_path: Path) -> None:
+    """As with Python's own files: a ValueError naming the closed object, whether or not its
+    buffers were drained, and a second close is harmless."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * directio.BLOCK + 5))
+    for drained in (False, True):
+        r = directio.Reader(directio.open_fd(str(src), os.O_RDONLY), hashed=True)
+        if drained:
+            while r.next_block():
+                pass
+        else:
+            r.read(10)  # part of the first block is still unread
+        r.close()
+        for method, args in (("readinto", (bytearray(10),)), ("next_block", ()), ("read", (1,)), ("digest", ())):
+            with pytest.raises(ValueError, match="closed Reader"):
+                getattr(r, method)(*args)
+        r.close()
+    w = directio.Writer(directio.open_fd(str(tmp_path / "out"), os.O_WRONLY | os.O_CREAT), hashed=True)
+    w.write(b"x" * 100)
+    w.finish()
+    for method, args in (("write", (b"y",)), ("finish", ()), ("digest", ())):
+        with pytest.raises(ValueError, match="closed Writer"):
+            getattr(w, method)(*args)
+    w.close()
+    assert (tmp_path / "out").read_bytes() == b"x" * 100
