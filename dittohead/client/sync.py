@@ -2,10 +2,11 @@
 
 1. Reconcile earlier submissions with their receipts (a submission that vanished from the inbox
    without a receipt was rejected: its files are sent again).
-2. Read new have-segments: the chunks the study already holds.
-3. Re-use an unfinished staging folder (complete packs are not sent again; partial files go).
-4. Scan; read only files whose size, mtime_ns or inode changed since last read; chunk and hash
-   them; put each chunk the server lacks into a pack (about 16 MiB) and upload complete packs.
+2. Re-use an unfinished staging folder (complete packs are not sent again; partial files go).
+3. Scan; if every file is as last read and last sent, stop: nothing to send.
+4. Read new have-segments: the chunks the study already holds. Read only files whose size,
+   mtime_ns, ctime_ns or inode changed since last read; chunk and hash them; put each chunk
+   the server lacks into a pack (about 16 MiB) and upload complete packs.
 5. Write the manifest (files whose content differs from what this client last sent), then commit
    by renaming the staging folder. Nothing to send: no submission is made.
 """
@@ -178,7 +179,6 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
         t.check_study(opts.study)
         if not opts.dry_run:
             _reconcile(t, cache, opts.study, summary)
-        _refresh_have(t, cache, opts.study)
         name, staged_ids = (None, set()) if opts.dry_run else _resume_staging(t, cache, opts.study)
         cached = cache.load_files()
         last_sent = cache.last_sent()
@@ -190,9 +190,12 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     name = name or new_submission_name()
     skip: set[bytes] | None = None  # chunks the server holds or this submission carries
 
-    def skip_set() -> set[bytes]:  # loaded only when some file may need sending
+    def skip_set() -> set[bytes]:
+        """Loaded only when some file may need sending: after an ingest, the new have-segment
+        holds an id for every chunk it added, and a sync with nothing to send never reads it."""
         nonlocal skip
         if skip is None:
+            _refresh_have(t, cache, opts.study)
             skip = cache.have()
             skip |= staged_ids
         return skip
