@@ -50,7 +50,7 @@ class Packer:
             if self.writer.full():
                 self.flush()
         except OSError as e:  # not a source file's fault: it must not read as one
-            raise write_error(e) from e
+            raise _write_error(e) from e
 
     def ensure_staging(self) -> None:
         if not self.staging_exists:
@@ -73,7 +73,7 @@ class Packer:
             if wait:
                 self._settle()
         except OSError as e:
-            raise write_error(e) from e
+            raise _write_error(e) from e
 
     def _settle(self) -> None:
         if self._inflight is None:
@@ -103,5 +103,5 @@ class Packer:
             self._pool = None
 
 
-def write_error(e: OSError) -> TransportError:
+def _write_error(e: OSError) -> TransportError:
     return TransportError(f"cannot write to the drop box: {e.strerror or e}")
