@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dittohead.client import scan as scan_mod
-from dittohead.client.scan import ScanCounts, ScanOptions, SourceFile, scan
+from dittohead.client.scan import ScanCounts, Scanner, ScanOptions, SourceFile
 
 
 def plain_walk(top: str, rel: str = "") -> list[tuple[str, int, int]]:
@@ -39,7 +39,7 @@ def plain_walk(top: str, rel: str = "") -> list[tuple[str, int, int]]:
 
 def scanned(top: str | Path) -> tuple[list[tuple[str, int, int]], ScanCounts]:
     counts = ScanCounts()
-    files: list[SourceFile] = scan(str(top), ScanOptions(), counts, time.time_ns())
+    files: list[SourceFile] = Scanner(str(top), ScanOptions()).files(counts, time.time_ns())
     return [(f.path, f.size, f.ino) for f in files], counts
 
 

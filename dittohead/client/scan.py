@@ -187,11 +187,6 @@ class Scanner:
             self.close()
 
 
-def scan(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
-    """Scanner(source, opts).files(counts, now_ns), for a caller with nothing to do meanwhile."""
-    return Scanner(source, opts).files(counts, now_ns)
-
-
 def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
     out: list[SourceFile] = []
     seen: set[str] = set()

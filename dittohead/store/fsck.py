@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -150,11 +150,11 @@ class Checker:
         self.sound_packs: set[bytes] = set()
         self.damaged_packs: set[bytes] = set()
 
-    def data_size(self) -> int:
-        total = 0
-        for key in self.store.objects.list("packs"):
-            total += self.store.objects.size(key)
-        return total
+    def data_size(self, keys: Iterable[str] | None = None) -> int:
+        """Bytes in the packs (those under ``keys``, if given: a listing already made)."""
+        if keys is None:
+            keys = self.store.objects.list("packs")
+        return sum(self.store.objects.size(key) for key in keys)
 
     def run(self) -> Iterator[Finding]:
         # The index as it should be, built in memory from what this pass reads (one decode each).
@@ -186,7 +186,7 @@ class Checker:
         named = [(key, self.pack_hexid(key)) for key in self.store.objects.list("packs")]
         if self.read_data and (os.cpu_count() or 1) >= 2:
             with contextlib.suppress(OSError):  # a pack gone or unreadable: its trailer will say
-                if sum(self.store.objects.size(key) for key, _ in named) >= PARALLEL_MIN_BYTES:
+                if self.data_size(key for key, _ in named) >= PARALLEL_MIN_BYTES:
                     # Started now, so that the workers are ready when the first trailer is read.
                     self._pool = ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1))
         with ThreadPoolExecutor(TRAILER_READERS, thread_name_prefix="dittohead-fsck") as readers:
