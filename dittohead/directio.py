@@ -20,6 +20,8 @@ import errno
 import mmap
 import os
 import threading
+from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -119,6 +121,17 @@ def _read_hash(fd: int, view: memoryview, hasher: Any) -> int:
     if hasher is not None and n > 0:
         hasher.update(view[:n])
     return n
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    """One pread(2) into ``view`` at ``offset``; a refused direct read is retried buffered."""
+    while True:
+        try:
+            return os.preadv(fd, [view], offset)
+        except OSError as e:
+            if e.errno not in _REFUSED or not is_direct(fd):
+                raise
+            undirect(fd)
 
 
 def _hash_write(fd: int, view: memoryview, hasher: Any) -> None:
@@ -225,35 +238,74 @@ def _release(fd: int, views: list[memoryview], bufs: list[mmap.mmap]) -> int:
 
 
 class Reader:
-    """Reads one open file sequentially in large blocks, the next block read ahead on a thread.
+    """Reads one open file sequentially in large blocks, ``depth`` blocks read ahead on threads.
 
     Reads from the start of the file. Offers ``readinto`` (what ``pyfastcdc``'s ``cut_stream``
-    prefers) and ``read``. Owns ``fd`` and closes it. With ``hashed``, it also hashes the whole
-    file as it reads it, on the reading thread (``digest``).
+    prefers), ``next_block`` and ``read``. Owns ``fd`` and closes it. With ``hashed``, it also
+    hashes the whole file as it reads it, on the reading thread (``digest``).
+
+    One read in flight (``depth`` 1, the default) keeps a disk busy for one reader whose consumer
+    is quick. A disk that serves a queue faster than one request at a time (fsck's hashing
+    workers read the store's packs, and there are only two of them) wants more: with ``depth``
+    above 1 the reads go at their offsets (``pread``), ``depth`` at once. A read that comes back
+    short (the end, as it was when read) voids those beyond it, and reading goes on from where it
+    stopped, as with one read in flight. Platforms without ``preadv`` (Windows) read one ahead.
     """
 
-    def __init__(self, fd: int, *, hashed: bool = False) -> None:
+    def __init__(self, fd: int, *, hashed: bool = False, depth: int = 1) -> None:
+        if depth < 1:
+            raise ValueError("a Reader reads at least one block ahead")
+        if hashed and depth > 1:
+            raise ValueError("a hashed Reader hashes in order: one read in flight")
         self.fd = fd
         self._hasher = blake3() if hashed else None
+        self._depth = depth if hasattr(os, "preadv") else 1
         os.lseek(fd, 0, os.SEEK_SET)
-        self._bufs = [_take_block(BLOCK), _take_block(BLOCK)]
+        self._bufs = [_take_block(BLOCK) for _ in range(self._depth + 1)]
         self._views = [memoryview(b) for b in self._bufs]
         self._cur = 0
         self._have = 0  # bytes in the current buffer
         self._pos = 0  # bytes of it already handed out
-        self._ahead: Future[int] | None = _io_pool().submit(_read_hash, fd, self._views[1], self._hasher)
+        self._offset = 0  # the file offset the next read starts at
+        self._inflight: deque[tuple[Future[int], int, int]] = deque()  # (read, buffer, offset), in order
+        self._issue(range(1, self._depth + 1))
+
+    def _issue(self, bufs: Iterable[int]) -> None:
+        for i in bufs:
+            view = self._views[i]
+            if self._depth == 1:  # the file's own offset, which is self._offset
+                fut = _io_pool().submit(_read_hash, self.fd, view, self._hasher)
+            else:
+                fut = _io_pool().submit(_pread, self.fd, view, self._offset)
+            self._inflight.append((fut, i, self._offset))
+            self._offset += len(view)
 
     def _advance(self) -> None:
-        assert self._ahead is not None
-        n = self._ahead.result()
-        self._ahead = None
-        self._cur = 1 - self._cur
+        fut, i, offset = self._inflight.popleft()
+        n = fut.result()
+        free, self._cur = self._cur, i
         self._have, self._pos = n, 0
+        if n == len(self._views[i]):
+            self._issue([free])
+            return
+        # The end, or a short read: the reads beyond it are void; go on from where it stopped.
+        idle = [free, *self._settle()]
+        self._offset = offset + n
         if n == 0:
             return  # the end
         if n % ALIGN:
-            undirect(self.fd)  # the end, or a short read: the next read starts unaligned
-        self._ahead = _io_pool().submit(_read_hash, self.fd, self._views[1 - self._cur], self._hasher)
+            undirect(self.fd)  # the next read starts unaligned
+        self._issue(idle)
+
+    def _settle(self) -> list[int]:
+        """Wait for the reads in flight (their results void); their buffers, free again."""
+        bufs = []
+        while self._inflight:
+            fut, i, _ = self._inflight.popleft()
+            with contextlib.suppress(Exception):
+                fut.result()
+            bufs.append(i)
+        return bufs
 
     def _check_open(self) -> None:
         if self.fd < 0:
@@ -262,7 +314,7 @@ class Reader:
     def readinto(self, b: memoryview | bytearray) -> int:
         self._check_open()
         while self._pos >= self._have:
-            if self._ahead is None:
+            if not self._inflight:
                 return 0
             self._advance()
         n = min(len(b), self._have - self._pos)
@@ -275,7 +327,7 @@ class Reader:
         (Hashing straight from the read buffers saves ``readinto``'s copy.)"""
         self._check_open()
         while self._pos >= self._have:
-            if self._ahead is None:
+            if not self._inflight:
                 return memoryview(b"")
             self._advance()
         view = self._views[self._cur][self._pos : self._have]
@@ -287,7 +339,7 @@ class Reader:
         if self._hasher is None:
             raise ValueError("this Reader does not hash")
         self._check_open()
-        while self._ahead is not None:
+        while self._inflight:
             self._advance()
         self._pos = self._have
         return self._hasher.digest()
@@ -300,10 +352,7 @@ class Reader:
         return bytes(out[:got])
 
     def close(self) -> None:
-        if self._ahead is not None:
-            with contextlib.suppress(Exception):
-                self._ahead.result()
-            self._ahead = None
+        self._settle()
         self.fd = _release(self.fd, self._views, self._bufs)
 
 

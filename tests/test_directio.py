@@ -16,7 +16,8 @@ Covered:
 - Reader: readinto with buffers of random sizes, and read(n), return exactly the file's bytes, for
   the same sizes, from direct and plain fds, from the start whatever the fd's offset; a file that
   grows while it is read gives a prefix of its final content; read errors that are not a refusal
-  of O_DIRECT are raised.
+  of O_DIRECT are raised. Each with one read in flight and with several (``depth``, reads at
+  their offsets), which are really in flight at once; a hashed Reader refuses a depth above 1.
 - read_small: the first limit+1 bytes at most with stat before and after, for sizes 0, 1, ALIGN,
   limit, limit+1, limit+5000, several limits, from many threads at once; flags are honoured.
 - pyfastcdc: Chunker().cut_stream(Reader(fd), size) cuts exactly as Chunker().cut_bytes(data).
@@ -30,6 +31,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +48,7 @@ from dittohead.hashing import blake3
 ALIGN, BLOCK = directio.ALIGN, directio.BLOCK
 SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, directio.WRITE_BLOCK - 1, directio.WRITE_BLOCK + 1, BLOCK - 1, BLOCK,
          BLOCK + 1, 2 * BLOCK + 5]
+DEPTHS = [1, 3]  # reads in flight: one ahead (the default), several at their offsets
 WFLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 HAS_O_DIRECT = hasattr(os, "O_DIRECT")
 _names = itertools.count()
@@ -259,7 +262,7 @@ def test_filesystem_refusing_direct_reads_and_writes(
     """A filesystem that accepts O_DIRECT at open but fails the I/O with EINVAL."""
     if not accepts["disk"]:
         pytest.skip("tmp dir refuses O_DIRECT")
-    real_write, real_readv = os.write, os.readv
+    real_write, real_readv, real_preadv = os.write, os.readv, os.preadv
     refused: list[str] = []
 
     def write(fd, data):  # type: ignore[no-untyped-def]
@@ -274,8 +277,15 @@ def test_filesystem_refusing_direct_reads_and_writes(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_readv(fd, bufs)
 
+    def preadv(fd, bufs, offset):  # type: ignore[no-untyped-def]
+        if directio.is_direct(fd):
+            refused.append("pread")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, bufs, offset)
+
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "readv", readv)
+    monkeypatch.setattr(os, "preadv", preadv)
     data = data_of(2 * BLOCK + 5, seed=9)
     path = str(tmp_path / "f")
     fd = directio.open_fd(path, WFLAGS, 0o600)
@@ -294,6 +304,13 @@ def test_filesystem_refusing_direct_reads_and_writes(
     finally:
         r.close()
     assert "read" in refused
+    fd = directio.open_fd(path, os.O_RDONLY)
+    r = directio.Reader(fd, depth=3)
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+    assert "pread" in refused
     assert directio.read_small(path, os.O_RDONLY, ALIGN)[0] == data[: ALIGN + 1]
 
 
@@ -304,7 +321,7 @@ def short_io(monkeypatch: pytest.MonkeyPatch) -> None:
     A short read moves the offset back over what it read past its count, so it needs no
     particular alignment; a short write to a direct fd stays aligned.
     """
-    real_write, real_readv = os.write, os.readv
+    real_write, real_readv, real_preadv = os.write, os.readv, os.preadv
     caps = itertools.cycle([1000, 3 * ALIGN, 5, BLOCK // 2 + 1])
 
     def write(fd, data):  # type: ignore[no-untyped-def]
@@ -318,8 +335,12 @@ def short_io(monkeypatch: pytest.MonkeyPatch) -> None:
             return cap
         return n
 
+    def preadv(fd, bufs, offset):  # type: ignore[no-untyped-def]
+        return min(real_preadv(fd, bufs, offset), next(caps))
+
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "readv", readv)
+    monkeypatch.setattr(os, "preadv", preadv)
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
@@ -333,11 +354,12 @@ def test_short_reads_and_writes(
     assert digest == blake3(data).digest()
     assert still_direct == (direct and accepts["disk"])
     assert Path(path).read_bytes() == data
-    r = directio.Reader(open_read(path, direct))
-    try:
-        assert r.read(size + 1) == data
-    finally:
-        r.close()
+    for depth in DEPTHS:
+        r = directio.Reader(open_read(path, direct), depth=depth)
+        try:
+            assert r.read(size + 1) == data, depth
+        finally:
+            r.close()
     for limit in (10, 2000, ALIGN, size, size + 10):
         assert directio.read_small(path, os.O_RDONLY, limit)[0] == data[: limit + 1], limit
 
@@ -429,6 +451,7 @@ def read_all(r: directio.Reader, rng: random.Random, *, use_read: bool) -> bytes
         out += b
 
 
+@pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("use_read", [False, True], ids=["readinto", "read"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
 @pytest.mark.parametrize("size", SIZES)
@@ -436,6 +459,7 @@ def test_reader_sizes(
     size: int,
     direct: bool,
     use_read: bool,
+    depth: int,
     where: str,
     dirs: dict[str, Path],
     accepts: dict[str, bool],
@@ -443,7 +467,7 @@ def test_reader_sizes(
     data = data_of(size, seed=size + 1)
     path = new_path(dirs[where])
     Path(path).write_bytes(data)
-    r = directio.Reader(open_read(path, direct))
+    r = directio.Reader(open_read(path, direct), depth=depth)
     fd = r.fd
     try:
         assert directio.is_direct(fd) == (direct and accepts[where])
@@ -460,14 +484,14 @@ def test_reader_sizes(
 
 @settings(max_examples=60, deadline=None)
 @given(size=st.sampled_from(SIZES) | st.integers(0, 2 * BLOCK + 5), direct=st.booleans(),
-       use_read=st.booleans(), seed=st.integers(0, 2**32))
+       use_read=st.booleans(), seed=st.integers(0, 2**32), depth=st.integers(1, 4))
 def test_reader_random(
-    dirs: dict[str, Path], size: int, direct: bool, use_read: bool, seed: int
+    dirs: dict[str, Path], size: int, direct: bool, use_read: bool, seed: int, depth: int
 ) -> None:
     data = data_of(size, seed)
     path = new_path(dirs["disk"])
     Path(path).write_bytes(data)
-    r = directio.Reader(open_read(path, direct))
+    r = directio.Reader(open_read(path, direct), depth=depth)
     try:
         assert read_all(r, random.Random(seed), use_read=use_read) == data
     finally:
@@ -504,25 +528,27 @@ def test_reader_on_a_dup_made_direct_by_enable(tmp_path: Path, accepts: dict[str
             r.close()
 
 
-def test_reader_close_midway(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(data_of(2 * BLOCK + 1))
-    r = directio.Reader(open_read(str(tmp_path / "f"), True))
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reader_close_midway(tmp_path: Path, depth: int) -> None:
+    (tmp_path / "f").write_bytes(data_of(5 * BLOCK + 1))
+    r = directio.Reader(open_read(str(tmp_path / "f"), True), depth=depth)
     fd = r.fd
-    assert r.read(ALIGN + 1) == data_of(2 * BLOCK + 1)[: ALIGN + 1]  # a read ahead is in flight
+    assert r.read(ALIGN + 1) == data_of(5 * BLOCK + 1)[: ALIGN + 1]  # reads ahead are in flight
     r.close()
     assert closed(fd)
 
 
+@pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "plain"])
 @pytest.mark.parametrize("initial", [0, 1, ALIGN, ALIGN + 3, BLOCK - 1, BLOCK, 2 * BLOCK])
 def test_reader_on_a_growing_file(
-    initial: int, direct: bool, where: str, dirs: dict[str, Path]
+    initial: int, direct: bool, depth: int, where: str, dirs: dict[str, Path]
 ) -> None:
     rng = random.Random(initial)
     content = bytearray(data_of(initial, seed=3))
     path = new_path(dirs[where])
     Path(path).write_bytes(content)
-    r = directio.Reader(open_read(path, direct))
+    r = directio.Reader(open_read(path, direct), depth=depth)
     got = bytearray()
     try:
         with open(path, "ab", buffering=0) as app:
@@ -543,15 +569,55 @@ def test_reader_on_a_growing_file(
     os.unlink(path)
 
 
-def test_reader_raises_real_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reader_raises_real_errors(tmp_path: Path, depth: int) -> None:
     """A read that fails for another reason than a refused O_DIRECT is raised, not swallowed."""
     fd = directio.open_fd(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT, 0o600)
-    r = directio.Reader(fd)  # write-only: read(2) fails with EBADF
+    r = directio.Reader(fd, depth=depth)  # write-only: read(2) fails with EBADF
     with pytest.raises(OSError) as e:
         r.read(10)
     assert e.value.errno == errno.EBADF
     r.close()
     assert closed(fd)
+
+
+def test_reader_depth_puts_its_reads_in_flight_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With depth 3, the first three blocks are asked for before any of them has come back:
+    each read waits at a barrier of three, which breaks (after a time-out) if they are issued
+    one after another."""
+    data = data_of(6 * BLOCK + 11, seed=21)
+    (tmp_path / "f").write_bytes(data)
+    real_preadv = os.preadv
+    barrier = threading.Barrier(3, timeout=10)
+    offsets: list[int] = []
+
+    def preadv(fd, bufs, offset):  # type: ignore[no-untyped-def]
+        offsets.append(offset)
+        if offset < 3 * BLOCK:
+            barrier.wait()
+        return real_preadv(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    r = directio.Reader(open_read(str(tmp_path / "f"), True), depth=3)
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+    assert sorted(offsets[:3]) == [0, BLOCK, 2 * BLOCK]
+    assert sorted(offsets) == sorted(set(offsets))  # no block read twice
+
+
+def test_reader_depth_is_checked() -> None:
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="at least one"):
+            directio.Reader(fd, depth=0)
+        with pytest.raises(ValueError, match="hashes in order"):
+            directio.Reader(fd, hashed=True, depth=2)
+    finally:
+        os.close(fd)
 
 
 # --- read_small ------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class FsckStats:
 
 PARALLEL_MIN_BYTES = 64 * 1024 * 1024
 TRAILER_READERS = 8
+READ_DEPTH = 2  # reads in flight per hashing worker (see hash_pack_data)
 
 
 def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[int, list[tuple[bytes, int]], str]:
@@ -80,15 +81,16 @@ def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[in
 
     Read around the page cache where the filesystem allows (``directio``: on the benchmark
     machine a buffered cold read of 1.2 GB cost 0.3 to 0.9 s of kernel time, a direct one
-    under 0.1 s), a block ahead on a thread, each block fed straight to the hash of the
-    chunk(s) it holds. Entries are contiguous from the header on (the trailer check made
-    sure). A chunk cut short by the end of the file fails.
+    under 0.1 s), READ_DEPTH blocks in flight (that disk reads the packs 10 to 15% faster with
+    four requests queued than with two, and there are two workers), each block fed straight to
+    the hash of the chunk(s) it holds. Entries are contiguous from the header on (the trailer
+    check made sure). A chunk cut short by the end of the file fails.
     Returns (bytes read, [(bad chunk id, offset)], error). Runs in a worker process.
     """
     bad: list[tuple[bytes, int]] = []
     got = 0
     try:
-        r = directio.Reader(directio.open_fd(path, os.O_RDONLY))
+        r = directio.Reader(directio.open_fd(path, os.O_RDONLY), depth=READ_DEPTH)
     except OSError as e:
         return 0, [], f"cannot read: {e.strerror}"
     try:
