@@ -94,3 +94,11 @@ def normalize(rel_os_path: str, sep: str) -> str:
     """A relative OS path (client side) to a study path: POSIX separators, NFC."""
     posix = rel_os_path.replace(sep, "/") if sep != "/" else rel_os_path
     return unicodedata.normalize("NFC", posix)
+
+
+def as_typed(path: str) -> str:
+    """A path as a study runner types it (``cat``, ``versions``) to the study path it names:
+    NFC (a shell on macOS may hand over NFD), no leading, trailing or doubled ``/``, no ``.``
+    parts. ``..`` is left alone: it names nothing in a study."""
+    parts = [p for p in unicodedata.normalize("NFC", path).split("/") if p not in ("", ".")]
+    return "/".join(parts)

@@ -7,17 +7,21 @@ a user sees matters, the test runs a real ``python -m dittohead`` process.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
 import re
 import signal
 import subprocess
+import tempfile
 import time
+import unicodedata
 from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 from conftest import Server, describe, raised, store_snapshot, tree_snapshot, write_file
 
 from dittohead import errors
@@ -141,6 +145,21 @@ def test_store_from_environment(server: Server, synced: Path) -> None:
 # -- failures: one line, exit 1 ----------------------------------------------------------------
 
 
+def test_paths_are_taken_as_typed(server: Server, tmp_path: Path) -> None:
+    """cat and versions find a path however a shell spells it: a leading or doubled slash, a
+    ``.`` part, or NFD (as macOS hands names over); sync stores NFC."""
+    nfc = unicodedata.normalize("NFC", "caf\u00e9 \u00fc.txt")
+    write_file(tmp_path / "src" / "d" / nfc, b"latte\n")
+    server.sync(tmp_path / "src")
+    server.ingest()
+    for typed in (f"d/{nfc}", f"/d/{nfc}", f"./d//{nfc}", f"d/./{nfc}/", unicodedata.normalize("NFD", f"d/{nfc}")):
+        assert server.cat(typed) == b"latte\n", typed
+        res = server.run("versions", "--store", server.root, "--study", "s", typed, "--json")
+        assert res.exit_code == 0, describe(res)
+        assert json.loads(res.stdout)["path"] == f"d/{nfc}"
+    assert server.run("cat", "--store", server.root, "--study", "s", f"d/../d/{nfc}").exit_code == 1
+
+
 def test_cat_of_missing_path_or_version_fails_in_one_line(server: Server, synced: Path) -> None:
     message = assert_one_line_failure(
         server.proc("cat", "--store", server.root, "--study", "s", "nope.txt")
@@ -166,6 +185,37 @@ def test_commands_on_a_missing_store_fail_in_one_line(tmp_path: Path) -> None:
     assert_one_line_failure(server.proc("log", "--store", server.root, "--study", "s"))
     assert_one_line_failure(server.proc("watch", "--store", server.root, "--once"))
     assert_one_line_failure(server.proc("sync", src, "--study", "s", "--to", server.root))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root, to run as nobody")
+def test_a_store_the_account_may_not_read_says_permission_denied() -> None:
+    """As an account other than the daemon's, the store (0700) is unreadable: the error says so,
+    not that the root is not a server root."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)  # reachable by the unprivileged account; store/ stays 0700
+        server = Server(Path(tmp))
+        server.ok("init", "--store", server.root)
+        # Imported first: here the interpreter's own library may be unreadable to nobody.
+        importlib.import_module("dittohead.cli.read")
+        importlib.import_module("dittohead.store.repo")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the nobody account, running the command in this process
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                res = CliRunner().invoke(cli, ["log", "--store", str(server.root), "--study", "s"])
+                os.write(w, json.dumps([res.exit_code, res.stderr]).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            code, stderr = json.loads(f.read())
+        os.waitpid(pid, 0)
+    assert code == errors.EXIT_FAILURE
+    assert "permission denied" in stderr and "not a dittohead server root" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
 
 
 def test_sync_of_a_missing_source_or_study_fails_in_one_line(

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from dittohead import paths
 from dittohead.cli.base import (
     json_option,
     open_store,
@@ -60,11 +61,11 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
 def versions(store: str, study: str, path: str, as_json: bool) -> None:
     """List every version of PATH (numbered from 1, oldest first)."""
     st = _open(store, study)
-    vs = st.index.versions(study, path.strip("/"))
+    vs = st.index.versions(study, sp := paths.as_typed(path))
     if not vs:
         raise NotFound(f"{study}: no file {path!r}")
     if as_json:
-        print_json({"study": study, "path": path, "versions": [
+        print_json({"study": study, "path": sp, "versions": [
             {"version": v.n, "seq": v.seq, "ingested_ns": v.ingested_ns, "ingested": utc_iso(v.ingested_ns),
              "site": v.site, "size": v.size, "hash": v.hash.hex(), "mtime_ns": v.mtime_ns, "mode": v.mode}
             for v in vs]})
@@ -83,7 +84,7 @@ def versions(store: str, study: str, path: str, as_json: bool) -> None:
 def cat(store: str, study: str, path: str, version: int | None) -> None:
     """Write a version of PATH to stdout; every chunk is verified (a mismatch exits 1)."""
     st = _open(store, study)
-    vs = st.index.versions(study, path.strip("/"))
+    vs = st.index.versions(study, paths.as_typed(path))
     if not vs:
         raise NotFound(f"{study}: no file {path!r}")
     if version is not None and version > len(vs):

@@ -133,8 +133,15 @@ class ServerRoot:
     def config(self) -> StoreConfig:
         if not os.path.isdir(self.path):
             raise StoreError(f"{self.path}: no such server root")
+        try:
+            os.stat(self.config_path)
+        except PermissionError:
+            raise StoreError(f"{self.store}: permission denied (the store is the daemon's account's "
+                             "alone: run this as that account)") from None
+        except OSError:
+            raise StoreError(f"{self.path}: not a dittohead server root (no store/config; run 'dittohead init')") from None
         if not self.is_initialised():
-            raise StoreError(f"{self.path}: not a dittohead server root (no store/config; run 'dittohead init')")
+            raise StoreError(f"{self.path}: not a dittohead server root (store/config is not a file)")
         try:
             data = fsutil.read_limited(self.config_path, fmt.CONFIG_MAX_SIZE)
         except (OSError, ValueError) as e:
