@@ -251,7 +251,7 @@ class Checker:
             return None
         try:
             with self.store.objects.open(key) as f:
-                return pack.read_entries(f, what=f"pack {hexid}")
+                return pack.read_entries(f, what="its trailer")
         except (FormatError, OSError) as e:
             return e
 
