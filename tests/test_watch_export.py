@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +43,42 @@ def test_watch_exports_each_ingest_into_the_study_destination(tmp_path: Path, mo
     _ok("sync", src, "--study", "bar", "--to", root, "--site", "A")
     _ok("watch", "--store", root, "--once")
     assert sorted(p.name for p in out.iterdir()) == ["current", "submissions", "versions"]
+
+
+def test_a_failing_export_is_reported_and_the_ingest_stands(tmp_path: Path, monkeypatch) -> None:
+    """The destination unusable (a file where the folder should be): the submission is ingested
+    all the same, watch says in one line that the export failed and exits 1; once the
+    destination is usable, the next ingest's export adds everything, the earlier version too."""
+    monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "state"))
+    root, src, out = tmp_path / "root", tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"one\n")
+    _ok("init", "--store", root)
+    _ok("study", "add", "foo", "--store", root, "--export", out)
+    out.write_bytes(b"in the way\n")
+    _ok("sync", src, "--study", "foo", "--to", root, "--site", "A")
+    res = CliRunner().invoke(cli, ["watch", "--store", str(root), "--once"])
+    assert res.exit_code == 1, res.output
+    assert "ingested foo/" in res.stdout
+    (line,) = res.stderr.strip().splitlines()
+    assert "study foo is ingested, but its export to" in line and str(out) in line
+    assert out.read_bytes() == b"in the way\n"  # left as it was
+    assert len(json.loads(_ok("log", "--store", root, "--study", "foo", "--json"))["submissions"]) == 1
+
+    out.unlink()
+    (src / "a.txt").write_bytes(b"two\n")
+    os.utime(src / "a.txt", (1e9, 1e9))
+    _ok("sync", src, "--study", "foo", "--to", root, "--site", "A")
+    _ok("watch", "--store", root, "--once")
+    assert (out / "current" / "a.txt").read_bytes() == b"two\n"
+    assert sorted(p.read_bytes() for p in (out / "versions" / "a.txt").iterdir()) == [b"one\n", b"two\n"]
+
+
+def test_study_add_refuses_an_export_whose_parent_is_missing(tmp_path: Path) -> None:
+    _ok("init", "--store", tmp_path / "root")
+    res = CliRunner().invoke(cli, ["study", "add", "foo", "--store", str(tmp_path / "root"),
+                                   "--export", str(tmp_path / "no" / "such" / "dest")])
+    assert res.exit_code == 2, res.output
+    assert "no such folder" in res.stderr
+    assert not (tmp_path / "root" / "dropbox" / "foo").exists()
+    assert not (tmp_path / "no").exists()

@@ -15,7 +15,7 @@ from dittohead.cli.base import (
     progress_enabled,
     store_option,
 )
-from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE
+from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE, DittoheadError
 from dittohead.store.layout import ServerRoot, StudySettings, check_study_name
 from dittohead.units import human_bytes, plural
 
@@ -48,6 +48,9 @@ def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, .
     check_study_name(name)
     if export_to:
         export_to = os.path.abspath(export_to)
+        if not os.path.isdir(os.path.dirname(export_to)):
+            raise click.BadParameter(f"{os.path.dirname(export_to)}: no such folder (the export's "
+                                     "parent must exist; the export makes DEST itself)", param_hint="'--export'")
     box = ServerRoot(store).add_study(StudySettings(name, export_to, notify))
     click.echo(f"added study {name}: collectors sync into {box.inbox}")
 
@@ -83,10 +86,10 @@ def watch(store: str, once: bool, interval: float) -> None:
     st = open_store(store)
     ingestor = Ingestor(st)
     if once:
-        results = _ingest_and_export(st, ingestor)
+        results, failed_exports = _ingest_and_export(st, ingestor)
         if not results:
             click.echo("watch: nothing to ingest")
-        if any(not r.ok for r in results):
+        if any(not r.ok for r in results) or failed_exports:
             raise click.exceptions.Exit(EXIT_FAILURE)
         return
     click.echo(f"watching {store} every {interval:g} s (Ctrl-C to stop)", err=True)
@@ -95,19 +98,30 @@ def watch(store: str, once: bool, interval: float) -> None:
         time.sleep(interval)
 
 
-def _ingest_and_export(st: Store, ingestor: Ingestor) -> list[IngestResult]:
-    """One pass: ingest, then export each study that gained a submission and has a destination."""
+def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult], set[str]]:
+    """One pass: ingest, then export each study that gained a submission and has a destination.
+    An export that fails is reported in one line and leaves the ingest as it is (the next one
+    tries again: an export adds what is missing); returns the studies whose export failed."""
     from dittohead.export import export_study
 
     results = ingestor.run_once(_report)
+    failed: set[str] = set()
     for name in sorted({r.study for r in results if r.ok}):
         dest = st.root.study_settings(name).export
-        if dest:
+        if not dest:
+            continue
+        try:
             summary = export_study(st, name, dest)
-            click.echo(summary.line(dest))
-            for c in summary.conflicts[:20]:
-                click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
-    return results
+        except (OSError, DittoheadError) as e:
+            why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            click.echo(f"watch: study {name} is ingested, but its export to {dest} failed: {why} "
+                       "(tried again after its next ingest, or run 'dittohead export')", err=True)
+            failed.add(name)
+            continue
+        click.echo(summary.line(dest))
+        for c in summary.conflicts[:20]:
+            click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+    return results, failed
 
 
 @click.command()
