@@ -531,3 +531,20 @@ def test_unsupported_store_format_exits_5(server: Server, synced: Path, change: 
     assert_one_line_failure(
         server.proc("cat", "--store", server.root, "--study", "s", "a.txt"), errors.EXIT_UNSUPPORTED
     )
+
+
+def test_ctrl_c_outside_a_command_is_the_same_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while click starts, or after a command has printed its last line, comes through
+    main() rather than the command's own handling: still one line and exit 130, no traceback."""
+    import dittohead.cli as cli_pkg
+
+    def interrupted(**kw: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_pkg, "cli", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli_pkg.main()
+    assert e.value.code == errors.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "dittohead: interrupted\n"
