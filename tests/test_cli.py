@@ -218,6 +218,16 @@ def test_a_store_the_account_may_not_read_says_permission_denied() -> None:
     assert len(stderr.strip().splitlines()) == 1, stderr
 
 
+def test_a_destination_that_is_a_file_and_an_empty_export_dest(server: Server, synced: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"not a server root\n")
+    message = assert_one_line_failure(server.proc("sync", synced, "--study", "s", "--to", a_file))
+    assert "not a folder" in message, message
+    res = server.run("export", "--store", server.root, "--study", "s", "")
+    assert res.exit_code == errors.EXIT_USAGE and "empty path" in res.stderr, describe(res)
+    assert a_file.read_bytes() == b"not a server root\n"
+
+
 def test_sync_of_a_missing_source_or_study_fails_in_one_line(
     server: Server, tmp_path: Path
 ) -> None:
@@ -292,10 +302,14 @@ def test_include_and_exclude_globs(server: Server, tmp_path: Path) -> None:
     names = ["a.csv", "b.txt", "x.tmp", "sub/c.csv", "sub/d.txt", "sub/y.tmp", "sub/skip_me.csv"]
     for name in names:
         write_file(src / name, name.encode())
-    server.sync(src, include=["*.csv"], exclude=["*skip*"])
+    first_run = server.sync(src, include=["*.csv"], exclude=["*skip*"])
+    assert "; 5 files left out by --include/--exclude" in first_run.output, first_run.output
     server.ingest()
     server.sync(src, site="second", exclude=["*.tmp"])
     server.ingest()
+    nothing = server.sync(src, include=["/abs/*"])  # matches nothing: said, not silent
+    assert nothing.submission is None
+    assert "nothing to send (0 unchanged files); 7 files left out by --include/--exclude" in nothing.output
     sent = {
         name
         for name in names

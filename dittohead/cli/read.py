@@ -109,6 +109,8 @@ def export(store: str, study: str, dest: str) -> None:
     DEST/submissions/STAMP_SITE_SEQ/PATH     each submission as received
     A second export after new versions adds them and updates current/; nothing is deleted.
     """
+    if not dest.strip():
+        raise click.BadParameter("an empty path (give the folder to export into)", param_hint="'DEST'")
     st = _open(store, study)
     bar = None
     progress = None

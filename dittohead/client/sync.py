@@ -81,7 +81,8 @@ class SyncSummary:
             (c.bad_names, "bad name", "bad names"),
         ]
         out = [f"{n} {one if n == 1 else many}" for n, one, many in parts if n]
-        return "; skipped: " + ", ".join(out) if out else ""
+        left_out = f"; {plural(c.excluded, 'file')} left out by --include/--exclude" if c.excluded else ""
+        return ("; skipped: " + ", ".join(out) if out else "") + left_out
 
     def line(self) -> str:
         files = f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged files"

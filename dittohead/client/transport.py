@@ -96,6 +96,8 @@ class LocalTransport:
 
     def check_study(self, study: str) -> None:
         if not os.path.isdir(self.root):
+            if os.path.exists(self.root):
+                raise TransportError(f"{self.root}: not a folder (the destination is a server root's folder)")
             raise TransportError(f"{self.root}: no such folder (is the share mounted?)")
         if not os.path.isdir(os.path.join(self.root, "dropbox")):
             raise TransportError(f"{self.root}: not a dittohead server root")
