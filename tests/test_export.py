@@ -5,19 +5,24 @@ Layout (the same as the mount's):
     DEST/versions/PATH/NNNN_STAMP_SITE.EXT         every version, numbered from 0001
     DEST/submissions/STAMP_SITE_SEQ/PATH           each submission as received (SEQ: 6 digits)
 STAMP is the UTC ingest time (20261121T101502Z), SITE the sanitised site name, EXT the path's
-extension with its dot (or nothing). A second export touches no existing file except current/
-entries, which may be swapped atomically for hard links to the new versions; nothing is ever
-deleted, not even a path deleted at the source.
+extension with its dot (or nothing). A path that was a file and is also a folder shows its file
+as current/PATH~file. A second export touches no existing file except current/ entries it wrote
+itself, which may be swapped atomically for hard links to the new versions (or moved to PATH~file);
+nothing is ever deleted, not even a path deleted at the source, and a file of the user's in the
+way is left as it is.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from click.testing import Result
 from conftest import Server, write_file
 
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -31,8 +36,8 @@ def ext(path: str) -> str:
     return os.path.splitext(path)[1]
 
 
-def export(server: Server, dest: Path) -> None:
-    server.ok("export", "--store", server.root, "--study", server.study, dest)
+def export(server: Server, dest: Path) -> Result:
+    return server.ok("export", "--store", server.root, "--study", server.study, dest)
 
 
 def files_under(top: Path) -> dict[str, os.stat_result]:
@@ -75,15 +80,17 @@ def check_layout(
     expected: set[str] = set(extra)
 
     for path, history in model.versions.items():
-        # current/: the latest version's bytes, a hard link to its file in versions/.
-        current = dest / "current" / path
-        assert current.read_bytes() == history[-1][0], f"current/{path}"
-        expected.add(f"current/{path}")
+        # current/: the latest version's bytes, a hard link to its file in versions/. A path
+        # that is also a folder (``a`` and ``a/b``) is shown as ``a~file``.
+        shown = path + "~file" if any(p.startswith(path + "/") for p in model.versions) else path
+        current = dest / "current" / shown
+        assert current.read_bytes() == history[-1][0], f"current/{shown}"
+        expected.add(f"current/{shown}")
 
         listed = server.versions(path)
         assert len(listed) == len(history), (path, listed)
         folder = dest / "versions" / path
-        names = sorted(os.listdir(folder))
+        names = sorted(n for n in os.listdir(folder) if (folder / n).is_file())
         assert len(names) == len(history), (path, names)
         for number, ((data, seq), info, name) in enumerate(zip(history, listed, names), start=1):
             sub = log[seq]
@@ -215,3 +222,172 @@ def test_export_to_a_fresh_destination_matches_an_incremental_one(
 
     assert content(tmp_path / "incremental") == content(tmp_path / "fresh")
     check_layout(server, tmp_path / "fresh", model)
+
+
+def content(top: Path) -> dict[str, bytes]:
+    return {rel: data for rel, (_i, _m, data) in snapshot(top).items()}
+
+
+def warned(result: Result) -> str:
+    return "".join(
+        line for line in result.stderr.splitlines(keepends=True) if "left untouched" in line
+    )
+
+
+def test_a_file_in_current_that_the_export_did_not_write_is_left_alone(
+    server: Server, tmp_path: Path
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "export"
+    model = Model()
+    write_file(src / "a.txt", b"a1\n")
+    write_file(src / "b.txt", b"b1\n")
+    write_file(src / "empty.dat", b"")
+    sync_round(server, src, model, site="labA")
+
+    # A file of the user's where the export would put a current/ entry, before the first export.
+    write_file(dest / "current/empty.dat", b"junk\n")
+    junk = os.stat(dest / "current/empty.dat")
+    result = export(server, dest)
+    assert (dest / "current/empty.dat").read_bytes() == b"junk\n"
+    assert os.stat(dest / "current/empty.dat").st_ino == junk.st_ino
+    assert str(dest / "current/empty.dat") in warned(result), result.stderr
+    assert "1 files in the way left untouched" in result.stdout
+
+    # The user replaces an entry the export wrote by a file of their own; then a new version.
+    (dest / "current/a.txt").unlink()
+    (dest / "current/a.txt").write_bytes(b"my own a\n")
+    mine = os.stat(dest / "current/a.txt")
+    write_file(src / "a.txt", b"a2\n")
+    write_file(src / "b.txt", b"b2\n")
+    sync_round(server, src, model, site="labA")
+    result = export(server, dest)
+    assert (dest / "current/a.txt").read_bytes() == b"my own a\n"
+    assert os.stat(dest / "current/a.txt")[1:] == mine[1:]  # inode, size, times: untouched
+    assert (dest / "current/empty.dat").read_bytes() == b"junk\n"
+    assert str(dest / "current/a.txt") in warned(result), result.stderr
+    # The export's own entry is still swapped to the new version, a link to it.
+    assert (dest / "current/b.txt").read_bytes() == b"b2\n"
+    latest = max(os.listdir(dest / "versions/b.txt"))
+    assert os.path.samefile(dest / "current/b.txt", dest / "versions/b.txt" / latest)
+    for rel in ("a.txt", "empty.dat"):
+        (dest / "current" / rel).unlink()
+    export(server, dest)
+    check_layout(server, dest, model)
+
+
+def test_without_hard_links_the_exports_own_copies_in_current_are_still_updated(
+    server: Server, tmp_path: Path, monkeypatch
+) -> None:
+    """Where the destination has no hard links the entries are copies: they are the export's
+    own by their bytes (those of a version of the same path), and a user's file still is not."""
+
+    def no_links(_src: object, _dst: object, **_kw: object) -> None:
+        raise PermissionError(errno.EPERM, "hard links not supported")
+
+    src, dest = tmp_path / "src", tmp_path / "export"
+    model = Model()
+    write_file(src / "a.txt", b"a1\n")
+    write_file(src / "b.txt", b"b1\n")
+    sync_round(server, src, model, site="labA")
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", no_links)
+        export(server, dest)
+    assert os.stat(dest / "current/a.txt").st_nlink == 1  # a copy
+    (dest / "current/b.txt").unlink()
+    (dest / "current/b.txt").write_bytes(b"my own b\n")
+    write_file(src / "a.txt", b"a2\n")
+    write_file(src / "b.txt", b"b2\n")
+    sync_round(server, src, model, site="labA")
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", no_links)
+        result = export(server, dest)
+    assert (dest / "current/a.txt").read_bytes() == b"a2\n"
+    assert (dest / "current/b.txt").read_bytes() == b"my own b\n"
+    assert str(dest / "current/b.txt") in warned(result), result.stderr
+
+
+def test_a_second_export_after_a_file_becomes_a_folder(server: Server, tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "export"
+    model = Model()
+    write_file(src / "data", b"data as a file\n")
+    write_file(src / "keep.txt", b"keep\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+    before = snapshot(dest)
+
+    (src / "data").unlink()
+    write_file(src / "data/f.txt", b"now a folder\n")
+    sync_round(server, src, model, site="labA")
+    result = export(server, dest)
+    assert warned(result) == "", result.stderr
+    check_layout(server, dest, model)
+    after = snapshot(dest)
+    # Nothing the first export wrote changed; its current/data entry (a link to version 1 of
+    # data) only moved to current/data~file, where a fresh export puts it.
+    for rel, was in before.items():
+        assert after[rel if rel != "current/data" else "current/data~file"] == was, rel
+    export(server, tmp_path / "fresh")
+    assert content(dest) == content(tmp_path / "fresh")
+    export(server, dest)
+    assert snapshot(dest) == after
+
+    # And back to a file with new bytes: current/data~file is swapped, versions/ only grows.
+    shutil.rmtree(src / "data")
+    write_file(src / "data", b"a file again\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+    check_layout(server, dest, model)
+    final = snapshot(dest)
+    assert all(final[rel] == was for rel, was in after.items() if rel != "current/data~file")
+    assert (dest / "current/data~file").read_bytes() == b"a file again\n"
+
+
+def test_a_second_export_after_a_folder_becomes_a_file(server: Server, tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "export"
+    model = Model()
+    write_file(src / "data/f.txt", b"in a folder\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+    before = snapshot(dest)
+
+    shutil.rmtree(src / "data")
+    write_file(src / "data", b"now a file\n")
+    sync_round(server, src, model, site="labA")
+    result = export(server, dest)
+    assert warned(result) == "", result.stderr
+    check_layout(server, dest, model)
+    after = snapshot(dest)
+    assert all(after[rel] == was for rel, was in before.items())
+    export(server, tmp_path / "fresh")
+    assert content(dest) == content(tmp_path / "fresh")
+
+
+def test_a_users_file_where_a_folder_must_go_is_left_and_the_rest_exported(
+    server: Server, tmp_path: Path
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "export"
+    model = Model()
+    write_file(src / "data", b"data as a file\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+    (dest / "current/data").unlink()
+    (dest / "current/data").write_bytes(b"my notes\n")
+
+    (src / "data").unlink()
+    write_file(src / "data/f.txt", b"now a folder\n")
+    write_file(src / "other.txt", b"other\n")
+    sync_round(server, src, model, site="labA")
+    result = export(server, dest)
+    assert (dest / "current/data").read_bytes() == b"my notes\n"
+    assert warned(result).strip().endswith(str(dest / "current/data")), result.stderr
+    # Everything else is there: the file as data~file, every version, every submission.
+    assert (dest / "current/data~file").read_bytes() == b"data as a file\n"
+    assert (dest / "current/other.txt").read_bytes() == b"other\n"
+    (f_txt,) = os.listdir(dest / "versions/data/f.txt")
+    assert (dest / "versions/data/f.txt" / f_txt).read_bytes() == b"now a folder\n"
+    export(server, dest)  # and again: never fails for good
+
+    (dest / "current/data").unlink()
+    result = export(server, dest)
+    assert warned(result) == "", result.stderr
+    check_layout(server, dest, model)
