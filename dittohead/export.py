@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dittohead import fsutil
+from dittohead.errors import IntegrityError
 from dittohead.store.repo import Store
 from dittohead.view import (
     CONFLICT_SUFFIX,
@@ -42,6 +43,7 @@ class ExportSummary:
     current_updated: int = 0
     unchanged: int = 0
     conflicts: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # "PATH vN: why", versions not exported
 
     def line(self, dest: str) -> str:
         from dittohead.units import human_bytes
@@ -51,6 +53,9 @@ class ExportSummary:
              f"{self.unchanged} already there; {dest}")
         if self.conflicts:
             s += f"; {len(self.conflicts)} files in the way left untouched"
+        if self.damaged:
+            s += (f"; {len(self.damaged)} versions not exported: damaged in the store "
+                  "(run 'dittohead fsck --read-data')")
         return s
 
 
@@ -165,8 +170,12 @@ def export_study(store: Store, study: str, dest: str,
             continue
         if not _parent_ready(target, summary):
             continue
-        with fsutil.new_file(target, mode=FILE_MODE) as f:
-            write_version(store, v, f)
+        try:
+            with fsutil.new_file(target, mode=FILE_MODE) as f:
+                write_version(store, v, f)
+        except IntegrityError as e:  # no part of it stays (new_file); the rest goes on
+            summary.damaged.append(f"{v.path} v{v.n}: {e}")
+            continue
         t = version_os_mtime(v)
         os.utime(target, (t, t))
         ours.setdefault(v.path, set()).add(target)

@@ -391,3 +391,38 @@ def test_a_users_file_where_a_folder_must_go_is_left_and_the_rest_exported(
     result = export(server, dest)
     assert warned(result) == "", result.stderr
     check_layout(server, dest, model)
+
+
+def test_a_damaged_chunk_costs_its_versions_only(server: Server, tmp_path: Path) -> None:
+    """A chunk damaged in the store: export writes every other version, writes nothing of the
+    damaged ones (no partial file), names each one, and exits 1; cat names the study, path and
+    version. After the damage is repaired, the next export adds what was left out."""
+    src = tmp_path / "src"
+    big = random.Random(5).randbytes(300_000)
+    write_file(src / "big.bin", big)
+    write_file(src / "small.txt", b"fine\n")
+    server.sync(src)
+    server.ingest()
+    packs = sorted((server.root / "store" / "packs").rglob("*.pack"))
+    original = {p: p.read_bytes() for p in packs}
+    hit = next(p for p, data in original.items() if big[1000:1064] in data)
+    damaged = bytearray(original[hit])
+    damaged[damaged.index(big[1000:1064]) + 10] ^= 0x04
+    os.chmod(hit, 0o600)
+    hit.write_bytes(bytes(damaged))
+
+    dest = tmp_path / "dest"
+    res = server.run("export", "--store", server.root, "--study", server.study, dest)
+    assert res.exit_code == 1, res.output
+    assert "s:big.bin v1: chunk" in res.stderr and "fsck --read-data" in res.stdout, res.output
+    assert (dest / "current" / "small.txt").read_bytes() == b"fine\n"
+    assert not (dest / "current" / "big.bin").exists()
+    assert not any((dest / "versions" / "big.bin").iterdir())  # no partial file
+    cat = server.run("cat", "--store", server.root, "--study", "s", "big.bin")
+    assert cat.exit_code == 1 and "s:big.bin v1: chunk" in cat.stderr, cat.output
+    assert big.startswith(cat.stdout_bytes)  # a verified prefix at most, never wrong bytes
+
+    hit.write_bytes(original[hit])
+    again = export(server, dest)
+    assert again.exit_code == 0, again.output
+    assert (dest / "current" / "big.bin").read_bytes() == big

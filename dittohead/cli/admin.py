@@ -121,6 +121,10 @@ def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult
         click.echo(summary.line(dest))
         for c in summary.conflicts[:20]:
             click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+        for d in summary.damaged[:20]:
+            click.echo(f"error: {name}:{d}", err=True)
+        if summary.damaged:
+            failed.add(name)
     return results, failed
 
 

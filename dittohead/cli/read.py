@@ -15,7 +15,7 @@ from dittohead.cli.base import (
     store_option,
     study_option,
 )
-from dittohead.errors import NotFound
+from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
 from dittohead.export import export_study
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, utc_iso
@@ -91,8 +91,12 @@ def cat(store: str, study: str, path: str, version: int | None) -> None:
         raise NotFound(f"{study}: {path!r} has {len(vs)} version(s), not {version}")
     v = vs[-1] if version is None else vs[version - 1]
     out = sys.stdout.buffer
-    for data in FileReader(st, v).iter_all():
-        out.write(data)
+    try:
+        for data in FileReader(st, v).iter_all():
+            out.write(data)
+    except IntegrityError as e:  # what was written is verified; the rest is never served
+        out.flush()
+        raise IntegrityError(f"{study}:{v.path} v{v.n}: {e} (run 'dittohead fsck --read-data')") from None
     out.flush()
 
 
@@ -126,4 +130,8 @@ def export(store: str, study: str, dest: str) -> None:
             bar.close()
     for c in summary.conflicts[:20]:
         click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+    for d in summary.damaged[:20]:
+        click.echo(f"error: {study}:{d}", err=True)
     click.echo(summary.line(dest))
+    if summary.damaged:
+        raise click.exceptions.Exit(EXIT_FAILURE)
