@@ -72,8 +72,10 @@ def watch(store: str, once: bool, interval: float) -> None:
     """Ingest committed submissions into the store (the server's daemon).
 
     Each submission is verified whole, then added in one commit; a bad one goes to
-    dropbox/NAME/failed/ with a REASON file and changes nothing. With --once, exits 1 if any
-    submission was rejected.
+    dropbox/NAME/failed/ with a REASON file and changes nothing. One that cannot be verified
+    because of damage in the store is held back for the next run, not rejected (run fsck
+    --read-data). With --once, exits 1 if any submission was rejected or held back, or an
+    export failed.
     """
     if once:
         root = ServerRoot(store)

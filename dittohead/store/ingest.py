@@ -12,6 +12,13 @@ record (the commit point, fsynced), update the index, publish the have-segment a
 and move the submission to ``done/``. A rejected submission goes to ``failed/`` with a REASON file
 and the store does not change.
 
+Damage in the store is never blamed on a submission: one whose verification needs a stored chunk
+that fails its hash (or whose pack is missing) is **held back**, not rejected. It stays in
+``processing/``, the store does not change, an error line names the chunk and pack and asks for
+``dittohead fsck --read-data``, and the next run tries it again. The study's later submissions
+that list any of its paths wait behind it, left in the inbox (each path's history keeps the
+order of arrival); everything else is ingested as usual.
+
 Crash safety (invariant 2): every step before the commit point only adds content-addressed
 objects (a redo writes the same names); every step after it is derived from the log and redone
 if missing. ``processing/`` is resumed first at every start.
@@ -34,6 +41,7 @@ from dittohead import format as fmt
 from dittohead import manifest as mf
 from dittohead.chunking import pack_chunk_list
 from dittohead.errors import (
+    DittoheadError,
     FormatError,
     IntegrityError,
     LockedError,
@@ -59,6 +67,7 @@ class IngestResult:
     new_versions: int = 0
     new_chunk_bytes: int = 0
     reason: str = ""
+    held: bool = False  # neither ingested nor rejected: left for the next run (``reason`` says why)
 
 
 class StorePackWriter:
@@ -149,6 +158,15 @@ class _Plan:
 
 def _reject(msg: str) -> RejectedSubmission:
     return RejectedSubmission(msg)
+
+
+class _HeldBack(Exception):
+    """Not the submission's fault: it cannot be verified now (damage in the store, or an earlier
+    held-back submission lists the same paths). It stays in processing/ for the next run."""
+
+    def __init__(self, msg: str, paths: set[str]) -> None:
+        super().__init__(msg)
+        self.paths = paths  # the submission's paths: later submissions that list one wait too
 
 
 def _open_untrusted(path: str, twin: str | None = None) -> BinaryIO:
@@ -252,7 +270,12 @@ class Ingestor:
             lock.release()
 
     def run_once(self, on_result: Callable[[IngestResult], None] | None = None) -> list[IngestResult]:
-        """Ingest everything committed now; returns one result per submission handled."""
+        """Ingest everything committed now; returns one result per submission handled.
+
+        ``on_result`` is called for each submission ingested or rejected. One held back (``held``:
+        damage in the store, see the module's docstring) is logged as an error instead, in one
+        line, and returned with ``ok`` false: it is neither, and the next run tries it again.
+        """
         results: list[IngestResult] = []
         with self.locked():
             self._sweep_tmp()
@@ -261,10 +284,14 @@ class Ingestor:
             self.store.catch_up()  # after a crash past a commit point
             for study in self.root.studies():
                 box = self.root.dropbox(study)
-                for item in self._pending(box):
-                    r = item if isinstance(item, IngestResult) else self._process(box, item)
+                waiting: dict[str, str] = {}  # path -> the held-back submission that lists it
+                for item in self._pending(box, waiting):
+                    r = item if isinstance(item, IngestResult) else self._process(box, item, waiting)
                     results.append(r)
-                    if on_result:
+                    if r.held:
+                        log.error("held back %s/%s (not rejected; the next run tries it again): %s",
+                                  r.study, r.submission, r.reason)
+                    elif on_result:
                         on_result(r)
         return results
 
@@ -277,14 +304,20 @@ class Ingestor:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(tmp, name))
 
-    def _pending(self, box: StudyDropbox) -> list[str | IngestResult]:
-        """processing/ first (resumed after a crash), then the inbox in order of arrival.
+    def _pending(self, box: StudyDropbox, waiting: dict[str, str]) -> Iterator[str | IngestResult]:
+        """processing/ first (resumed after a crash, or held back by the last run), then the inbox,
+        each in order of arrival; an arrival is moved to processing/ only when its turn comes.
 
         An arrival whose name an earlier submission of the study used is rejected at once (moved
         straight to failed/): the name is how the client finds its receipt, and a name already
-        in the index would otherwise look like a resumed submission.
+        in the index would otherwise look like a resumed submission. An arrival that lists a path
+        of a submission held back in this run (``waiting``, kept up to date by ``_process`` as the
+        caller goes) stays in the inbox, untouched, so that it keeps its place in the order.
         """
-        resumed = sorted(os.listdir(box.processing)) if os.path.isdir(box.processing) else []
+        resumed = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(box.processing) as it:
+            for e in it:
+                resumed.append((e.stat(follow_symlinks=False).st_ctime_ns, e.name))
         arrivals = []
         with contextlib.suppress(FileNotFoundError), os.scandir(box.inbox) as it:
             for e in it:
@@ -292,20 +325,50 @@ class Ingestor:
                     continue  # still being written by a client
                 st = e.stat(follow_symlinks=False)
                 arrivals.append((st.st_ctime_ns, e.name))
-        out: list[str | IngestResult] = list(resumed)
+        for _, name in sorted(resumed):
+            yield name
         idx = self.store.index
         for _, name in sorted(arrivals):
+            src = os.path.join(box.inbox, name)
+            if not os.path.lexists(src):
+                continue  # taken back by its uploader meanwhile
             if (idx.submission_named(box.name, name) is not None
                     or any(os.path.lexists(os.path.join(d, name)) for d in (box.processing, box.done))):
-                out.append(self._fail(box, name, f"the name {name!r} was used by an earlier submission",
-                                      src=os.path.join(box.inbox, name)))
+                yield self._fail(box, name, f"the name {name!r} was used by an earlier submission", src=src)
                 continue
-            os.rename(os.path.join(box.inbox, name), os.path.join(box.processing, name))
+            paths = self._listed_paths(src) if waiting else set()
+            behind = min(paths & waiting.keys(), default=None)
+            if behind is not None:
+                reason = (f"it lists {behind!r}, as the held-back submission {waiting[behind]} does, "
+                          "and waits behind it in the inbox")
+                for p in paths:
+                    waiting.setdefault(p, name)
+                yield IngestResult(box.name, name, False, held=True, reason=reason)
+                continue
+            try:
+                os.rename(src, os.path.join(box.processing, name))
+            except FileNotFoundError:
+                continue
             fsutil.fsync_dir(box.processing)
-            out.append(name)
-        return out
+            yield name
 
-    def _process(self, box: StudyDropbox, name: str) -> IngestResult:
+    @staticmethod
+    def _listed_paths(path: str) -> set[str]:
+        """The paths the manifest of this submission in the inbox lists (to see whether it must
+        wait behind a held-back one). Only a look, nothing is trusted: anything odd about the
+        submission is for the verification to find, in processing/, and it does not wait."""
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return set()
+            with _open_untrusted(os.path.join(path, fmt.MANIFEST_NAME)) as f:
+                m = mf.decode(f.read(fmt.MANIFEST_MAX_SIZE + 1))
+        except (OSError, ValueError, DittoheadError):
+            return set()
+        return {e.path for e in m.entries}
+
+    def _process(self, box: StudyDropbox, name: str, waiting: dict[str, str] | None = None) -> IngestResult:
+        """Ingest one submission; ``waiting`` maps the paths of the study's submissions held back
+        earlier in this run to their names (a later one that lists such a path waits too)."""
         idx = self.store.index
         path = os.path.join(box.processing, name)
         done = idx.submission_named(box.name, name)
@@ -313,7 +376,12 @@ class Ingestor:
             try:
                 if not fmt.SUBMISSION_NAME_RE.match(name):
                     raise _reject(f"bad submission name {name!r}")
-                plan = self._verify(box, name, path)
+                plan = self._verify(box, name, path, waiting or {})
+            except _HeldBack as e:
+                if waiting is not None:
+                    for p in e.paths:
+                        waiting.setdefault(p, name)
+                return IngestResult(box.name, name, False, reason=str(e), held=True)
             except (RejectedSubmission, FormatError, IntegrityError) as e:
                 return self._fail(box, name, str(e))
             try:
@@ -328,7 +396,7 @@ class Ingestor:
         return IngestResult(box.name, name, True, done.seq, done.files, done.new_versions, done.new_chunk_bytes)
 
     # -- verification: nothing is written to the store before all of it passes
-    def _verify(self, box: StudyDropbox, name: str, path: str) -> _Plan:
+    def _verify(self, box: StudyDropbox, name: str, path: str, waiting: dict[str, str]) -> _Plan:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
             raise _reject("the submission is a symlink")
@@ -361,6 +429,11 @@ class Ingestor:
             raise _reject(f"manifest is for study {m.study!r}, not {box.name!r}")
         if not m.entries:
             raise _reject("manifest lists no files (empty submission)")
+        behind = sorted(e.path for e in m.entries if e.path in waiting)
+        if behind:
+            # Ingested now, it would come before the held-back one in these paths' histories.
+            raise _HeldBack(f"it lists {behind[0]!r}, as the held-back submission {waiting[behind[0]]} does, "
+                            "and waits for it", {e.path for e in m.entries})
 
         idx = self.store.index
         referenced: dict[bytes, int] = {}
@@ -507,7 +580,11 @@ class Ingestor:
             if blake3(data).digest() != cid:  # changed under us since it was verified
                 raise _reject(f"chunk {cid.hex()} changed while being ingested")
             return data
-        return self.store.read_chunk(cid)
+        try:
+            return self.store.read_chunk(cid)
+        except IntegrityError as e:  # the store's copy, not the submission, is at fault
+            raise _HeldBack(f"damage in the store: {e}; run 'dittohead fsck --read-data'",
+                            {entry.path for entry in plan.manifest.entries}) from e
 
     # -- commit: packs, manifest, then the log record
     def _commit(self, box: StudyDropbox, name: str, plan: _Plan) -> None:
