@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from dittohead.cli.base import (
+    echo_export_problems,
     json_option,
     open_store,
     print_json,
@@ -121,11 +122,7 @@ def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult
             failed.add(name)
             continue
         click.echo(summary.line(dest))
-        for c in summary.conflicts[:20]:
-            click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
-        for d in summary.damaged[:20]:
-            click.echo(f"error: {name}:{d}", err=True)
-        if summary.damaged:
+        if echo_export_problems(name, summary):
             failed.add(name)
     return results, failed
 

@@ -14,6 +14,7 @@ from dittohead import __version__
 from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
 
 if TYPE_CHECKING:
+    from dittohead.export import ExportSummary
     from dittohead.store.repo import Store
 
 
@@ -106,6 +107,17 @@ def open_store(path: str) -> Store:
     st = Store.open(path)
     click.get_current_context().call_on_close(st.close)
     return st
+
+
+def echo_export_problems(study: str, summary: ExportSummary) -> bool:
+    """The lines an export's summary owes on stderr (files in its way, versions damaged in the
+    store: the first 20 of each), for `export` and for watch's export alike; True if any version
+    was left out as damaged (the command then exits 1)."""
+    for c in summary.conflicts[:20]:
+        click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+    for d in summary.damaged[:20]:
+        click.echo(f"error: {study}:{d}", err=True)
+    return bool(summary.damaged)
 
 
 def print_json(doc: Any) -> None:

@@ -8,6 +8,7 @@ import click
 
 from dittohead import paths
 from dittohead.cli.base import (
+    echo_export_problems,
     json_option,
     open_store,
     print_json,
@@ -128,10 +129,7 @@ def export(store: str, study: str, dest: str) -> None:
     finally:
         if bar:
             bar.close()
-    for c in summary.conflicts[:20]:
-        click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
-    for d in summary.damaged[:20]:
-        click.echo(f"error: {study}:{d}", err=True)
+    damaged = echo_export_problems(study, summary)
     click.echo(summary.line(dest))
-    if summary.damaged:
+    if damaged:
         raise click.exceptions.Exit(EXIT_FAILURE)

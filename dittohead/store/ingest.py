@@ -366,7 +366,7 @@ class Ingestor:
             return set()
         return {e.path for e in m.entries}
 
-    def _process(self, box: StudyDropbox, name: str, waiting: dict[str, str] | None = None) -> IngestResult:
+    def _process(self, box: StudyDropbox, name: str, waiting: dict[str, str]) -> IngestResult:
         """Ingest one submission; ``waiting`` maps the paths of the study's submissions held back
         earlier in this run to their names (a later one that lists such a path waits too)."""
         idx = self.store.index
@@ -376,11 +376,10 @@ class Ingestor:
             try:
                 if not fmt.SUBMISSION_NAME_RE.match(name):
                     raise _reject(f"bad submission name {name!r}")
-                plan = self._verify(box, name, path, waiting or {})
+                plan = self._verify(box, name, path, waiting)
             except _HeldBack as e:
-                if waiting is not None:
-                    for p in e.paths:
-                        waiting.setdefault(p, name)
+                for p in e.paths:
+                    waiting.setdefault(p, name)
                 return IngestResult(box.name, name, False, reason=str(e), held=True)
             except (RejectedSubmission, FormatError, IntegrityError) as e:
                 return self._fail(box, name, str(e))
