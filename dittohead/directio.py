@@ -124,14 +124,22 @@ def _read_hash(fd: int, view: memoryview, hasher: Any) -> int:
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> int:
-    """One pread(2) into ``view`` at ``offset``; a refused direct read is retried buffered."""
+    """One pread(2) into ``view`` at ``offset``; a refused direct read is retried buffered.
+
+    Several run at once on one fd (a Reader's ``depth``): a read refused while the fd was
+    direct may find it already made buffered by another thread's refusal, so a refusal earns
+    one retry whether or not the fd is still direct when it is looked at.
+    """
+    retried = False
     while True:
         try:
             return os.preadv(fd, [view], offset)
         except OSError as e:
-            if e.errno not in _REFUSED or not is_direct(fd):
+            if e.errno not in _REFUSED or retried:
                 raise
-            undirect(fd)
+            if is_direct(fd):
+                undirect(fd)
+            retried = True
 
 
 def _hash_write(fd: int, view: memoryview, hasher: Any) -> None:

@@ -32,6 +32,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -312,6 +313,47 @@ def test_filesystem_refusing_direct_reads_and_writes(
         r.close()
     assert "pread" in refused
     assert directio.read_small(path, os.O_RDONLY, ALIGN)[0] == data[: ALIGN + 1]
+
+
+@pytest.mark.skipif(not HAS_O_DIRECT, reason="no O_DIRECT on this platform")
+def test_direct_reads_refused_at_once_on_two_threads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, accepts: dict[str, bool]
+) -> None:
+    """Two reads in flight are both refused as direct reads; the second looks at the fd only
+    after the first's thread has made it buffered. It must retry, not fail (CI caught this
+    race once in 750 tests)."""
+    if not accepts["disk"]:
+        pytest.skip("tmp dir refuses O_DIRECT")
+    data = data_of(4 * BLOCK + 5, seed=10)
+    path = str(tmp_path / "f")
+    Path(path).write_bytes(data)
+    real_preadv = os.preadv
+    barrier = threading.Barrier(2, timeout=10)
+    refusals: list[int] = []
+    lock = threading.Lock()
+
+    def preadv(fd, bufs, offset):  # type: ignore[no-untyped-def]
+        if offset < 2 * BLOCK and directio.is_direct(fd):
+            barrier.wait()  # both see the fd direct
+            with lock:
+                refusals.append(offset)
+                second = len(refusals) == 2
+            if second:  # refused as direct, but answer only once the other has undirected
+                deadline = time.monotonic() + 10
+                while directio.is_direct(fd) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    fd = directio.open_fd(path, os.O_RDONLY)
+    assert directio.is_direct(fd)
+    r = directio.Reader(fd, depth=3)
+    try:
+        assert r.read(len(data) + 1) == data
+    finally:
+        r.close()
+    assert sorted(refusals) == [0, BLOCK]
 
 
 @pytest.fixture
