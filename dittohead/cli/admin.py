@@ -135,7 +135,8 @@ def fsck(store: str, read_data: bool, as_json: bool) -> None:
     """Check the store's integrity; exit 3 if anything is damaged.
 
     Always: pack trailers, study logs, manifests (every chunk present, right length), the index
-    (rebuilt if it disagrees), folder modes. With --read-data: every stored byte.
+    (rebuilt if it disagrees), folder modes. With --read-data: every stored byte, as the disk
+    holds it (what the system has cached of a pack is dropped before it is read, where the system allows).
     """
     from dittohead.store import fsck as fsck_mod
 
