@@ -7,6 +7,11 @@ of 1.2 GB took 3.4 s of kernel time and an O_DIRECT one 0.25 s; a cold buffered 
 against 0.07 s. Bulk data read once has nothing to gain from the cache, and a collector's
 machine keeps its cache for the programs it runs.
 
+The server reads its packs (ingest's uploads, fsck's store) the other way: through the cache,
+told that the read is sequential (``advise``), and dropping them after. There the kernel's
+read-ahead keeps more of the disk busy than direct reads, a pack at a time, do: 20 to 25% off
+the ingest and fsck of the benchmark store, for some kernel time the server can spare.
+
 Everything here falls back to ordinary buffered I/O, silently and per file: where O_DIRECT does
 not exist (Windows, macOS), where a filesystem refuses it (tmpfs on older kernels, some network
 filesystems), and for the unaligned tail of a file. Direct I/O needs page-aligned buffers and
@@ -62,21 +67,6 @@ def is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT)
 
 
-def enable(fd: int) -> bool:
-    """Turn O_DIRECT on for an open file where the filesystem allows; True if it is on."""
-    if not _O_DIRECT:
-        return False
-    import fcntl
-
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
-    except OSError as e:
-        if e.errno not in _REFUSED:
-            raise
-    return is_direct(fd)
-
-
 def undirect(fd: int) -> None:
     """Turn O_DIRECT off for an open file (Linux allows this through F_SETFL)."""
     if _O_DIRECT:
@@ -85,6 +75,17 @@ def undirect(fd: int) -> None:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         if flags & _O_DIRECT:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+
+
+def advise(fd: int, *advice: str) -> None:
+    """posix_fadvise(2) for the whole file, by name ("SEQUENTIAL", "DONTNEED"), where the
+    platform has it (not Windows, not macOS). Advice only: a call the kernel refuses is not an
+    error; a name posix_fadvise does not know is (a typo here would pass unseen otherwise)."""
+    if hasattr(os, "posix_fadvise"):
+        for name in advice:
+            value = getattr(os, "POSIX_FADV_" + name)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, value)
 
 
 def _readinto(fd: int, view: memoryview) -> int:

@@ -128,6 +128,36 @@ def dir_bytes(top: Path) -> int:
     return total
 
 
+def storage_reads() -> int:
+    """Bytes this process has had read from storage, not served by the page cache (Linux)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def storage_reads_of(paths: Iterable[Path]) -> int:
+    """What reading ``paths`` whole cost in reads from storage: 0 if the cache held them."""
+    before = storage_reads()
+    for p in paths:
+        p.read_bytes()
+    return storage_reads() - before
+
+
+def skip_unless_storage_reads_counted(where: Path) -> None:
+    """Skip unless a read from storage under ``where`` shows in /proc/self/io (not on tmpfs, not
+    without posix_fadvise to drop a file from the cache)."""
+    if not (hasattr(os, "posix_fadvise") and os.path.exists("/proc/self/io")):
+        pytest.skip("needs posix_fadvise and /proc/self/io (Linux)")
+    probe = where / ".storage-read-probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    os.sync()
+    with open(probe, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    counted = storage_reads_of([probe]) >= 1 << 20
+    probe.unlink()
+    if not counted:
+        pytest.skip(f"{where}: its filesystem reports no reads from storage (tmpfs?)")
+
+
 def write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

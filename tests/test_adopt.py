@@ -18,7 +18,16 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import Server, describe, invoke, raised, store_snapshot, write_file
+from conftest import (
+    Server,
+    describe,
+    invoke,
+    raised,
+    skip_unless_storage_reads_counted,
+    storage_reads_of,
+    store_snapshot,
+    write_file,
+)
 
 from dittohead import format as fmt
 from dittohead import pack
@@ -162,6 +171,20 @@ def test_pack_uploaded_by_the_daemons_account_is_adopted(server: Server, tmp_pat
     assert list(done.glob("*" + fmt.PACK_SUFFIX)) == [], "done/ keeps the manifest only"
     assert len(server.log()) == 1
     _assert_store_sound(server, files)
+
+
+def test_ingest_leaves_the_uploads_out_of_the_page_cache(server: Server, tmp_path: Path) -> None:
+    """The ingest reads each upload once and drops it from the cache after: the packs it adopted
+    into the store are not left filling the server's memory."""
+    skip_unless_storage_reads_counted(tmp_path)
+    name, files = _synced(server, tmp_path)
+    os.sync()
+    server.ingest()
+    packs = list(_store_packs(server.root).values())
+    assert packs and (server.dropbox("done") / name).is_dir()
+    os.sync()
+    assert storage_reads_of(packs) >= sum(p.stat().st_size for p in packs)
+    _assert_reads_back(server, files)
 
 
 def test_second_submission_adopts_only_new_chunks(server: Server, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 All on real files, in pytest's tmp dir and (where it exists) in a dir on /dev/shm (tmpfs).
 
 Covered:
-- open_fd / is_direct / enable / undirect: O_DIRECT is really set wherever the filesystem accepts
+- open_fd / is_direct / undirect / advise: O_DIRECT is really set wherever the filesystem accepts
   it (checked against an independent raw probe, so a silent fallback everywhere fails), the
   flag round-trips, and the fallbacks: a platform without O_DIRECT, a filesystem that refuses it
   at open, and one that accepts the open but refuses the reads and writes (EINVAL); other errors
@@ -145,7 +145,7 @@ def write_pieces(path: str, data: bytes, cuts: list[int], *, direct: bool) -> tu
     return digest, direct_before_finish
 
 
-# --- open_fd, is_direct, enable, undirect ---------------------------------------------------
+# --- open_fd, is_direct, undirect, advise ---------------------------------------------------
 
 
 def test_open_fd_is_direct_where_the_filesystem_accepts_it(
@@ -171,28 +171,34 @@ def test_open_fd_is_direct_where_the_filesystem_accepts_it(
         os.close(fd)
 
 
-def test_undirect_enable_round_trip(
+def test_undirect_round_trip(
     where: str, dirs: dict[str, Path], accepts: dict[str, bool]
 ) -> None:
     path = new_path(dirs[where])
     fd = directio.open_fd(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        assert directio.is_direct(fd) == accepts[where]
         directio.undirect(fd)
         assert not directio.is_direct(fd)
         directio.undirect(fd)  # idempotent
         assert not directio.is_direct(fd)
-        assert directio.enable(fd) == accepts[where]
-        assert directio.is_direct(fd) == accepts[where]
-        assert directio.enable(fd) == accepts[where]  # idempotent
-        directio.undirect(fd)
-        assert not directio.is_direct(fd)
     finally:
         os.close(fd)
-    fd = os.open(path, os.O_RDONLY)  # a plain fd can be made direct too
-    try:
-        assert directio.enable(fd) == accepts[where]
-    finally:
-        os.close(fd)
+
+
+def test_advise(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Advice changes no bytes; a name posix_fadvise lacks is an error; a platform without
+    posix_fadvise (Windows, macOS) gets nothing and no error."""
+    data = data_of(BLOCK + 3, seed=8)
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb") as f:
+        directio.advise(f.fileno(), "SEQUENTIAL", "DONTNEED")
+        assert f.read() == data
+        if hasattr(os, "posix_fadvise"):
+            with pytest.raises(AttributeError):
+                directio.advise(f.fileno(), "SEQUENTAIL")
+            monkeypatch.delattr(os, "posix_fadvise")
+        directio.advise(f.fileno(), "SEQUENTIAL", "SEQUENTAIL")
 
 
 def test_open_fd_raises_errors_other_than_a_refusal(tmp_path: Path) -> None:
@@ -207,7 +213,7 @@ def test_platform_without_o_direct(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     data = data_of(BLOCK + ALIGN + 1, seed=7)
     path = str(tmp_path / "f")
     fd = directio.open_fd(path, WFLAGS, 0o600)
-    assert not directio.is_direct(fd) and not directio.enable(fd)
+    assert not directio.is_direct(fd)
     if HAS_O_DIRECT:  # the module must not set the flag it believes it lacks
         import fcntl
 
@@ -552,22 +558,6 @@ def test_reader_starts_at_the_beginning(tmp_path: Path, direct: bool) -> None:
         assert r.read(len(data) + 1) == data
     finally:
         r.close()
-
-
-def test_reader_on_a_dup_made_direct_by_enable(tmp_path: Path, accepts: dict[str, bool]) -> None:
-    """As ingest uses it: a buffered file read a little, its fd dup'ed and made direct."""
-    data = data_of(2 * BLOCK + ALIGN, seed=4)
-    (tmp_path / "f").write_bytes(data)
-    with open(tmp_path / "f", "rb") as f:
-        assert f.read(100) == data[:100]
-        fd = os.dup(f.fileno())
-        assert directio.enable(fd) == accepts["disk"]
-        r = directio.Reader(fd)
-        try:
-            assert read_all(r, random.Random(4), use_read=False) == data
-            assert directio.is_direct(fd) == accepts["disk"]  # all aligned: no fallback
-        finally:
-            r.close()
 
 
 @pytest.mark.parametrize("depth", DEPTHS)

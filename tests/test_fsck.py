@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
-from conftest import invoke, ok
+from conftest import invoke, ok, skip_unless_storage_reads_counted, storage_reads, storage_reads_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -564,44 +564,23 @@ def test_pack_data_is_hashed_piece_by_piece(base: Base, tmp_path: Path, monkeypa
         0, [], "cannot read: No such file or directory")
 
 
-def _storage_reads() -> int:
-    """Bytes this process has had read from storage (not served by the page cache)."""
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
-
-
-def _reads_of(paths: list[Path]) -> int:
-    before = _storage_reads()
-    for p in paths:
-        p.read_bytes()
-    return _storage_reads() - before
-
-
-@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and os.path.exists("/proc/self/io")),
-                    reason="needs posix_fadvise and /proc/self/io (Linux)")
 def test_read_data_reads_the_disks_copy_and_leaves_the_cache_as_it_found_it(
     base: Base, tmp_path: Path
 ) -> None:
     """With every pack in the page cache, fsck --read-data still reads them from the disk (bit
     rot under a cached copy is found), and afterwards they are not left in the cache."""
-    probe = tmp_path / "probe"
-    probe.write_bytes(os.urandom(1 << 20))
-    os.sync()
-    with open(probe, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    if _reads_of([probe]) < 1 << 20:
-        pytest.skip("the tmp dir's filesystem reports no reads from storage (tmpfs?)")
+    skip_unless_storage_reads_counted(tmp_path)
     work = base.copy(tmp_path / "root")
     packs = [work / p.rel for p in base.packs]
     data = sum(p.data_end - fmt.PACK_HEADER.size for p in base.packs)
     os.sync()  # clean pages: the only kind the cache can drop
-    _reads_of(packs)
-    assert _reads_of(packs) == 0  # all cached now
-    before = _storage_reads()
+    storage_reads_of(packs)
+    assert storage_reads_of(packs) == 0  # all cached now
+    before = storage_reads()
     code, doc = fsck(work, "--read-data")
     assert code == 0 and doc["findings"] == [], doc
-    assert _storage_reads() - before >= data
-    assert _reads_of(packs) >= data  # not left cached
+    assert storage_reads() - before >= data
+    assert storage_reads_of(packs) >= data  # not left cached
 
 
 def test_deleted_index_is_rebuilt_on_first_use(base: Base, tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[in
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as e:
         return 0, [], f"cannot read: {e.strerror}"
-    _advise(fd, "POSIX_FADV_SEQUENTIAL")
+    directio.advise(fd, "SEQUENTIAL")
     r = directio.Reader(fd, depth=READ_DEPTH)
     try:
         block, pos = memoryview(b""), 0
@@ -128,17 +128,9 @@ def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[in
     except OSError as e:
         return got, bad, f"cannot read: {e.strerror}"
     finally:
-        _advise(fd, "POSIX_FADV_DONTNEED")
+        directio.advise(fd, "DONTNEED")
         r.close()
     return got, bad, ""
-
-
-def _advise(fd: int, *advice: str) -> None:
-    """posix_fadvise the whole file, where the platform has it; advice only, so never an error."""
-    if hasattr(os, "posix_fadvise"):
-        for name in advice:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, 0, 0, getattr(os, name))
 
 
 @dataclass
@@ -269,7 +261,7 @@ class Checker:
         try:
             with self.store.objects.open(key) as f:
                 if self.read_data:  # the data is to be read from the disk, not from memory
-                    _advise(f.fileno(), "POSIX_FADV_DONTNEED")
+                    directio.advise(f.fileno(), "DONTNEED")
                 return pack.read_entries(f, what="its trailer")
         except (FormatError, OSError) as e:
             return e

@@ -483,10 +483,16 @@ class Ingestor:
                 *, whole: bool = False, copy_to: tuple[StorePackWriter, set[bytes]] | None = None) -> bytes | None:
         """Read a pack's chunks once, each checked against its id, for the file hashes and for
         copying into server packs; with ``whole``, return the hash of the whole file (its id, if
-        it is what it is named), computed on the reading thread. Around the page cache where the
-        filesystem allows: nothing reads these bytes again soon."""
+        it is what it is named), computed on the reading thread.
+
+        Through the page cache, told that the read is sequential: the kernel's read-ahead keeps
+        more of a disk busy than one direct read at a time. On the benchmark machine the
+        initial ingest (1.22 GB) took 1.63-2.21 s this way against 1.95-2.57 s with O_DIRECT
+        (8 alternated runs, faster in 7). Nothing reads these bytes again soon, so what the
+        cache holds of the pack is dropped after.
+        """
         fd = os.dup(f.fileno())
-        directio.enable(fd)
+        directio.advise(fd, "SEQUENTIAL")
         r = directio.Reader(fd, hashed=whole)
         try:
             for pe, chunk in pack.iter_verified(r, entries, what=what):
@@ -497,6 +503,7 @@ class Ingestor:
                     copy_to[0].add(pe.id, chunk)
             return r.digest() if whole else None
         finally:
+            directio.advise(fd, "DONTNEED")
             r.close()
 
     def _twin(self, filename: str) -> str | None:
