@@ -136,7 +136,7 @@ def fsck(store: str, read_data: bool, as_json: bool) -> None:
 
     Always: pack trailers, study logs, manifests (every chunk present, right length), the index
     (rebuilt if it disagrees), folder modes. With --read-data: every stored byte, as the disk
-    holds it (what the system has cached of a pack is dropped before it is read, where the system allows).
+    holds it (the system's cached copy of each pack is dropped first, where it allows).
     """
     from dittohead.store import fsck as fsck_mod
 
