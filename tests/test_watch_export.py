@@ -17,13 +17,19 @@ def _ok(*args: object) -> str:
     return res.stdout
 
 
-def test_watch_exports_each_ingest_into_the_study_destination(tmp_path: Path, monkeypatch) -> None:
+def _store_exporting_foo(tmp_path: Path, monkeypatch, name: str, data: bytes) -> tuple[Path, Path, Path]:
+    """A server root with study foo added --export OUT, and a source folder holding one file."""
     monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "state"))
     root, src, out = tmp_path / "root", tmp_path / "src", tmp_path / "out"
     src.mkdir()
-    (src / "subj01.txt").write_bytes(b"first\n")
+    (src / name).write_bytes(data)
     _ok("init", "--store", root)
     _ok("study", "add", "foo", "--store", root, "--export", out)
+    return root, src, out
+
+
+def test_watch_exports_each_ingest_into_the_study_destination(tmp_path: Path, monkeypatch) -> None:
+    root, src, out = _store_exporting_foo(tmp_path, monkeypatch, "subj01.txt", b"first\n")
     _ok("study", "add", "bar", "--store", root)
     _ok("sync", src, "--study", "foo", "--to", root, "--site", "A")
     _ok("watch", "--store", root, "--once")
@@ -49,12 +55,7 @@ def test_a_failing_export_is_reported_and_the_ingest_stands(tmp_path: Path, monk
     """The destination unusable (a file where the folder should be): the submission is ingested
     all the same, watch says in one line that the export failed and exits 1; once the
     destination is usable, the next ingest's export adds everything, the earlier version too."""
-    monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "state"))
-    root, src, out = tmp_path / "root", tmp_path / "src", tmp_path / "out"
-    src.mkdir()
-    (src / "a.txt").write_bytes(b"one\n")
-    _ok("init", "--store", root)
-    _ok("study", "add", "foo", "--store", root, "--export", out)
+    root, src, out = _store_exporting_foo(tmp_path, monkeypatch, "a.txt", b"one\n")
     out.write_bytes(b"in the way\n")
     _ok("sync", src, "--study", "foo", "--to", root, "--site", "A")
     res = CliRunner().invoke(cli, ["watch", "--store", str(root), "--once"])
