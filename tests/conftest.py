@@ -16,6 +16,15 @@ Fixtures:
     versions    versions(path) -> list of version dicts (``versions --json``)
     new_server  new_server(base_dir) -> a fresh initialised Server (for hypothesis examples and
                 loops that need a root of their own per run)
+
+Real accounts (tests/accounts.py; root only, skipped otherwise): for tests that cross accounts,
+each side runs as its own unprivileged account, never as root.
+    accounts    the session's Accounts: daemon, up_a (group ga), up_b (group gb), reader; run
+                ``python -m dittohead`` as one with accounts.run_as(acct, *args), a snippet with
+                python_as(acct, code), a daemon to SIGKILL with spawn_as(acct, *args)
+    acct_dir    a fresh /tmp/dittohead-acct-XXXXXX (0755, root's) the accounts can traverse
+                (tmp_path they cannot); removed after the test, with spawn_as children killed
+                first. make_dir(path, owner, mode) makes a folder there owned by an account.
 """
 
 from __future__ import annotations
@@ -24,15 +33,18 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from accounts import Accounts, Unavailable
 from click.testing import CliRunner, Result
 
 from dittohead.cli import cli
@@ -405,3 +417,33 @@ def cat(server: Server) -> Callable[..., bytes]:
 @pytest.fixture
 def versions(server: Server) -> Callable[..., list]:
     return server.versions
+
+
+@pytest.fixture(scope="session")
+def accounts() -> Iterator[Accounts]:
+    """The session's real accounts (tests/accounts.py), removed at the end of the session."""
+    try:
+        accts = Accounts()
+    except Unavailable as e:
+        pytest.skip(str(e))
+    try:
+        accts.resolve_python()
+    except Unavailable as e:
+        accts.close()
+        pytest.skip(str(e))
+    try:
+        yield accts
+    finally:
+        accts.close()
+
+
+@pytest.fixture
+def acct_dir(accounts: Accounts) -> Iterator[Path]:
+    """A fresh world-traversable dir for a test with real accounts (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="dittohead-acct-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        accounts.reap()
+        shutil.rmtree(path)  # as root, whoever owns what is inside
