@@ -105,3 +105,78 @@ def read_limited(path: str, limit: int, *, follow: bool = False) -> bytes:
     if len(data) > limit:
         raise ValueError(f"{path}: larger than {limit} bytes")
     return data
+
+
+# Relative to an open folder (``dir_fd``): for folders another account can change, where a path
+# walked twice could lead somewhere else between the two walks (a folder swapped for a symlink).
+# Nothing below follows a symlink in ``name``.
+
+
+def tmp_basename(hint: str = "") -> str:
+    """A fresh temporary file name, without a folder (``tmp_name``'s last part)."""
+    return f".tmp-{hint}{os.urandom(8).hex()}"
+
+
+def fsync_dir_fd(dir_fd: int) -> None:
+    """Make the entries of an open folder durable (errors ignored, as ``fsync_dir`` does)."""
+    with contextlib.suppress(OSError):
+        os.fsync(dir_fd)
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    """``name``'s own attributes in the open folder ``dir_fd`` (a symlink's, not its target's);
+    None if there is no such entry."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def link_new_at(dir_fd: int, tmp: str, name: str) -> bool:
+    """``link_new`` inside one open folder: put ``tmp`` at ``name`` without overwriting, remove
+    ``tmp``; True if ``name`` was created, False if it existed already."""
+    try:
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # A filesystem without hard links: rename, after checking (as ``link_new`` does).
+        if lstat_at(dir_fd, name) is not None:
+            created = False
+        else:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            fsync_dir_fd(dir_fd)
+            return True
+    os.unlink(tmp, dir_fd=dir_fd)
+    fsync_dir_fd(dir_fd)
+    return created
+
+
+@contextlib.contextmanager
+def new_file_at(dir_fd: int, name: str, *, mode: int = 0o644,
+                times: tuple[float, float] | None = None) -> Iterator[BinaryIO]:
+    """``new_file`` inside one open folder: yields a file; on clean exit, sets its (atime,
+    mtime) to ``times`` if given, fsyncs it and links it to ``name`` in ``dir_fd``.
+
+    The temporary file is created there with O_EXCL|O_NOFOLLOW. Raises FileExistsError if
+    ``name`` exists (checked at the link); on any error the temporary file is removed.
+    """
+    tmp = tmp_basename()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            if times is not None:
+                os.utime(f.fileno(), times)
+            os.fsync(f.fileno())
+        if not link_new_at(dir_fd, tmp, name):
+            raise FileExistsError(errno.EEXIST, "file exists", name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise

@@ -261,8 +261,8 @@ def test_a_file_in_current_that_the_export_did_not_write_is_left_alone(
     write_file(src / "b.txt", b"b2\n")
     sync_round(server, src, model, site="labA")
     result = export(server, dest)
-    assert (dest / "current/a.txt").read_bytes() == b"my own a\n"
     assert os.stat(dest / "current/a.txt")[1:] == mine[1:]  # inode, size, times: untouched
+    assert (dest / "current/a.txt").read_bytes() == b"my own a\n"
     assert (dest / "current/empty.dat").read_bytes() == b"junk\n"
     assert str(dest / "current/a.txt") in warned(result), result.stderr
     # The export's own entry is still swapped to the new version, a link to it.
@@ -275,11 +275,13 @@ def test_a_file_in_current_that_the_export_did_not_write_is_left_alone(
     check_layout(server, dest, model)
 
 
-def test_without_hard_links_the_exports_own_copies_in_current_are_still_updated(
+def test_without_hard_links_copies_in_current_are_left_at_their_version(
     server: Server, tmp_path: Path, monkeypatch
 ) -> None:
-    """Where the destination has no hard links the entries are copies: they are the export's
-    own by their bytes (those of a version of the same path), and a user's file still is not."""
+    """Where the destination has no hard links the entries are copies. A copy is not provably
+    the export's own (only the same inode as a version file is: anyone who can write in DEST
+    can write a file with a version's bytes), so a newer version does not replace it: it stays,
+    is reported, and the next export after it is removed adds the newer one."""
 
     def no_links(_src: object, _dst: object, **_kw: object) -> None:
         raise PermissionError(errno.EPERM, "hard links not supported")
@@ -292,7 +294,8 @@ def test_without_hard_links_the_exports_own_copies_in_current_are_still_updated(
     with monkeypatch.context() as m:
         m.setattr(os, "link", no_links)
         export(server, dest)
-    assert os.stat(dest / "current/a.txt").st_nlink == 1  # a copy
+    copy = os.stat(dest / "current/a.txt")
+    assert copy.st_nlink == 1  # a copy
     (dest / "current/b.txt").unlink()
     (dest / "current/b.txt").write_bytes(b"my own b\n")
     write_file(src / "a.txt", b"a2\n")
@@ -301,9 +304,17 @@ def test_without_hard_links_the_exports_own_copies_in_current_are_still_updated(
     with monkeypatch.context() as m:
         m.setattr(os, "link", no_links)
         result = export(server, dest)
-    assert (dest / "current/a.txt").read_bytes() == b"a2\n"
+    assert os.stat(dest / "current/a.txt")[1:] == copy[1:]  # inode, size, times: untouched
+    assert (dest / "current/a.txt").read_bytes() == b"a1\n"
+    assert str(dest / "current/a.txt") in warned(result), result.stderr
     assert (dest / "current/b.txt").read_bytes() == b"my own b\n"
     assert str(dest / "current/b.txt") in warned(result), result.stderr
+    assert sorted(p.read_bytes() for p in (dest / "versions/a.txt").iterdir()) == [b"a1\n", b"a2\n"]
+    (dest / "current/a.txt").unlink()
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", no_links)
+        export(server, dest)
+    assert (dest / "current/a.txt").read_bytes() == b"a2\n"
 
 
 def test_a_second_export_after_a_file_becomes_a_folder(server: Server, tmp_path: Path) -> None:
@@ -426,3 +437,164 @@ def test_a_damaged_chunk_costs_its_versions_only(server: Server, tmp_path: Path)
     again = export(server, dest)
     assert again.exit_code == 0, again.output
     assert (dest / "current" / "big.bin").read_bytes() == big
+
+
+# An export destination may be writable by others (a shared study folder): what they put there
+# never leads the export outside DEST, and never passes for the export's own.
+
+
+def tree(top: Path) -> dict[str, tuple[int, int, int, bytes | str | None]]:
+    """Every entry under top, folders and symlinks too, without following a symlink:
+    relative path -> (mode, inode, mtime, bytes of a file | a symlink's target | None)."""
+    found: dict[str, tuple[int, int, int, bytes | str | None]] = {}
+    for dirpath, dirs, names in os.walk(top):
+        for name in dirs + names:
+            p = Path(dirpath, name)
+            st = os.lstat(p)
+            what: bytes | str | None = None
+            if p.is_symlink():
+                what = os.readlink(p)
+            elif p.is_file():
+                what = p.read_bytes()
+            found[p.relative_to(top).as_posix()] = (st.st_mode, st.st_ino, st.st_mtime_ns, what)
+    return found
+
+
+def symlink_in_place_of(entry: Path, target: Path) -> None:
+    """Replace whatever is at ``entry`` (a folder or a file) by a symlink to ``target``."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    elif entry.exists() or entry.is_symlink():
+        entry.unlink()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.symlink_to(target)
+
+
+def without(files: dict[str, bytes], *prefixes: str) -> dict[str, bytes]:
+    return {rel: data for rel, data in files.items()
+            if not any(rel == p or rel.startswith(p + "/") for p in prefixes)}
+
+
+def test_folders_replaced_by_symlinks_lead_nowhere_outside_dest(
+    server: Server, tmp_path: Path
+) -> None:
+    """A folder in current/, one in versions/ and one in submissions/ replaced by symlinks to a
+    folder outside DEST (the daemon's home, say): nothing is written outside, the symlinks stay
+    and are reported, what would have gone beneath them is left out, and the rest is exported."""
+    src, dest, home = tmp_path / "src", tmp_path / "export", tmp_path / "home"
+    write_file(home / "notes.txt", b"the daemon's own\n")
+    (home / ".ssh").mkdir()
+    model = Model()
+    write_file(src / "x/a.txt", b"x a1\n")
+    write_file(src / "keep.txt", b"keep 1\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+
+    write_file(src / "x/.ssh/authorized_keys", b"ssh-ed25519 AAAA... an uploader\n")
+    write_file(src / "x/a.txt", b"x a2\n")
+    write_file(src / "keep.txt", b"keep 2\n")
+    write_file(src / "y/b.txt", b"y b\n")
+    sync_round(server, src, model, site="labA")
+    seq = max(s["seq"] for s in server.log())
+    sub = next(s for s in server.log() if s["seq"] == seq)
+    sub2 = f"submissions/{stamp(sub['ingested_ns'])}_labA_{seq:06d}"
+    links = {
+        "current/x": home,
+        "versions/x": home / ".ssh",
+        f"{sub2}/x": home,
+    }
+    (dest / sub2).mkdir(parents=True)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for rel, target in links.items():
+        if (dest / rel).exists():  # kept, to be put back at the end
+            (dest / rel).rename(aside / rel.replace("/", "_"))
+        symlink_in_place_of(dest / rel, target)
+    outside = tree(home)
+
+    result = export(server, dest)
+    assert tree(home) == outside, "the export wrote outside its destination"
+    for rel, target in links.items():
+        assert (dest / rel).is_symlink() and os.readlink(dest / rel) == str(target), rel
+        assert str(dest / rel) in warned(result), (rel, result.stderr)
+    assert f"{len(links)} files in the way left untouched" in result.stdout, result.stdout
+    export(server, tmp_path / "fresh")
+    assert content(dest) == without(content(tmp_path / "fresh"), *links), (
+        sorted(set(content(dest)) ^ set(without(content(tmp_path / "fresh"), *links))))
+    assert (dest / "current/keep.txt").read_bytes() == b"keep 2\n"
+    assert (dest / "current/y/b.txt").read_bytes() == b"y b\n"
+
+    # Once the symlinks are gone (the folders they replaced put back), the next export adds
+    # what was left out.
+    for rel in links:
+        (dest / rel).unlink()
+        if (aside / rel.replace("/", "_")).exists():
+            (aside / rel.replace("/", "_")).rename(dest / rel)
+    result = export(server, dest)
+    assert warned(result) == "", result.stderr
+    check_layout(server, dest, model)
+    assert tree(home) == outside
+
+
+def test_file_entries_replaced_by_symlinks_are_left_and_reported(
+    server: Server, tmp_path: Path
+) -> None:
+    """A current/ entry replaced by a symlink to a file outside DEST, and a symlink to a file
+    outside (of the right size) planted where a new version's file will go: the outside files
+    are not changed, linked or copied in, and the symlinks stay and are reported."""
+    src, dest, outside = tmp_path / "src", tmp_path / "export", tmp_path / "outside"
+    model = Model()
+    write_file(src / "a.txt", b"a1\n")
+    write_file(src / "b.txt", b"b1\n")
+    write_file(src / "c.txt", b"c1\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+
+    write_file(outside / "secret", b"the daemon's secret\n")
+    write_file(outside / "key", b"k" * len(b"b2 longer\n"))
+    symlink_in_place_of(dest / "current/a.txt", outside / "secret")
+    write_file(src / "a.txt", b"a2\n")
+    write_file(src / "b.txt", b"b2 longer\n")
+    write_file(src / "c.txt", b"c2\n")
+    sync_round(server, src, model, site="labA")
+    b2 = server.versions("b.txt")[-1]
+    planted = dest / "versions/b.txt" / f"0002_{stamp(b2['ingested_ns'])}_labA.txt"
+    symlink_in_place_of(planted, outside / "key")
+    before = tree(outside)
+
+    result = export(server, dest)
+    assert tree(outside) == before
+    assert all(os.lstat(outside / f).st_nlink == 1 for f in ("secret", "key"))
+    for entry, target in ((dest / "current/a.txt", outside / "secret"), (planted, outside / "key")):
+        assert entry.is_symlink() and os.readlink(entry) == str(target), entry
+        assert str(entry) in warned(result), (entry, result.stderr)
+    assert not any(data == b"k" * 10 for rel, (_m, _i, _t, data) in tree(dest).items()
+                   if (dest / rel) != planted), "an outside file was linked or copied in"
+    # b.txt's new version was not written, so nothing links to it; the rest is exported.
+    assert (dest / "current/b.txt").read_bytes() == b"b1\n"
+    assert (dest / "current/c.txt").read_bytes() == b"c2\n"
+    assert len(os.listdir(dest / "versions/a.txt")) == 2
+
+
+def test_a_file_with_an_older_versions_bytes_is_not_the_exports_own(
+    server: Server, tmp_path: Path
+) -> None:
+    """A file in current/ with exactly the bytes of an older version of its path, but not the
+    same inode as that version's file, is somebody's file: a newer version leaves it alone."""
+    src, dest = tmp_path / "src", tmp_path / "export"
+    model = Model()
+    write_file(src / "a.txt", b"a1\n")
+    sync_round(server, src, model, site="labA")
+    export(server, dest)
+    (dest / "current/a.txt").unlink()
+    (dest / "current/a.txt").write_bytes(b"a1\n")
+    mine = os.stat(dest / "current/a.txt")
+
+    write_file(src / "a.txt", b"a2\n")
+    sync_round(server, src, model, site="labA")
+    result = export(server, dest)
+    assert os.stat(dest / "current/a.txt")[1:] == mine[1:]  # inode, size, times: untouched
+    assert (dest / "current/a.txt").read_bytes() == b"a1\n"
+    assert str(dest / "current/a.txt") in warned(result), result.stderr
+    assert "1 files in the way left untouched" in result.stdout
+    assert sorted(p.read_bytes() for p in (dest / "versions/a.txt").iterdir()) == [b"a1\n", b"a2\n"]
