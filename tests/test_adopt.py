@@ -1,18 +1,20 @@
-"""Adoption: an uploaded pack becomes a store pack as it is (hard-linked), instead of being copied.
+"""Adoption: the daemon's copy of an uploaded pack becomes a store pack as it is (hard-linked),
+instead of its chunks being written into a new pack.
 
-The ingest adopts an uploaded pack only when nothing could tell it from a pack the server would
-write and nobody else can change it: every chunk is new, the bytes are canonical, the file
-belongs to the daemon's account, lies on the store's filesystem, nobody has it open for writing
-and its name is its id. Every other upload is copied chunk by chunk, as before. These tests drive
-both paths through the real command line and check what a user relies on: the versions read back
-byte for byte, fsck finds nothing, no pack is named for other bytes, and nothing that was uploaded
-stays linked into the store where it could still be changed.
+The ingest never keeps a file the uploader made: it copies each one into a folder of its own
+(``intake.take``) and verifies the copy. A copy is adopted only when nothing could tell it from a
+pack the server would write: every chunk is new, the bytes are canonical, it lies on the store's
+filesystem and its name is its id. Every other upload has its new chunks written into server
+packs. These tests drive both paths through the real command line and check what a user relies
+on: the versions read back byte for byte, fsck finds nothing, no pack is named for other bytes,
+and no uploaded file is ever linked into the store, where its uploader could still change it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import struct
 from pathlib import Path
@@ -110,21 +112,23 @@ def _reason(server: Server, name: str) -> str:
     return (server.dropbox("failed") / name / fmt.REASON_NAME).read_text()
 
 
-def _to_processing(server: Server, name: str) -> Path:
-    """Where an ingest that was interrupted after taking the submission would have left it."""
-    dest = server.dropbox("processing") / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(server.dropbox("inbox") / name, dest)
-    return dest
-
-
-def _link_into_store(root: Path, upload: Path) -> Path:
-    """What ``link_durable`` leaves behind if the ingest dies before the study-log commit."""
-    dest = _store_path(root, upload.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(upload, 0o600)
-    os.link(upload, dest)
-    return dest
+def _crash_after_link(server: Server, name: str) -> dict[str, int]:
+    """What an ingest that died between adopting its copies (``link_durable``) and the study-log
+    commit leaves: the upload still in the inbox, the daemon's folder in processing/ with its
+    copies, each copy also linked into the store. Returns the store packs' inodes by name."""
+    folder = server.dropbox("processing") / name
+    folder.mkdir(mode=0o700, parents=True)
+    inodes = {}
+    for upload in _uploads(server, name):
+        copy = folder / upload.name
+        shutil.copyfile(upload, copy)
+        os.chmod(copy, 0o600)
+        dest = _store_path(server.root, upload.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(copy, dest)
+        inodes[upload.name] = dest.stat().st_ino
+    assert inodes
+    return inodes
 
 
 def _synced(server: Server, tmp_path: Path) -> tuple[str, dict[str, bytes]]:
@@ -150,7 +154,7 @@ def _non_canonical_trailer(entries: list[pack.PackEntry]) -> bytes:
 # -- 1. the plain case: adopted --------------------------------------------------------------
 
 
-def test_pack_uploaded_by_the_daemons_account_is_adopted(server: Server, tmp_path: Path) -> None:
+def test_canonical_upload_is_adopted_as_the_daemons_own_copy(server: Server, tmp_path: Path) -> None:
     name, files = _synced(server, tmp_path)
     uploads = {p.name: (p.read_bytes(), p.stat().st_ino) for p in _uploads(server, name)}
 
@@ -162,13 +166,13 @@ def test_pack_uploaded_by_the_daemons_account_is_adopted(server: Server, tmp_pat
         data, ino = uploads[pname]
         st = path.stat()
         assert path.read_bytes() == data
-        assert st.st_ino == ino, f"{pname}: copied, not adopted"
+        assert st.st_ino != ino, f"{pname}: the uploaded file itself was linked into the store"
         assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
         assert st.st_uid == os.geteuid()
-        assert st.st_nlink == 1, "the upload's own link must be gone once the ingest is done"
+        assert st.st_nlink == 1, "the copy's own link must be gone once the ingest is done"
+    assert server.inbox_entries() == [], "the uploader's folder is removed once it is ingested"
     done = server.dropbox("done") / name
-    assert (done / fmt.MANIFEST_NAME).is_file()
-    assert list(done.glob("*" + fmt.PACK_SUFFIX)) == [], "done/ keeps the manifest only"
+    assert sorted(os.listdir(done)) == [fmt.MANIFEST_NAME], "done/ keeps the manifest only"
     assert len(server.log()) == 1
     _assert_store_sound(server, files)
 
@@ -208,7 +212,7 @@ def test_second_submission_adopts_only_new_chunks(server: Server, tmp_path: Path
     packs = _store_packs(server.root)
     assert set(packs) == first | set(uploads)
     for pname, ino in uploads.items():
-        assert packs[pname].stat().st_ino == ino, f"{pname}: copied, not adopted"
+        assert packs[pname].stat().st_ino != ino, f"{pname}: the uploaded file itself was linked"
     assert server.cat("big.bin", 1) == files["big.bin"]
     _assert_reads_back(server, edited)
     _assert_packs_named_by_id(server.root)
@@ -246,11 +250,11 @@ def test_pack_whose_chunks_an_earlier_pack_carried_is_not_adopted(
     _assert_no_links_left(server.root)
 
 
-# -- 2. uploaded by another account: copied ------------------------------------------------------
+# -- 2. uploaded by another account: the store's pack is the daemon's own -----------------------
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another account needs root")
-def test_pack_owned_by_another_account_is_copied(server: Server, tmp_path: Path) -> None:
+def test_pack_owned_by_another_account_is_stored_as_the_daemons_own(server: Server, tmp_path: Path) -> None:
     name, files = _synced(server, tmp_path)
     uploads = _uploads(server, name)
     inodes = set()
@@ -270,10 +274,10 @@ def test_pack_owned_by_another_account_is_copied(server: Server, tmp_path: Path)
     _assert_store_sound(server, files)
 
 
-# -- 3. open for writing: copied ---------------------------------------------------------------
+# -- 3. held open for writing: what the writer does later cannot reach the store ---------------
 
 
-def test_pack_held_open_for_writing_is_copied(server: Server, tmp_path: Path) -> None:
+def test_pack_held_open_for_writing_is_not_the_stores(server: Server, tmp_path: Path) -> None:
     name, files = _synced(server, tmp_path)
     uploads = _uploads(server, name)
     held = [open(p, "r+b") for p in uploads]  # noqa: SIM115  (closed below)
@@ -357,13 +361,7 @@ def test_non_canonical_pack_is_copied(server: Server, tmp_path: Path, named: str
 
 def test_resume_after_crash_between_link_and_commit(server: Server, tmp_path: Path) -> None:
     name, files = _synced(server, tmp_path)
-    sub = _to_processing(server, name)
-    uploads = _uploads(server, name, "processing")
-    inodes = {p.name: p.stat().st_ino for p in uploads}
-    for p in uploads:
-        _link_into_store(server.root, p)
-        assert p.stat().st_nlink == 2
-    assert sub.is_dir()
+    inodes = _crash_after_link(server, name)
 
     server.ingest()
 
@@ -373,7 +371,7 @@ def test_resume_after_crash_between_link_and_commit(server: Server, tmp_path: Pa
     packs = _store_packs(server.root)
     assert set(packs) == set(inodes)
     for pname, path in packs.items():
-        assert path.stat().st_ino == inodes[pname]
+        assert path.stat().st_ino == inodes[pname], "a pack the store holds is kept, not replaced"
     _assert_store_sound(server, files)
     # Ingested once: nothing left to do, and the log did not grow.
     server.ingest()
@@ -386,7 +384,7 @@ def test_resume_after_crash_when_file_hash_needs_a_second_read(
 ) -> None:
     """The same crash, for a submission whose file hashes cannot all be computed as the chunks
     stream past (a file whose first chunk the study holds already, or a chunk a file repeats):
-    the ingest reads those chunks a second time from the pack, which still has its twin link."""
+    the ingest reads those chunks a second time, from its fresh copy."""
     src = tmp_path / "src"
     base = os.urandom(3 * 1024 * 1024)
     write_file(src / "big.bin", base)
@@ -400,9 +398,7 @@ def test_resume_after_crash_when_file_hash_needs_a_second_read(
         write_file(src / rel, data)
     name = server.sync(src).submission
     assert name is not None
-    _to_processing(server, name)
-    for p in _uploads(server, name, "processing"):
-        _link_into_store(server.root, p)
+    _crash_after_link(server, name)
 
     res = server.run("watch", "--store", server.root, "--once")
 
@@ -414,20 +410,11 @@ def test_resume_after_crash_when_file_hash_needs_a_second_read(
     _assert_store_sound(server, files)
 
 
-@pytest.mark.parametrize("where", ["elsewhere", "store-and-elsewhere", "in-inbox"])
-def test_pack_linked_to_another_path_is_rejected(
-    server: Server, tmp_path: Path, where: str
-) -> None:
-    """Only the store's own copy of the same pack is an accepted second link."""
+def test_pack_linked_to_another_path_is_rejected(server: Server, tmp_path: Path) -> None:
+    """An upload with a second link elsewhere (where its uploader could reach it by another
+    path) is refused outright, though the copy would be safe: a submission is files of its own."""
     name, _files = _synced(server, tmp_path)
-    if where == "in-inbox":
-        uploads = _uploads(server, name)
-    else:
-        _to_processing(server, name)
-        uploads = _uploads(server, name, "processing")
-    victim = uploads[0]
-    if where == "store-and-elsewhere":
-        _link_into_store(server.root, victim)
+    victim = _uploads(server, name)[0]
     os.link(victim, tmp_path / "other-link")
     before = store_snapshot(server.root)
 

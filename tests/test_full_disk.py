@@ -10,8 +10,10 @@ with a filler file. The commands under test run as real ``python -m dittohead`` 
 exit codes and stderr are what a user sees; set-up steps run in-process (faster).
 
 (1) The client: the server root's filesystem fills during a sync.
-(2) The server: the store's filesystem fills during an ingest, on the copy path (uploads from
-    another account) and on the adopt path (uploads from the daemon's own account, hard-linked).
+(2) The server: the store's filesystem fills during an ingest: while it copies the upload (the
+    daemon keeps only copies of its own), or, with room for those copies, while it stores the
+    manifest, before its commit point, or while it publishes the have-segment, after it; for
+    uploads from the daemon's own account and from another.
 
 Two bugs were found here and fixed with these tests: an error writing a pack (ENOSPC from the
 write-behind thread) was taken for a source file's read error, and the final flush lost the
@@ -40,7 +42,7 @@ from dittohead import directio, errors
 MiB = 1 << 20
 KiB = 1 << 10
 OUR_UID = os.geteuid() if hasattr(os, "geteuid") else 0
-OTHER_UID = 65534  # nobody: an upload from another account is copied, never adopted
+OTHER_UID = 65534  # nobody: an upload from another account
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="mounts a tmpfs (Linux only)"
@@ -186,7 +188,7 @@ def assert_fsck_clean(server: Server) -> None:
 def test_sync_onto_a_full_disk_fails_cleanly_and_the_next_run_resumes(
     small_fs: Callable[[int], Path], tmp_path: Path
 ) -> None:
-    mnt = small_fs(24)
+    mnt = small_fs(40)  # room for the upload, and for the daemon's copy of it
     server = Server(mnt, state=tmp_path / "state").init()
     src = tmp_path / "src"
     # ~15 MiB: three files of 5 MiB (several chunks each) and small ones; one pack.
@@ -224,7 +226,7 @@ def test_a_complete_pack_is_not_sent_again_after_a_full_disk(
 
     The next run must keep the complete pack and send only the rest; and the failed run must not
     leave its partial upload behind, filling the server's disk until this client runs again."""
-    mnt = small_fs(48)
+    mnt = small_fs(72)  # room for the upload, and for the daemon's copy of it
     server = Server(mnt, state=tmp_path / "state").init()
     src = tmp_path / "src"
     files = make_source(src, random.Random(2), [5 * MiB] * 5, small=8)  # ~25 MiB: two packs
@@ -310,19 +312,20 @@ def test_a_pack_write_error_is_not_blamed_on_a_source_file(
 
 
 @pytest.mark.parametrize(
-    ("adopt", "leave"),
+    ("own", "leave", "beyond_copy"),
     [
-        pytest.param(False, 2 * MiB, id="copy-2MiB-free"),
-        # Adopting needs little room; on this kernel, with 32 KiB free the ingest fails before
-        # its commit point (storing the manifest), with 64 KiB after it (the have-segment).
-        pytest.param(True, 32 * KiB, id="adopt-32KiB-free"),
-        pytest.param(True, 64 * KiB, id="adopt-64KiB-free"),
-        pytest.param(False, 0, id="copy-full"),
-        pytest.param(True, 0, id="adopt-full"),
+        pytest.param(False, 2 * MiB, False, id="other-account-2MiB-free"),
+        pytest.param(True, 0, False, id="own-full"),
+        # With room for the daemon's copy of the upload (which becomes the store's pack): on this
+        # kernel, with 32 KiB more the ingest fails before its commit point (storing the
+        # manifest), with 64 KiB more after it (the have-segment).
+        pytest.param(True, 32 * KiB, True, id="own-copy-and-32KiB-free"),
+        pytest.param(True, 64 * KiB, True, id="own-copy-and-64KiB-free"),
+        pytest.param(False, 64 * KiB, True, id="other-account-copy-and-64KiB-free"),
     ],
 )
 def test_ingest_into_a_full_store_fails_cleanly_and_the_next_run_ingests_once(
-    small_fs: Callable[[int], Path], tmp_path: Path, adopt: bool, leave: int
+    small_fs: Callable[[int], Path], tmp_path: Path, own: bool, leave: int, beyond_copy: bool
 ) -> None:
     mnt = small_fs(64)
     server = Server(mnt, state=tmp_path / "state").init()
@@ -338,25 +341,26 @@ def test_ingest_into_a_full_store_fails_cleanly_and_the_next_run_ingests_once(
     upload = server.dropbox("inbox") / name
     packs = sorted(upload.glob("*.pack"))
     assert packs, sorted(os.listdir(upload))
-    if not adopt:  # from another account: copied into server-written packs
+    if not own:  # from another account
         for p in packs:
             os.chown(p, OTHER_UID, -1)
     inodes = {p.name: p.stat().st_ino for p in packs}
     study_log = server.root / "store" / "studies" / f"{server.study}.log"
     log_before = study_log.read_bytes()
-    filler = fill(mnt, leave)
+    upload_bytes = sum(p.stat().st_size for p in upload.iterdir())
+    filler = fill(mnt, leave + (upload_bytes if beyond_copy else 0))
 
     cp = server.proc("watch", "--store", server.root, "--once")
     failed_line = None
-    if adopt and cp.returncode == 0:
-        pass  # adopting needs little room: it may simply succeed
+    if beyond_copy and cp.returncode == 0:
+        pass  # what is left to write after the copy is small: it may simply fit
     else:
         failed_line = assert_disk_full_failure(cp)
     box = server.dropbox
     assert sorted(os.listdir(box("failed"))) == [], "a full disk is not the client's fault"
     assert store_tmp_leftovers(server) == []
     if failed_line is not None:
-        if not adopt:  # the store packs could not be written: before the commit point
+        if not beyond_copy:  # the copy could not be made: before the commit point
             assert study_log.read_bytes() == log_before, "the log gained a record"
             assert not (box("receipts") / name).exists()
         # Past the commit point the log may hold the record (invariant 2: the rest is redone);
@@ -374,13 +378,10 @@ def test_ingest_into_a_full_store_fails_cleanly_and_the_next_run_ingests_once(
     assert sorted(os.listdir(box("done"))) == sorted([first, name])
     assert (box("receipts") / name).exists()
     assert store_tmp_leftovers(server) == []
-    # The path under test was the one taken: adopted packs are the uploaded files themselves.
+    # The store's packs are the daemon's copies, never an uploaded file itself.
     for pname, ino in inodes.items():
         stored = server.root / "store" / "packs" / pname[:2] / pname
-        if adopt:
-            assert stored.stat().st_ino == ino, f"{pname} was copied, not adopted"
-        else:
-            assert not stored.exists() or stored.stat().st_ino != ino, f"{pname} was adopted"
+        assert stored.exists() and stored.stat().st_ino != ino, f"{pname}: not stored, or the upload itself"
     assert_reads_back(server, files)
     assert_fsck_clean(server)
     cp = run_ok(server, "watch", "--store", server.root, "--once")

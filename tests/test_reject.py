@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -1311,9 +1312,9 @@ def test_rejected(ctx: Ctx, mutate: Mutate, reason: str) -> None:
     assert_rejected(ctx, maker(mutate), reason)
 
 
-def test_forged_reason_file_is_kept_apart(ctx: Ctx) -> None:
-    """A REASON file in a submission is unexpected; the server's own REASON replaces it and the
-    uploader's is kept beside it, renamed."""
+def test_forged_reason_file_is_not_kept(ctx: Ctx) -> None:
+    """A REASON file in a submission is unexpected; failed/NAME is the daemon's own folder, with
+    its own REASON and the manifest as received, and nothing else of the uploader's."""
 
     def make(c: Ctx) -> Sub:
         sub = valid_sub()
@@ -1323,7 +1324,8 @@ def test_forged_reason_file_is_kept_apart(ctx: Ctx) -> None:
     assert_rejected(ctx, make, r"REASON: unexpected file in a submission")
     failed = dropbox(ctx.root, "failed") / BAD1
     assert (failed / fmt.REASON_NAME).read_text().startswith("rejected: REASON: unexpected file")
-    assert (failed / (fmt.REASON_NAME + ".as-received")).read_bytes() == b"rejected: all is well\n"
+    assert sorted(os.listdir(failed)) == [fmt.REASON_NAME]  # rejected before anything was copied
+    assert failed.stat().st_uid == os.geteuid() and stat.S_IMODE(failed.stat().st_mode) == 0o700
 
 
 @pytest.mark.parametrize(

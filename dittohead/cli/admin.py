@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -17,8 +19,10 @@ from dittohead.cli.base import (
     store_option,
 )
 from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE, DittoheadError
-from dittohead.store.layout import ServerRoot, StudySettings, check_study_name
+from dittohead.store.layout import MAX_ATTEMPTS, ServerRoot, StudySettings, check_study_name
 from dittohead.units import human_bytes, plural
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dittohead.store.ingest import Ingestor, IngestResult
@@ -44,16 +48,24 @@ def study() -> None:
 @click.option("--export", "export_to", metavar="DEST", type=click.Path(file_okay=False),
               help="After each ingest, watch exports the study's view into DEST (adding only).")
 @click.option("--notify", multiple=True, metavar="ADDR", help="E-mail address for notifications (repeatable).")
-def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...]) -> None:
-    """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed."""
+@click.option("--uploaders", metavar="GROUP",
+              help="Only members of GROUP may submit to this study (its drop box is closed to everyone "
+                   "else). The daemon's account must be a member of GROUP. Default: any account that "
+                   "can reach the server root.")
+def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...], uploaders: str | None) -> None:
+    """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed.
+
+    Run it as the daemon's account, like init. See docs/server-root.md for the permission model.
+    """
     check_study_name(name)
     if export_to:
         export_to = os.path.abspath(export_to)
         if not os.path.isdir(os.path.dirname(export_to)):
             raise click.BadParameter(f"{os.path.dirname(export_to)}: no such folder (the export's "
                                      "parent must exist; the export makes DEST itself)", param_hint="'--export'")
-    box = ServerRoot(store).add_study(StudySettings(name, export_to, notify))
-    click.echo(f"added study {name}: collectors sync into {box.inbox}")
+    box = ServerRoot(store).add_study(StudySettings(name, export_to, notify, uploaders))
+    who = f"members of group {uploaders}" if uploaders else "collectors"
+    click.echo(f"added study {name}: {who} sync into {box.inbox}")
 
 
 def _report(r: IngestResult) -> None:
@@ -69,14 +81,18 @@ def _report(r: IngestResult) -> None:
 @click.option("--once", is_flag=True, help="Ingest what is committed now, then exit.")
 @click.option("--interval", default=5.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0.1),
               help="Without --once: how often to look for new submissions.")
-def watch(store: str, once: bool, interval: float) -> None:
+@click.option("--max-attempts", default=MAX_ATTEMPTS, show_default=True, type=click.IntRange(min=1),
+              help="Set a submission aside (rejected, with that reason) once the daemon has died (killed, "
+                   "out of memory) during this many attempts at it.")
+def watch(store: str, once: bool, interval: float, max_attempts: int) -> None:
     """Ingest committed submissions into the store (the server's daemon).
 
     Each submission is verified whole, then added in one commit; a bad one goes to
     dropbox/NAME/failed/ with a REASON file and changes nothing. One that cannot be verified
     because of damage in the store is held back for the next run, not rejected (run fsck
     --read-data). With --once, exits 1 if any submission was rejected or held back, or an
-    export failed.
+    export failed. Without --once, whatever ends a pass (a full disk, a locked store) is
+    reported in one line, and the next pass comes after the interval.
     """
     if once:
         root = ServerRoot(store)
@@ -87,7 +103,7 @@ def watch(store: str, once: bool, interval: float) -> None:
     from dittohead.store.ingest import Ingestor
 
     st = open_store(store)
-    ingestor = Ingestor(st)
+    ingestor = Ingestor(st, max_attempts=max_attempts)
     if once:
         results, failed_exports = _ingest_and_export(st, ingestor)
         if not results:
@@ -97,7 +113,15 @@ def watch(store: str, once: bool, interval: float) -> None:
         return
     click.echo(f"watching {store} every {interval:g} s (Ctrl-C to stop)", err=True)
     while True:
-        _ingest_and_export(st, ingestor)
+        try:
+            _ingest_and_export(st, ingestor)
+        except (DittoheadError, OSError, sqlite3.Error) as e:
+            why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            click.echo(f"watch: this pass stopped: {why} (the next one in {interval:g} s)", err=True)
+        except Exception as e:  # the daemon outlives a fault of its own
+            log.exception("internal error in a pass of watch")
+            click.echo(f"watch: this pass stopped: internal error: {type(e).__name__}: {e} "
+                       f"(the next one in {interval:g} s)", err=True)
         time.sleep(interval)
 
 

@@ -18,8 +18,14 @@ from dittohead import directio, fsutil
 from dittohead import format as fmt
 from dittohead.errors import NotFound, TransportError
 
+# A staging folder is made 0750 and gets the inbox's group (the daemon's: the inbox is setgid),
+# and so does every file written into it (0640): the daemon reads them through that group. At the
+# commit the folder is made 0770, so that the daemon can also empty and remove it once it has
+# taken its copy (docs/server-root.md). Not earlier: a chmod by an account outside the group
+# clears the folder's setgid bit, and files made after it would get the uploader's group.
 STAGING_DIR_MODE = 0o750
 STAGING_FILE_MODE = 0o640
+COMMITTED_DIR_MODE = 0o770
 
 # What submission_state can answer.
 IN_STAGING = "staging"
@@ -60,7 +66,9 @@ class LocalUpload:
         self.directory = directory
         self.tmp = fsutil.tmp_name(directory, "upload-")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        self.w = directio.Writer(directio.open_fd(self.tmp, flags, STAGING_FILE_MODE), hashed=True)
+        fd = directio.open_fd(self.tmp, flags, STAGING_FILE_MODE)
+        _set_mode(fd, STAGING_FILE_MODE)
+        self.w = directio.Writer(fd, hashed=True)
 
     def write(self, data: bytes | memoryview) -> int:
         return self.w.write(data)
@@ -152,6 +160,7 @@ class LocalTransport:
         tmp = os.path.join(directory, f".tmp-{filename}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), STAGING_FILE_MODE)
         try:
+            _set_mode(fd, STAGING_FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -176,12 +185,23 @@ class LocalTransport:
 
     def commit(self, study: str, name: str) -> None:
         inbox = self._box(study, "inbox")
-        fsutil.fsync_dir(self._staging(study, name))
-        os.rename(self._staging(study, name), os.path.join(inbox, name))
+        staging = self._staging(study, name)
+        with contextlib.suppress(NotImplementedError, PermissionError):
+            if os.name == "posix":
+                os.chmod(staging, COMMITTED_DIR_MODE)
+        fsutil.fsync_dir(staging)
+        os.rename(staging, os.path.join(inbox, name))
         fsutil.fsync_dir(inbox)
 
     def close(self) -> None:
         pass
+
+
+def _set_mode(fd: int, mode: int) -> None:
+    """The mode the daemon needs to read the file, whatever the collector's umask (POSIX)."""
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, mode)
 
 
 def open_transport(dest: str) -> Transport:

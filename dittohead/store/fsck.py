@@ -7,7 +7,8 @@
    versions it affects;
 4. the index: rebuilt from the above in memory and compared (in SQLite); replaced when it
    disagrees (the index is derived, so this is a repair, not damage);
-5. the server root's folders and modes.
+5. the permission model: every folder of the server root with the mode, owner and group that
+   ``init`` and ``study add`` gave it (a finding of severity "damage", kind "permissions").
 Severity "damage" makes the CLI exit 3; "warning" and "repaired" do not.
 """
 
@@ -185,9 +186,9 @@ class Checker:
         finally:
             self.fresh.close()
             self.stop_pool()
-        for problem in self.store.root.mode_problems():
+        for problem in self.store.root.permission_problems():
             where, _, what = problem.partition(": ")
-            yield Finding(WARNING, "layout", where, what)
+            yield Finding(DAMAGE, "permissions", where, what)
 
     # -- layer 1: trailers (always), then the data (in worker processes, beside layers 2 to 4)
     def check_packs(self) -> Iterator[Finding]:

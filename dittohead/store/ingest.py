@@ -27,9 +27,10 @@ if missing. ``processing/`` is resumed first at every start.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
-import stat
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
 from dittohead import manifest as mf
 from dittohead.chunking import pack_chunk_list
+from dittohead.display import escape
 from dittohead.errors import (
     DittoheadError,
     FormatError,
@@ -50,11 +52,14 @@ from dittohead.errors import (
 )
 from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
-from dittohead.store.layout import StudyDropbox
+from dittohead.store import intake
+from dittohead.store.layout import MAX_ATTEMPTS, StudyDropbox
 from dittohead.store.objects import LocalObjectStore, TmpFile
 from dittohead.store.repo import Store, log_key, manifest_key, pack_key
 
 log = logging.getLogger(__name__)
+
+STATE_NAME = "STATE"  # processing/NAME/STATE: the daemon's record of where a submission stands
 
 
 @dataclass(frozen=True)
@@ -169,45 +174,41 @@ class _HeldBack(Exception):
         self.paths = paths  # the submission's paths: later submissions that list one wait too
 
 
-def _open_untrusted(path: str, twin: str | None = None) -> BinaryIO:
-    """Open a file of a submission: a regular file, singly linked (or linked once more, as
-    ``twin``, the store's own copy of a pack adopted before a crash)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise _reject(f"{os.path.basename(path)}: not a regular file")
-    if st.st_nlink != 1 and not _is_twin(st, twin):
-        os.close(fd)
-        raise _reject(f"{os.path.basename(path)}: a hard link (link count {st.st_nlink})")
-    return os.fdopen(fd, "rb")
+def _open_copy(path: str) -> BinaryIO:
+    """Open one of the daemon's own copies of a submission's files (``intake.take``)."""
+    return open(path, "rb")
 
 
-def _is_twin(st: os.stat_result, twin: str | None) -> bool:
-    if twin is None or st.st_nlink != 2:
-        return False
-    try:
-        other = os.lstat(twin)
-    except OSError:
-        return False
-    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+@dataclass
+class _State:
+    """The daemon's own record of a submission in processing/ (``processing/NAME/STATE``): when
+    it arrived (the inbox entry's ctime, the server's clock: the order of ingest) and how many
+    attempts at it have begun without ending (an attempt that ends, however, resets it; one the
+    daemon died in does not)."""
 
+    arrived_ns: int
+    attempts: int = 0
 
-def _no_writer(fd: int) -> bool:
-    """True if no process has this file open for writing (or mapped writable): Linux grants a
-    read lease only then. Taken and given back at once; a lease break in between is sent as
-    SIGURG, which is ignored by default, instead of SIGIO, which would end the process."""
-    try:
-        import fcntl
-        import signal
+    @classmethod
+    def read(cls, folder: str) -> _State:
+        try:
+            doc = json.loads(fsutil.read_limited(os.path.join(folder, STATE_NAME), 4096))
+            return cls(int(doc["arrived_ns"]), int(doc["attempts"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(os.lstat(folder).st_ctime_ns)
 
-        setsig = getattr(fcntl, "F_SETSIG", 10)
-        fcntl.fcntl(fd, setsig, signal.SIGURG)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return True
-    except (ImportError, AttributeError, OSError):
-        return False
+    def write(self, folder: str) -> None:
+        data = json.dumps({"arrived_ns": self.arrived_ns, "attempts": self.attempts}).encode()
+        path = os.path.join(folder, STATE_NAME)
+        tmp = fsutil.tmp_name(folder)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # the daemon's own state, in its own folder: replaced, not kept
+        fsutil.fsync_dir(folder)
 
 
 def _free_name(directory: str, name: str) -> str:
@@ -252,10 +253,12 @@ class _FileHashes:
 class Ingestor:
     """Ingests every committed submission of every study of one store (one at a time, locked)."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, store: Store, *, clock: Callable[[], int] = time.time_ns,
+                 max_attempts: int = MAX_ATTEMPTS) -> None:
         self.store = store
         self.root = store.root
         self.clock = clock
+        self.max_attempts = max_attempts
 
     @contextlib.contextmanager
     def locked(self):
@@ -306,37 +309,33 @@ class Ingestor:
 
     def _pending(self, box: StudyDropbox, waiting: dict[str, str]) -> Iterator[str | IngestResult]:
         """processing/ first (resumed after a crash, or held back by the last run), then the inbox,
-        each in order of arrival; an arrival is moved to processing/ only when its turn comes.
+        each in order of arrival (the server's clock); an arrival gets its folder in processing/
+        only when its turn comes.
 
-        An arrival whose name an earlier submission of the study used is rejected at once (moved
-        straight to failed/): the name is how the client finds its receipt, and a name already
-        in the index would otherwise look like a resumed submission. An arrival that lists a path
-        of a submission held back in this run (``waiting``, kept up to date by ``_process`` as the
-        caller goes) stays in the inbox, untouched, so that it keeps its place in the order.
+        An arrival is rejected at once, untaken, when its name is not a submission name (names
+        are bytes until checked) or was used by an earlier submission of the study (the name is
+        how the client finds its receipt). An arrival that lists a path of a submission held
+        back in this run (``waiting``, kept up to date by ``_process`` as the caller goes) stays
+        in the inbox, untouched, so that it keeps its place in the order.
         """
         resumed = []
         with contextlib.suppress(FileNotFoundError), os.scandir(box.processing) as it:
-            for e in it:
-                resumed.append((e.stat(follow_symlinks=False).st_ctime_ns, e.name))
-        arrivals = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(box.inbox) as it:
-            for e in it:
-                if e.name.startswith(fmt.STAGING_PREFIX):
-                    continue  # still being written by a client
-                st = e.stat(follow_symlinks=False)
-                arrivals.append((st.st_ctime_ns, e.name))
+            for e in it:  # folders the daemon made, under names it checked
+                resumed.append((_State.read(e.path).arrived_ns, e.name))
         for _, name in sorted(resumed):
             yield name
         idx = self.store.index
-        for _, name in sorted(arrivals):
-            src = os.path.join(box.inbox, name)
-            if not os.path.lexists(src):
-                continue  # taken back by its uploader meanwhile
-            if (idx.submission_named(box.name, name) is not None
-                    or any(os.path.lexists(os.path.join(d, name)) for d in (box.processing, box.done))):
-                yield self._fail(box, name, f"the name {name!r} was used by an earlier submission", src=src)
+        for arrived, raw in intake.arrivals(box.inbox):
+            name = intake.submission_name(raw)
+            if name is None:
+                yield self._fail(box, escape(raw), f"bad submission name {escape(raw)!r}", raw=raw)
                 continue
-            paths = self._listed_paths(src) if waiting else set()
+            if os.path.lexists(os.path.join(box.processing, name)):
+                continue  # resumed above: held back, or its folder is being released
+            if idx.submission_named(box.name, name) is not None or os.path.lexists(os.path.join(box.done, name)):
+                yield self._fail(box, name, f"the name {name!r} was used by an earlier submission", raw=raw)
+                continue
+            paths = self._listed_paths(box, raw) if waiting else set()
             behind = min(paths & waiting.keys(), default=None)
             if behind is not None:
                 reason = (f"it lists {behind!r}, as the held-back submission {waiting[behind]} does, "
@@ -345,48 +344,77 @@ class Ingestor:
                     waiting.setdefault(p, name)
                 yield IngestResult(box.name, name, False, held=True, reason=reason)
                 continue
-            try:
-                os.rename(src, os.path.join(box.processing, name))
-            except FileNotFoundError:
-                continue
+            folder = os.path.join(box.processing, name)
+            os.mkdir(folder, 0o700)
+            _State(arrived).write(folder)
             fsutil.fsync_dir(box.processing)
             yield name
 
     @staticmethod
-    def _listed_paths(path: str) -> set[str]:
+    def _listed_paths(box: StudyDropbox, raw: bytes) -> set[str]:
         """The paths the manifest of this submission in the inbox lists (to see whether it must
         wait behind a held-back one). Only a look, nothing is trusted: anything odd about the
-        submission is for the verification to find, in processing/, and it does not wait."""
+        submission is for the verification to find, and it does not wait."""
         try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                return set()
-            with _open_untrusted(os.path.join(path, fmt.MANIFEST_NAME)) as f:
-                m = mf.decode(f.read(fmt.MANIFEST_MAX_SIZE + 1))
-        except (OSError, ValueError, DittoheadError):
+            fd = intake.open_submission(box.inbox, raw)
+            try:
+                data = intake.read_small(fd, fmt.MANIFEST_NAME, fmt.MANIFEST_MAX_SIZE)
+            finally:
+                os.close(fd)
+            return {e.path for e in mf.decode(data).entries}
+        except (OSError, ValueError, DittoheadError, MemoryError):
             return set()
-        return {e.path for e in m.entries}
 
     def _process(self, box: StudyDropbox, name: str, waiting: dict[str, str]) -> IngestResult:
         """Ingest one submission; ``waiting`` maps the paths of the study's submissions held back
-        earlier in this run to their names (a later one that lists such a path waits too)."""
+        earlier in this run to their names (a later one that lists such a path waits too).
+
+        Whatever the submission holds costs only itself: anything wrong with it, and any error
+        the verification meets that is not the server's own (its disk, its store, its index),
+        rejects it; an attempt the daemon dies in (killed, out of memory) is counted in its
+        state, and after ``max_attempts`` of those it is set aside, rejected with that reason,
+        instead of being tried first on every start.
+        """
         idx = self.store.index
-        path = os.path.join(box.processing, name)
+        folder = os.path.join(box.processing, name)
         done = idx.submission_named(box.name, name)
         if done is None:
+            decided = _read_reason(folder)
+            if decided is not None:  # rejected before a crash: the rejection is finished
+                return self._fail(box, name, decided)
+            state = _State.read(folder)
+            if state.attempts >= self.max_attempts:
+                return self._fail(box, name, f"the daemon stopped (crashed or was killed) during each of "
+                                  f"{state.attempts} attempts at ingesting it; set aside")
+            state.attempts += 1
+            state.write(folder)
             try:
-                if not fmt.SUBMISSION_NAME_RE.match(name):
-                    raise _reject(f"bad submission name {name!r}")
-                plan = self._verify(box, name, path, waiting)
+                plan = self._take_and_verify(box, name, folder, waiting)
             except _HeldBack as e:
+                _State(state.arrived_ns).write(folder)
                 for p in e.paths:
                     waiting.setdefault(p, name)
                 return IngestResult(box.name, name, False, reason=str(e), held=True)
             except (RejectedSubmission, FormatError, IntegrityError) as e:
                 return self._fail(box, name, str(e))
+            except MemoryError:
+                return self._fail(box, name, "too large to verify within the daemon's memory")
+            except (OSError, StoreError, sqlite3.Error, KeyboardInterrupt, SystemExit):
+                # The server's own trouble (a full disk, the store), or a stop: this run ends,
+                # and the attempt does not count against the submission.
+                with contextlib.suppress(OSError):
+                    _State(state.arrived_ns).write(folder)
+                raise
+            except Exception as e:  # a fault of the daemon's, met on this input: costs only it
+                log.exception("internal error while verifying %s/%s", box.name, name)
+                return self._fail(box, name, f"internal error while verifying it ({type(e).__name__}: "
+                                  f"{escape(str(e))[:200]}); report this")
             try:
                 self._commit(box, name, plan)
             except BaseException:
                 plan.writer.discard()
+                with contextlib.suppress(OSError):
+                    _State(state.arrived_ns).write(folder)
                 raise
             done = idx.submission_named(box.name, name)
             assert done is not None
@@ -394,34 +422,17 @@ class Ingestor:
         log.info("ingested %s/%s as #%d", box.name, name, done.seq)
         return IngestResult(box.name, name, True, done.seq, done.files, done.new_versions, done.new_chunk_bytes)
 
+    def _take_and_verify(self, box: StudyDropbox, name: str, folder: str, waiting: dict[str, str]) -> _Plan:
+        """Copy the submission into ``folder`` afresh (whatever an interrupted attempt copied
+        goes first), then verify the copies."""
+        _drop_copies(folder, keep=(STATE_NAME,))
+        taken = intake.take(box.inbox, os.fsencode(name), folder)
+        return self._verify(box, folder, taken, waiting)
+
     # -- verification: nothing is written to the store before all of it passes
-    def _verify(self, box: StudyDropbox, name: str, path: str, waiting: dict[str, str]) -> _Plan:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            raise _reject("the submission is a symlink")
-        if not stat.S_ISDIR(st.st_mode):
-            raise _reject("the submission is not a folder")
-        packs: list[tuple[int, str]] = []  # (mtime_ns, name)
-        has_manifest = False
-        for entry in sorted(os.listdir(path)):
-            est = os.lstat(os.path.join(path, entry))
-            if stat.S_ISLNK(est.st_mode):
-                raise _reject(f"{entry}: a symlink")
-            if not stat.S_ISREG(est.st_mode):
-                raise _reject(f"{entry}: not a regular file (folder, FIFO, socket or device)")
-            if est.st_nlink != 1 and not _is_twin(est, self._twin(entry)):
-                raise _reject(f"{entry}: a hard link (link count {est.st_nlink})")
-            if entry == fmt.MANIFEST_NAME:
-                has_manifest = True
-            elif fmt.PACK_FILE_RE.match(entry):
-                packs.append((est.st_mtime_ns, entry))
-            else:
-                raise _reject(f"{entry}: unexpected file in a submission")
-        if not has_manifest:
-            raise _reject("no manifest (empty or incomplete submission)")
-        with _open_untrusted(os.path.join(path, fmt.MANIFEST_NAME)) as f:
-            if os.fstat(f.fileno()).st_size > fmt.MANIFEST_MAX_SIZE:
-                raise _reject(f"manifest: larger than the limit of {fmt.MANIFEST_MAX_SIZE} bytes")
+    def _verify(self, box: StudyDropbox, path: str, taken: list[intake.TakenFile],
+                waiting: dict[str, str]) -> _Plan:
+        with _open_copy(os.path.join(path, fmt.MANIFEST_NAME)) as f:
             data = f.read(fmt.MANIFEST_MAX_SIZE + 1)
         m = mf.decode(data)
         if m.study != box.name:
@@ -453,14 +464,16 @@ class Ingestor:
         try:
             # In the order the client wrote them (a hint only: it lets file hashes be computed
             # as chunks stream past; out of order, they are computed by a second read).
-            for _, pname in sorted(packs):
-                ppath = os.path.join(path, pname)
-                with _open_untrusted(ppath, self._twin(pname)) as f:
-                    what = f"pack {pname}"
+            for t in taken:
+                if t.name == fmt.MANIFEST_NAME:
+                    continue
+                ppath = os.path.join(path, t.name)
+                with _open_copy(ppath) as f:
+                    what = f"pack {t.name}"
                     entries = pack.read_entries(f, what=what)
                     if self._adoptable(f, entries, to_write, writer):
                         pid = self._stream(f, ppath, entries, what, plan, hashing, whole=True)
-                        if pid is not None and pid.hex() + fmt.PACK_SUFFIX == pname:
+                        if pid is not None and pid.hex() + fmt.PACK_SUFFIX == t.name:
                             writer.adopt(pid, ppath, entries)
                             continue
                         # Named for other bytes: written into server packs after all.
@@ -506,35 +519,25 @@ class Ingestor:
             directio.advise(fd, "DONTNEED")
             r.close()
 
-    def _twin(self, filename: str) -> str | None:
-        """Where the store keeps the pack an uploaded file of this name would be adopted as."""
-        objects = self.store.objects
-        m = fmt.PACK_FILE_RE.match(filename)
-        if not m or not isinstance(objects, LocalObjectStore):
-            return None
-        return objects.path_of(pack_key(bytes.fromhex(filename[: -len(fmt.PACK_SUFFIX)])))
-
     def _adoptable(self, f: BinaryIO, entries: list[pack.PackEntry], to_write: set[bytes],
                    writer: StorePackWriter) -> bool:
-        """May this uploaded pack become a store pack as it is, instead of being copied?
+        """May this copy of an uploaded pack become a store pack as it is, instead of its new
+        chunks being written into server packs?
 
-        Only when nothing would tell the two apart, and nobody else could change it: it is byte
-        for byte what the server would write (PackWriter's header and trailer; each chunk is
-        checked against its id as it is read); every chunk in it is new to the store; it belongs
-        to the server's own account (the upload came from that account, through the local
-        transport, so no other account wrote it and none can reach it in processing/); no
-        process has it open for writing; and it lies on the store's filesystem (it is linked,
-        not copied). Any other upload is copied into server-written packs.
+        The copy is the daemon's own (``intake.take``: no other account wrote it, none can reach
+        it, nothing else has it open), so only this matters: it is byte for byte what the server
+        would write (PackWriter's header and trailer; each chunk is checked against its id as it
+        is read); every chunk in it is new to the store; and it lies on the store's filesystem
+        (it is linked, not copied).
         """
         objects = self.store.objects
-        if not isinstance(objects, LocalObjectStore) or not hasattr(os, "geteuid"):
+        if not isinstance(objects, LocalObjectStore):
             return False
-        st = os.fstat(f.fileno())
-        if st.st_uid != os.geteuid() or st.st_dev != os.stat(objects.root).st_dev:
+        if os.fstat(f.fileno()).st_dev != os.stat(objects.root).st_dev:
             return False
         if not entries or any(pe.id not in to_write or pe.id in writer.ids for pe in entries):
             return False
-        return _no_writer(f.fileno()) and pack.is_canonical(f, entries)
+        return pack.is_canonical(f, entries)
 
     def _entries_to_hash(self, box: StudyDropbox, m: mf.Manifest) -> list[mf.Entry]:
         """Entries whose bytes must be hashed: new content of more than one chunk.
@@ -580,7 +583,7 @@ class Ingestor:
             ppath, offset, length = plan.carried[cid]
             f = open_packs.get(ppath)
             if f is None:
-                f = open_packs[ppath] = _open_untrusted(ppath, self._twin(os.path.basename(ppath)))
+                f = open_packs[ppath] = _open_copy(ppath)
             f.seek(offset)
             data = f.read(length)
             if blake3(data).digest() != cid:  # changed under us since it was verified
@@ -630,30 +633,55 @@ class Ingestor:
                                   sub.new_versions, sub.new_chunk_bytes)
         fsutil.write_new(os.path.join(box.receipts, name), records.encode_receipt(receipt), mode=0o644,
                          exist_ok=True)
-        src = os.path.join(box.processing, name)
-        if os.path.lexists(src):
-            dest = os.path.join(box.done, _free_name(box.done, name))
-            os.rename(src, dest)
+        # The store holds verified copies of every chunk that mattered: only the manifest as
+        # received is kept, so that the drop box does not hold every byte a second time.
+        folder = os.path.join(box.processing, name)
+        if os.path.lexists(folder):
+            _drop_copies(folder, keep=(fmt.MANIFEST_NAME,))
+            self._release(box, os.fsencode(name))
+            os.rename(folder, os.path.join(box.done, _free_name(box.done, name)))
             fsutil.fsync_dir(box.done)
-            # The store holds verified copies of every chunk that mattered: keep only the
-            # manifest as received, so the drop box does not hold every byte a second time.
-            for entry in os.listdir(dest):
-                if fmt.PACK_FILE_RE.match(entry):
-                    os.unlink(os.path.join(dest, entry))
 
-    def _fail(self, box: StudyDropbox, name: str, reason: str, *, src: str | None = None) -> IngestResult:
-        src = src or os.path.join(box.processing, name)
-        dest_name = _free_name(box.failed, name)
-        dest = os.path.join(box.failed, dest_name)
-        if os.path.isdir(src) and not os.path.islink(src):
-            os.rename(src, dest)
+    def _release(self, box: StudyDropbox, raw: bytes) -> None:
+        what = intake.release(box.inbox, raw)
+        log.debug("the uploader's folder %s/%s: %s", box.name, escape(raw), what)
+
+    def _fail(self, box: StudyDropbox, name: str, reason: str, *, raw: bytes | None = None) -> IngestResult:
+        """Reject: the reason, and the manifest as received if the submission was taken, are
+        kept in ``failed/NAME`` (the daemon's own folder; ``NAME.1`` and so on if that is
+        taken); the uploader's folder is released. ``name`` is a checked submission name, or,
+        for an arrival whose own name (``raw``) is not one, that name escaped (``display``), kept
+        under a name of the daemon's if it is long."""
+        text = f"rejected: {reason}\n".encode("utf-8", "backslashreplace")
+        folder = os.path.join(box.processing, name)
+        kept_as = name if raw is None or len(name.encode()) <= 200 else f"badname-{blake3(raw).hexdigest()[:16]}"
+        if raw is None and os.path.isdir(folder):
+            # Decided first, in processing/: a crash from here on finishes the rejection.
+            fsutil.write_new(os.path.join(folder, fmt.REASON_NAME), text, mode=0o600, exist_ok=True)
+            _drop_copies(folder, keep=(fmt.MANIFEST_NAME, fmt.REASON_NAME))
+            self._release(box, os.fsencode(name))
+            os.rename(folder, os.path.join(box.failed, _free_name(box.failed, kept_as)))
         else:
+            dest = os.path.join(box.failed, _free_name(box.failed, kept_as))
             os.mkdir(dest, 0o700)
-            os.rename(src, os.path.join(dest, "submission"))
-        reason_path = os.path.join(dest, fmt.REASON_NAME)
-        if os.path.lexists(reason_path):
-            os.rename(reason_path, os.path.join(dest, _free_name(dest, fmt.REASON_NAME + ".as-received")))
-        fsutil.write_new(reason_path, f"rejected: {reason}\n".encode("utf-8", "replace"), mode=0o600)
+            fsutil.write_new(os.path.join(dest, fmt.REASON_NAME), text, mode=0o600)
+            self._release(box, raw if raw is not None else os.fsencode(name))
         fsutil.fsync_dir(box.failed)
         log.info("rejected %s/%s: %s", box.name, name, reason)
         return IngestResult(box.name, name, False, reason=reason)
+
+
+def _drop_copies(folder: str, keep: tuple[str, ...]) -> None:
+    """Remove from a submission's folder in processing/ everything but what ``keep`` names."""
+    for entry in os.listdir(folder):
+        if entry not in keep:
+            os.unlink(os.path.join(folder, entry))
+
+
+def _read_reason(folder: str) -> str | None:
+    """The reason of a rejection decided before a crash, if there is one."""
+    try:
+        text = fsutil.read_limited(os.path.join(folder, fmt.REASON_NAME), 1 << 16).decode("utf-8", "replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return text.removeprefix("rejected: ").rstrip("\n")

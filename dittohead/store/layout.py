@@ -1,7 +1,13 @@
-"""The server root: where everything lives, with which mode (docs/server-root.md).
+"""The server root: where everything lives, with which owner, group and mode (docs/server-root.md).
 
+Everything belongs to the daemon's account and its group (the owner and group of ``store/``),
+except one thing: a study added with ``--uploaders GROUP`` has its folder in GROUP, mode 0710,
+so that only GROUP's members (and the daemon, its owner) can pass through it to the drop box.
+
+    ROOT/                       0755
     ROOT/store/                 0700  config, packs/, manifests/, studies/, index.sqlite, quarantine/
-    ROOT/dropbox/NAME/          0711
+    ROOT/dropbox/               0755
+    ROOT/dropbox/NAME/          0711, or 0710 in the uploaders' group
         inbox/                  3733  setgid + sticky: uploaders create, cannot list or touch others'
         have/                   0755  have-segments, read by clients
         receipts/               0711  one receipt per ingested submission, readable by name
@@ -21,13 +27,18 @@ from dittohead import fsutil
 from dittohead.errors import NotFound, StoreError, UsageError
 from dittohead.store.config import StoreConfig
 
+ROOT_MODE = 0o755
 STORE_MODE = 0o700
 DROPBOX_MODE = 0o755
 STUDY_MODE = 0o711
+STUDY_UPLOADERS_MODE = 0o710  # a study admitting one group of uploaders only
 INBOX_MODE = 0o3733
 HAVE_MODE = 0o755
 RECEIPTS_MODE = 0o711
 PRIVATE_MODE = 0o700
+# Attempts the daemon may die in (killed, out of memory) before a submission in processing/ is
+# set aside instead of being tried first at every start (``watch --max-attempts``).
+MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -61,9 +72,9 @@ class StudyDropbox:
     def failed(self) -> str:
         return os.path.join(self.path, "failed")
 
-    def folders(self) -> list[tuple[str, int]]:
+    def folders(self, uploaders: bool = False) -> list[tuple[str, int]]:
         return [
-            (self.path, STUDY_MODE),
+            (self.path, STUDY_UPLOADERS_MODE if uploaders else STUDY_MODE),
             (self.inbox, INBOX_MODE),
             (self.have, HAVE_MODE),
             (self.receipts, RECEIPTS_MODE),
@@ -78,6 +89,7 @@ class StudySettings:
     name: str
     export: str | None = None
     notify: tuple[str, ...] = ()
+    uploaders: str | None = None  # the one group whose members may submit, if set
 
 
 def check_study_name(name: str) -> str:
@@ -174,7 +186,7 @@ class ServerRoot:
         path = self.settings_path(study)
         try:
             doc = json.loads(fsutil.read_limited(path, fmt.CONFIG_MAX_SIZE))
-            return StudySettings(study, doc.get("export"), tuple(doc.get("notify", ())))
+            return StudySettings(study, doc.get("export"), tuple(doc.get("notify", ())), doc.get("uploaders"))
         except FileNotFoundError:
             return StudySettings(study)
         except (OSError, ValueError) as e:
@@ -189,6 +201,7 @@ class ServerRoot:
         if os.path.isdir(self.path) and os.listdir(self.path):
             raise UsageError(f"{self.path}: folder is not empty")
         os.makedirs(self.path, exist_ok=True)
+        _mkdir(self.path, ROOT_MODE)
         for sub, mode in self.folders():
             _mkdir(sub, mode)
         cfg = StoreConfig.new()
@@ -212,20 +225,49 @@ class ServerRoot:
         box = self.dropbox(settings.name)
         if os.path.exists(box.path):
             raise UsageError(f"study {settings.name!r} exists already")
-        for sub, mode in box.folders():
+        gid = group_id(settings.uploaders) if settings.uploaders else None
+        folders = box.folders(uploaders=gid is not None)
+        _mkdir(box.path, 0o700)  # closed until it has its group
+        if gid is not None:
+            try:
+                os.chown(box.path, -1, gid)
+            except PermissionError:
+                os.rmdir(box.path)
+                raise UsageError(f"cannot give study {settings.name!r} to group {settings.uploaders!r}: the "
+                                 "daemon's account must be a member of it (usermod -aG GROUP ACCOUNT, "
+                                 "then sign in again)") from None
+        for sub, mode in folders[1:]:
             _mkdir(sub, mode)
-        doc = {"name": settings.name, "export": settings.export, "notify": list(settings.notify)}
+        os.chmod(box.path, folders[0][1])
+        doc = {"name": settings.name, "export": settings.export, "notify": list(settings.notify),
+               "uploaders": settings.uploaders}
         fsutil.write_new(self.settings_path(settings.name), json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
         fsutil.fsync_dir(self.dropbox_root)
         return box
 
-    def mode_problems(self) -> list[str]:
-        """What differs from the permission model (one line per folder)."""
+    def permission_problems(self) -> list[str]:
+        """What differs from the permission model: one line per folder whose mode, owner or
+        group is not what ``init`` and ``study add`` set (the owner and group of ``store/`` are
+        the daemon's)."""
+        try:
+            st = os.lstat(self.store)
+        except OSError as e:
+            return [f"{self.store}: {e.strerror}"]
+        uid, gid = st.st_uid, st.st_gid
         out = []
-        wanted = self.folders()
+        wanted = [(p, m, gid) for p, m in [(self.path, ROOT_MODE), *self.folders()]]
         for s in self.studies():
-            wanted += self.dropbox(s).folders()
-        for path, mode in wanted:
+            box = self.dropbox(s)
+            try:
+                uploaders = self.study_settings(s).uploaders
+                study_gid = group_id(uploaders) if uploaders else gid
+            except (StoreError, UsageError) as e:
+                out.append(f"{box.path}: {e}")
+                continue
+            folders = box.folders(uploaders=bool(uploaders))
+            wanted.append((folders[0][0], folders[0][1], study_gid))
+            wanted += [(p, m, gid) for p, m in folders[1:]]
+        for path, mode, want_gid in wanted:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -233,9 +275,44 @@ class ServerRoot:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 out.append(f"{path}: not a folder")
-            elif stat.S_IMODE(st.st_mode) != mode:
+                continue
+            if stat.S_IMODE(st.st_mode) != mode:
                 out.append(f"{path}: mode {stat.S_IMODE(st.st_mode):04o}, want {mode:04o}")
+            if st.st_uid != uid:
+                out.append(f"{path}: owner {_user_name(st.st_uid)}, want {_user_name(uid)} (the owner of store/)")
+            if st.st_gid != want_gid:
+                out.append(f"{path}: group {_group_name(st.st_gid)}, want {_group_name(want_gid)}")
         return out
+
+
+def group_id(name: str) -> int:
+    """The id of the group ``name`` (a name, or a number)."""
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise UsageError(f"no group named {name!r} on this system") from None
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _mkdir(path: str, mode: int) -> None:

@@ -112,6 +112,7 @@ class LocalObjectStore:
         try:
             os.fchmod(fd, mode)
             os.fsync(fd)
+            directio.advise(fd, "DONTNEED")  # written once; read again only by fsck, much later
         finally:
             os.close(fd)
         dest = self._path(key)
