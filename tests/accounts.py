@@ -426,6 +426,25 @@ class Accounts:
         self._spawned.append(p)
         return p
 
+    def spawn_python_as(self, account: Account, code: str, *args: Any) -> subprocess.Popen:
+        """Start ``python -c CODE ARGS`` as ``account`` with pipes for stdin and stdout (text,
+        line-buffered), for a script that acts in steps (an attacker that holds descriptors
+        while the daemon works); killed at the end like ``spawn_as``."""
+        p = subprocess.Popen(
+            self._argv("-c", code, *args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=self.env_for(account),
+            cwd=account.home,
+            start_new_session=True,
+            **self._identity(account),
+        )
+        self._spawned.append(p)
+        return p
+
     def _argv(self, *args: Any) -> list[str]:
         assert self.python, "resolve_python() first"
         return [

@@ -109,7 +109,14 @@ class LocalTransport:
             raise TransportError(f"{self.root}: no such folder (is the share mounted?)")
         if not os.path.isdir(os.path.join(self.root, "dropbox")):
             raise TransportError(f"{self.root}: not a dittohead server root")
-        if not os.path.isdir(self._box(study, "inbox")):
+        try:
+            is_dir = stat.S_ISDIR(os.stat(self._box(study, "inbox")).st_mode)
+        except PermissionError:
+            raise TransportError(f"{self.root}: study {study!r} does not admit this account (permission "
+                                 "denied: the admin admits a group of uploaders with 'study add --uploaders')") from None
+        except OSError:
+            is_dir = False
+        if not is_dir:
             raise NotFound(f"{self.root}: no study {study!r} (the admin adds it with 'dittohead study add')")
 
     def list_have(self, study: str) -> list[str]:

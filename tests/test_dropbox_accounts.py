@@ -1,0 +1,440 @@
+"""The drop box with real accounts: a non-root daemon takes what other accounts send, and nothing
+an uploader does can stop it or reach past it.
+
+Every test here runs each side as its own account (tests/accounts.py): the daemon (no root, no
+capabilities) makes and owns the server root and runs init, study add, watch, fsck and the read
+commands; two uploaders in two groups run sync, and attack scripts of their own. Root only sets
+up folders and looks at the result.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import re
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from accounts import Account, Accounts, make_dir
+from conftest import SUBMISSION_RE, store_snapshot
+
+from dittohead import format as fmt
+
+SITE = "lab-1"
+
+
+@dataclass
+class Deployment:
+    accounts: Accounts
+    base: Path
+    root: Path
+    sources: dict[str, Path] = field(default_factory=dict)  # role -> source folder
+
+    @property
+    def daemon(self) -> Account:
+        return self.accounts.daemon
+
+    def box(self, study: str, part: str = "") -> Path:
+        return self.root / "dropbox" / study / part if part else self.root / "dropbox" / study
+
+    def as_daemon(self, *args: object, expect: int | None = 0) -> subprocess.CompletedProcess:
+        cp = self.accounts.run_as(self.daemon, *args)
+        assert "Traceback" not in cp.stderr and "internal error" not in cp.stderr, describe(cp)
+        if expect is not None:
+            assert cp.returncode == expect, describe(cp)
+        return cp
+
+    def watch(self, expect: int | None = 0) -> subprocess.CompletedProcess:
+        return self.as_daemon("watch", "--store", self.root, "--once", expect=expect)
+
+    def source(self, who: Account) -> Path:
+        if who.role not in self.sources:
+            self.sources[who.role] = make_dir(self.base / f"src-{who.role}", who, 0o700)
+        return self.sources[who.role]
+
+    def write(self, who: Account, rel: str, data: bytes) -> None:
+        """A file in ``who``'s source folder, written as root, then given to ``who``."""
+        path = self.source(who) / rel
+        for parent in reversed(path.relative_to(self.source(who)).parents[:-1]):
+            d = self.source(who) / parent
+            if not d.exists():
+                make_dir(d, who, 0o700)
+        path.write_bytes(data)
+        os.chown(path, who.uid, who.gid)
+
+    def sync(self, who: Account, study: str = "s", expect: int = 0) -> subprocess.CompletedProcess:
+        cp = self.accounts.run_as(who, "sync", self.source(who), "--study", study, "--to", self.root,
+                                  "--site", SITE)
+        assert cp.returncode == expect and "Traceback" not in cp.stderr, describe(cp)
+        return cp
+
+    def submit(self, who: Account, study: str = "s") -> str:
+        m = SUBMISSION_RE.search(self.sync(who, study).stdout)
+        assert m, "sync made no submission"
+        return m.group(1)
+
+    def cat(self, study: str, path: str, version: int | None = None) -> bytes:
+        args = ["cat", "--store", self.root, "--study", study, path]
+        if version is not None:
+            args += ["--version", str(version)]
+        cp = subprocess.run(self.accounts._argv("-m", "dittohead", *args), capture_output=True,
+                            env=self.accounts.env_for(self.daemon), cwd=self.daemon.home, check=False,
+                            **self.accounts._identity(self.daemon))
+        assert cp.returncode == 0, cp.stderr.decode(errors="replace")
+        return cp.stdout
+
+    def log(self, study: str = "s") -> list[dict]:
+        return json.loads(self.as_daemon("log", "--store", self.root, "--study", study, "--json").stdout)
+
+    def committed(self, study: str = "s") -> list[bytes]:
+        """Committed entries of the inbox (no leading dot), as root sees them."""
+        return sorted(n for n in os.listdir(os.fsencode(self.box(study, "inbox"))) if not n.startswith(b"."))
+
+    def assert_sound(self) -> None:
+        """fsck --read-data as the daemon finds nothing (the permission model included), and
+        nothing under store/ belongs to anyone but the daemon."""
+        cp = self.as_daemon("fsck", "--store", self.root, "--read-data", "--json", expect=None)
+        doc = json.loads(cp.stdout)
+        assert cp.returncode == 0 and doc["findings"] == [], describe(cp)
+        for dirpath, dirnames, filenames in os.walk(self.root / "store"):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                assert st.st_uid == self.daemon.uid, f"{dirpath}/{name}: owned by uid {st.st_uid}"
+
+
+def describe(cp: subprocess.CompletedProcess) -> str:
+    return f"args={cp.args!r}\nexit={cp.returncode}\nstdout={cp.stdout!r}\nstderr={cp.stderr!r}"
+
+
+@pytest.fixture
+def dep(accounts: Accounts, acct_dir: Path) -> Deployment:
+    """A server root made by the daemon: study s open to every account, study g to group ga
+    (up_a) only."""
+    srv = make_dir(acct_dir / "srv", accounts.daemon, 0o755)
+    d = Deployment(accounts, acct_dir, srv / "root")
+    d.as_daemon("init", "--store", d.root)
+    d.as_daemon("study", "add", "s", "--store", d.root)
+    d.as_daemon("study", "add", "g", "--store", d.root, "--uploaders", accounts.ga.name)
+    return d
+
+
+def _attacker(dep: Deployment, who: Account, code: str, *args: object) -> subprocess.Popen:
+    p = dep.accounts.spawn_python_as(who, code, *args)
+    line = p.stdout.readline()
+    assert line.strip() == "ready", (line, p.stderr.read() if p.poll() is not None else "")
+    return p
+
+
+def _finish(p: subprocess.Popen) -> dict:
+    out, err = p.communicate("go\n", timeout=60)
+    assert p.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- the deployment works as documented ----------------------------------------------------------
+
+
+def test_the_deployment_works_with_real_accounts(dep: Deployment) -> None:
+    a, b = dep.accounts.up_a, dep.accounts.up_b
+    big = os.urandom(3 * 1024 * 1024 + 12345)
+    dep.write(a, "eprime/subj01.txt", b"subject 1, block A\n")
+    dep.write(a, "eye/rec01.edf", big)
+    dep.write(b, "biopac/s02.acq", b"\x00\x01" * 4000)
+    name_a = dep.submit(a)
+    name_b = dep.submit(b)
+    name_g = dep.submit(a, "g")
+    # Only group ga submits to g: up_b is told so, in one line, and leaves nothing there.
+    cp = dep.sync(b, "g", expect=1)
+    assert "does not admit this account" in cp.stderr and len(cp.stderr.strip().splitlines()) == 1, describe(cp)
+
+    out = dep.watch().stdout
+    for study, name in (("s", name_a), ("s", name_b), ("g", name_g)):
+        assert f"ingested {study}/{name} as #" in out, out
+    assert dep.cat("s", "eye/rec01.edf") == big
+    assert dep.cat("s", "biopac/s02.acq") == b"\x00\x01" * 4000
+    assert dep.cat("g", "eprime/subj01.txt") == b"subject 1, block A\n"
+    for study in ("s", "g"):
+        assert dep.committed(study) == [] and os.listdir(dep.box(study, "processing")) == []
+        assert os.listdir(dep.box(study, "failed")) == []
+        for name in os.listdir(dep.box(study, "done")):
+            assert os.listdir(dep.box(study, "done") / name) == [fmt.MANIFEST_NAME]
+    dep.assert_sound()
+
+    # Each uploader sees its receipt and nothing else: the next sync knows it was ingested.
+    again = dep.sync(a)
+    assert "nothing to send" in again.stdout, describe(again)
+    assert f"earlier submission {name_a} was ingested as #" in again.stderr, describe(again)
+    dep.write(a, "eprime/subj01.txt", b"subject 1, block A, redone\n")
+    dep.submit(a)
+    dep.watch()
+    assert dep.cat("s", "eprime/subj01.txt", 1) == b"subject 1, block A\n"
+    assert dep.cat("s", "eprime/subj01.txt") == b"subject 1, block A, redone\n"
+    peek = """
+import json, os, sys
+root = sys.argv[1]
+out = {}
+for what in ("store", "dropbox/s/inbox", "dropbox/s/processing", "dropbox/s/done", "dropbox/g/inbox"):
+    try:
+        os.listdir(os.path.join(root, what)); out[what] = "listed"
+    except OSError as e:
+        out[what] = e.strerror
+print(json.dumps(out))
+"""
+    for who in (a, b):
+        seen = json.loads(dep.accounts.python_as(who, peek, dep.root).stdout)
+        assert set(seen.values()) == {"Permission denied"}, (who.role, seen)
+    dep.assert_sound()
+
+
+def test_fsck_reports_the_permission_model_broken(dep: Deployment) -> None:
+    up = dep.accounts.up_a
+    os.chmod(dep.box("s", "inbox"), 0o777)
+    os.chown(dep.box("s", "have"), up.uid, -1)
+    os.chown(dep.box("g"), -1, dep.accounts.gb.gid)
+    cp = dep.as_daemon("fsck", "--store", dep.root, expect=3)
+    lines = cp.stdout + cp.stderr
+    assert re.search(r"inbox.*mode 0777, want 3733", lines), lines
+    assert re.search(rf"have.*owner {up.name}, want {dep.daemon.name}", lines), lines
+    assert re.search(rf"dropbox/g.*group {dep.accounts.gb.name}, want {dep.accounts.ga.name}", lines), lines
+
+
+def test_study_add_for_a_group_the_daemon_is_not_in_says_how(dep: Deployment) -> None:
+    cp = dep.as_daemon("study", "add", "x", "--store", dep.root, "--uploaders",
+                       grp.getgrgid(dep.accounts.reader.gid).gr_name, expect=2)
+    assert "must be a member" in cp.stderr and not dep.box("x").exists(), describe(cp)
+
+
+# -- nothing the uploader can still touch is trusted or kept --------------------------------------
+
+HOLD = r"""
+import json, os, sys
+sub = sys.argv[1]
+dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
+fds = {n: os.open(n, os.O_RDWR, dir_fd=dfd) for n in os.listdir(dfd)}
+print("ready", flush=True)
+sys.stdin.readline()
+out = {}
+for n, fd in fds.items():
+    try:
+        os.pwrite(fd, b"forged" * 20, 0)
+        out[n] = "written"
+    except OSError as e:
+        out[n] = e.strerror
+for n in ("REASON", "manifest", "x.pack"):
+    try:
+        fd = os.open(n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dfd)
+        os.write(fd, b"rejected: all is well\n")
+        os.close(fd)
+        out[n + " (new)"] = "written"
+    except OSError as e:
+        out[n + " (new)"] = e.strerror
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("outcome", ["ingested", "rejected"])
+def test_descriptors_held_across_the_ingest_reach_nothing_the_daemon_keeps(dep: Deployment, outcome: str) -> None:
+    """An uploader keeps descriptors of its submission (the folder and every file, open for
+    writing) from before the ingest until after it, then writes through them: the store, the
+    manifest kept in done/ and the REASON in failed/ stay as the daemon wrote them."""
+    up = dep.accounts.up_a
+    data = os.urandom(2 * 1024 * 1024)
+    dep.write(up, "data.bin", data)
+    name = dep.submit(up)
+    sub = dep.box("s", "inbox") / name
+    manifest = (sub / fmt.MANIFEST_NAME).read_bytes()
+    if outcome == "rejected":
+        manifest = manifest[:-1]  # no longer decodes
+        (sub / fmt.MANIFEST_NAME).write_bytes(manifest)
+    p = _attacker(dep, up, HOLD, sub)
+    dep.watch(expect=0 if outcome == "ingested" else 1)
+    store_before = store_snapshot(dep.root)
+    kept = dep.box("s", "done" if outcome == "ingested" else "failed") / name
+    kept_before = {f: (kept / f).read_bytes() for f in os.listdir(kept)}
+
+    result = _finish(p)
+
+    assert result.get("REASON (new)") != "written" and result.get("manifest (new)") != "written", result
+    assert store_snapshot(dep.root) == store_before
+    assert {f: (kept / f).read_bytes() for f in os.listdir(kept)} == kept_before
+    assert kept_before[fmt.MANIFEST_NAME] == manifest
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o700 and kept.stat().st_uid == dep.daemon.uid
+    if outcome == "ingested":
+        assert dep.cat("s", "data.bin") == data
+    else:
+        assert kept_before[fmt.REASON_NAME].startswith(b"rejected: manifest")
+    assert dep.committed() == []
+    dep.assert_sound()
+
+
+SWAP = r"""
+import os, sys, time
+sub, seconds = sys.argv[1], float(sys.argv[2])
+print("ready", flush=True)
+end = time.monotonic() + seconds
+packs = sorted(n for n in os.listdir(sub) if n.endswith(".pack"))
+i = 0
+while time.monotonic() < end:
+    i += 1
+    try:
+        p = os.path.join(sub, packs[i % len(packs)])
+        if i % 3 == 0:
+            os.rename(p, p + ".x"); os.rename(p + ".x", p)          # swapped out and back in
+        elif i % 3 == 1:
+            with open(p, "r+b") as f:                                # changed in place, then back
+                f.seek(100); old = f.read(16); f.seek(100); f.write(b"Z" * 16); f.flush()
+                f.seek(100); f.write(old)
+        else:
+            os.mkdir(os.path.join(sub, "f" * 64 + ".pack"))           # a folder named like a pack
+            os.rmdir(os.path.join(sub, "f" * 64 + ".pack"))
+    except OSError:
+        pass                                                         # taken meanwhile
+sys.stdin.readline()
+print("{}")
+"""
+
+
+def test_files_swapped_and_changed_during_the_ingest(dep: Deployment) -> None:
+    """While the daemon takes and verifies a submission, its uploader swaps packs out and in,
+    changes bytes and makes folders named like packs, in a loop: each submission ends
+    rejected with a reason, or ingested with exactly the bytes sent; never a crash."""
+    up = dep.accounts.up_a
+    sent: dict[str, list[bytes]] = {}
+    for round_ in range(4):
+        files = {f"r{round_}/f{i}.bin": os.urandom(5 * 1024 * 1024 + i) for i in range(4)}
+        for rel, data in files.items():
+            dep.write(up, rel, data)
+            sent.setdefault(rel, []).append(data)
+        name = dep.submit(up)
+        p = _attacker(dep, up, SWAP, dep.box("s", "inbox") / name, 2.0)
+        cp = dep.watch(expect=None)
+        _finish(p)
+        assert cp.returncode in (0, 1), describe(cp)
+        if cp.returncode == 1:
+            reason = (dep.box("s", "failed") / name / fmt.REASON_NAME).read_text()
+            assert reason.startswith("rejected: "), reason
+        else:
+            for rel, data in files.items():
+                assert dep.cat("s", rel) == data
+        assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
+    dep.assert_sound()
+
+
+# -- one submission costs only itself ------------------------------------------------------------
+
+MAKE = r"""
+import os, sys
+inbox = os.fsencode(sys.argv[1])
+for name in sys.argv[2:]:
+    raw = bytes.fromhex(name)
+    os.mkdir(os.path.join(inbox, raw))
+    with open(os.path.join(inbox, raw, b"manifest"), "wb") as f:
+        f.write(b"\x80")
+"""
+
+
+def test_names_that_are_not_submission_names(dep: Deployment) -> None:
+    """Not UTF-8, a terminal escape, 255 bytes (twice): each rejected for its name, shown
+    escaped, kept under a name of the daemon's; a good submission beside them is ingested."""
+    a, b = dep.accounts.up_a, dep.accounts.up_b
+    long_name = b"a" * 255
+    bad = [b"\xff\xfe-latin1-\xe9", b"\x1b[31mred\x1b[0m", long_name]
+    dep.accounts.python_as(a, MAKE, dep.box("s", "inbox"), *(n.hex() for n in bad))
+    dep.write(b, "ok.txt", b"fine\n")
+    good = dep.submit(b)
+
+    cp = dep.watch(expect=1)
+
+    assert f"ingested s/{good} as #1" in cp.stdout, describe(cp)
+    text = cp.stdout + cp.stderr
+    assert "\x1b" not in text and "\ufffd" not in text, describe(cp)
+    assert r"\xff\xfe-latin1-\xe9" in text and r"\u001b[31mred" in text, describe(cp)
+    failed = sorted(os.listdir(dep.box("s", "failed")))
+    assert len(failed) == 3 and all(n.isprintable() and len(n.encode()) <= 200 for n in failed), failed
+    assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
+    # The long name again: rejected again, kept apart from the first.
+    dep.accounts.python_as(a, MAKE, dep.box("s", "inbox"), long_name.hex())
+    dep.watch(expect=1)
+    again = sorted(set(os.listdir(dep.box("s", "failed"))) - set(failed))
+    assert len(again) == 1 and again[0].startswith("badname-"), again
+    assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
+    dep.assert_sound()
+
+
+HOSTILE = r"""
+import os, sys
+case, sub, target = sys.argv[1], sys.argv[2], sys.argv[3]
+packs = sorted(n for n in os.listdir(sub) if n.endswith(".pack"))
+if case == "symlink-to-store-file":
+    os.unlink(os.path.join(sub, packs[0]))
+    os.symlink(target, os.path.join(sub, packs[0]))
+elif case == "fifo-manifest":
+    os.unlink(os.path.join(sub, "manifest"))
+    os.mkfifo(os.path.join(sub, "manifest"))
+elif case == "pack-unreadable":
+    os.chmod(os.path.join(sub, packs[0]), 0o600)
+elif case == "folder-locked":
+    os.mkdir(os.path.join(sub, "mine"))
+    open(os.path.join(sub, "mine", "keep"), "wb").close()
+    os.chmod(sub, 0o700)
+"""
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("symlink-to-store-file", r"\.pack: a symlink"),
+    ("fifo-manifest", r"manifest: not a regular file"),
+    ("pack-unreadable", r"\.pack: permission denied"),
+    ("folder-locked", r"the submission: permission denied"),
+])
+def test_hostile_submission_from_another_account(dep: Deployment, case: str, reason: str) -> None:
+    """Each costs only itself: rejected with its reason (which holds none of the store's bytes),
+    the store unchanged, the other uploader's submission ingested in the same run."""
+    a, b = dep.accounts.up_a, dep.accounts.up_b
+    dep.write(a, "x.bin", os.urandom(700_000))
+    name = dep.submit(a)
+    dep.write(b, "y.txt", b"from b\n")
+    good = dep.submit(b)
+    cp = dep.accounts.python_as(a, HOSTILE, case, dep.box("s", "inbox") / name, dep.root / "store" / "config")
+    assert cp.returncode == 0, describe(cp)
+    before = store_snapshot(dep.root)
+
+    cp = dep.watch(expect=1)
+
+    text = (dep.box("s", "failed") / name / fmt.REASON_NAME).read_text()
+    assert re.search(reason, text) and f"rejected s/{name}:" in cp.stderr, (text, describe(cp))
+    assert "dittohead-store" not in text  # nothing of the daemon's file went into the reason
+    assert f"ingested s/{good} as #1" in cp.stdout
+    after = store_snapshot(dep.root)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
+    if case == "folder-locked":  # the daemon could not empty it: set aside, under a dot name
+        left = [n for n in os.listdir(dep.box("s", "inbox")) if n.startswith(".~left-")]
+        assert len(left) == 1, os.listdir(dep.box("s", "inbox"))
+    else:
+        assert os.listdir(dep.box("s", "inbox")) == []
+    dep.assert_sound()
+
+
+def test_a_submission_the_daemon_keeps_dying_in_is_set_aside(dep: Deployment) -> None:
+    """What an attempt the daemon died in leaves (STATE counts it); at the limit the submission
+    is rejected with that reason instead of being tried first at every start."""
+    up = dep.accounts.up_a
+    dep.write(up, "x.txt", b"x\n")
+    name = dep.submit(up)
+    folder = dep.box("s", "processing") / name
+    folder.mkdir(mode=0o700)
+    (folder / "STATE").write_text(json.dumps({"arrived_ns": 1, "attempts": 3}))
+    for p in (folder, folder / "STATE"):
+        os.chown(p, dep.daemon.uid, dep.daemon.gid)
+    dep.write(up, "later.txt", b"later\n")
+    later = dep.submit(up)
+
+    cp = dep.watch(expect=1)
+
+    assert re.search(rf"rejected s/{name}: the daemon stopped .* during each of 3 attempts", cp.stderr), describe(cp)
+    assert f"ingested s/{later} as #1" in cp.stdout
+    assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
