@@ -13,8 +13,10 @@ import grp
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +90,7 @@ class Deployment:
         return cp.stdout
 
     def log(self, study: str = "s") -> list[dict]:
-        return json.loads(self.as_daemon("log", "--store", self.root, "--study", study, "--json").stdout)
+        return json.loads(self.as_daemon("log", "--store", self.root, "--study", study, "--json").stdout)["submissions"]
 
     def committed(self, study: str = "s") -> list[bytes]:
         """Committed entries of the inbox (no leading dot), as root sees them."""
@@ -438,3 +440,65 @@ def test_a_submission_the_daemon_keeps_dying_in_is_set_aside(dep: Deployment) ->
     assert re.search(rf"rejected s/{name}: the daemon stopped .* during each of 3 attempts", cp.stderr), describe(cp)
     assert f"ingested s/{later} as #1" in cp.stdout
     assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
+
+
+def test_watch_outlives_every_hostile_submission_and_serves_the_other_studies(dep: Deployment) -> None:
+    """The daemon (watch without --once) meets a bad name, a FIFO manifest, a locked folder and
+    a manifest that does not decode in study s, and keeps ingesting study g meanwhile."""
+    a = dep.accounts.up_a
+    dep.write(a, "x.bin", os.urandom(300_000))
+    fifo = dep.submit(a)
+    dep.accounts.python_as(a, HOSTILE, "fifo-manifest", dep.box("s", "inbox") / fifo, "-")
+    dep.write(a, "y.bin", os.urandom(300_000))
+    locked = dep.submit(a)
+    dep.accounts.python_as(a, HOSTILE, "folder-locked", dep.box("s", "inbox") / locked, "-")
+    dep.accounts.python_as(a, MAKE, dep.box("s", "inbox"), b"\xff\x1b".hex())
+    log = dep.base / "watch.log"
+    with open(log, "wb") as out:
+        os.chown(log, dep.daemon.uid, dep.daemon.gid)
+        p = dep.accounts.spawn_as(dep.daemon, "watch", "--store", dep.root, "--interval", "0.2",
+                                  stdout=out, stderr=out)
+        try:
+            for i in range(3):
+                dep.write(a, f"g{i}.txt", f"for g, {i}\n".encode())
+                name = dep.submit(a, "g")
+                receipt = dep.box("g", "receipts") / name
+                deadline = time.monotonic() + 30
+                while not receipt.exists() and time.monotonic() < deadline:
+                    assert p.poll() is None, log.read_text(errors="replace")
+                    time.sleep(0.05)
+                assert receipt.exists(), log.read_text(errors="replace")
+            assert p.poll() is None, log.read_text(errors="replace")
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=30)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "internal error" not in text and "\x1b" not in text, text
+    assert sorted(os.listdir(dep.box("s", "failed"))) == sorted([fifo, locked, r"\xff\u001b"]), text
+    assert len(dep.log("g")) == 3
+    assert dep.committed() == [] and dep.committed("g") == []
+    dep.assert_sound()
+
+
+def test_export_into_a_folder_an_uploader_can_write_stays_inside_it(dep: Deployment) -> None:
+    """A shared destination: an uploader replaces a folder of the export with a symlink to the
+    daemon's home; the daemon's export writes nothing there, and reports it."""
+    a = dep.accounts.up_a
+    dep.write(a, "x/.ssh/authorized_keys", b"ssh-ed25519 AAAA... attacker\n")
+    dep.write(a, "y.txt", b"y\n")
+    dep.submit(a)
+    dep.watch()
+    dest = make_dir(dep.base / "shared", dep.daemon, 0o777)
+    for part in ("current",):
+        make_dir(dest / part, a, 0o777)
+    os.symlink(dep.daemon.home, dest / "current" / "x")
+    os.lchown(dest / "current" / "x", a.uid, a.gid)
+    home_before = sorted(p.name for p in dep.daemon.home.rglob("*"))
+
+    cp = dep.as_daemon("export", "--store", dep.root, "--study", "s", dest, expect=None)
+
+    assert sorted(p.name for p in dep.daemon.home.rglob("*")) == home_before, describe(cp)
+    assert not (dep.daemon.home / ".ssh").exists()
+    assert (dest / "current" / "y.txt").read_bytes() == b"y\n"
+    assert os.path.islink(dest / "current" / "x")
+    assert "current/x" in cp.stdout + cp.stderr, describe(cp)
