@@ -27,3 +27,31 @@ def escape(name: bytes | str) -> str:
     if text.isascii() and text.isprintable() and "\\" not in text:
         return text
     return "".join(_char(c) for c in text)
+
+
+def unescape(text: str) -> bytes:
+    """The name bytes ``escape`` was given (UTF-8 for a ``str`` name); ValueError if ``text``
+    is not something ``escape`` returns."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode("utf-8", "surrogatepass")
+            i += 1
+            continue
+        kind = text[i + 1 : i + 2]
+        width = {"\\": 0, "x": 2, "u": 4, "U": 8}.get(kind)
+        if width is None:
+            raise ValueError(f"not an escaped name: {text!r}")
+        digits = text[i + 2 : i + 2 + width]
+        if len(digits) != width or (width and not all(d in "0123456789abcdef" for d in digits)):
+            raise ValueError(f"not an escaped name: {text!r}")
+        if kind == "\\":
+            out += b"\\"
+        elif kind == "x":
+            out.append(int(digits, 16))
+        else:
+            out += chr(int(digits, 16)).encode("utf-8", "surrogatepass")
+        i += 2 + width
+    return bytes(out)

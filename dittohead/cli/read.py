@@ -16,6 +16,7 @@ from dittohead.cli.base import (
     store_option,
     study_option,
 )
+from dittohead.display import escape
 from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
 from dittohead.export import export_study
 from dittohead.store.repo import Store
@@ -48,10 +49,10 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
         click.echo(f"{study}: no submissions yet")
         return
     click.echo(f"{'#':>4}  {'ingested':<23}  {'site':<16}  {'user@host':<24}  {'files':>6}  {'bytes':>10}  {'new':>5}  submission")
-    for s in subs:
-        who = f"{s.user}@{s.host}"
-        click.echo(f"{s.seq:>4}  {utc_iso(s.ingested_ns):<23}  {s.site[:16]:<16}  {who[:24]:<24}  {s.files:>6}  "
-                   f"{human_bytes(s.size):>10}  {s.new_versions:>5}  {s.name}")
+    for s in subs:  # site, user and host are the client's words: escaped (dittohead.display)
+        who = escape(f"{s.user}@{s.host}")
+        click.echo(f"{s.seq:>4}  {utc_iso(s.ingested_ns):<23}  {escape(s.site)[:16]:<16}  {who[:24]:<24}  "
+                   f"{s.files:>6}  {human_bytes(s.size):>10}  {s.new_versions:>5}  {s.name}")
 
 
 @click.command()
@@ -73,7 +74,7 @@ def versions(store: str, study: str, path: str, as_json: bool) -> None:
         return
     click.echo(f"{'version':>7}  {'ingested':<23}  {'site':<16}  {'size':>10}  {'blake3':<16}  submission")
     for v in vs:
-        click.echo(f"{v.n:>7}  {utc_iso(v.ingested_ns):<23}  {v.site[:16]:<16}  {human_bytes(v.size):>10}  "
+        click.echo(f"{v.n:>7}  {utc_iso(v.ingested_ns):<23}  {escape(v.site)[:16]:<16}  {human_bytes(v.size):>10}  "
                    f"{v.hash.hex()[:16]}  #{v.seq}")
 
 

@@ -1,0 +1,46 @@
+"""What a terminal or a log is shown of a name a client chose: printable, and reversible."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dittohead.display import escape, unescape
+
+
+@given(st.binary(max_size=64))
+def test_any_name_bytes_escape_to_printable_text_and_back(raw: bytes) -> None:
+    shown = escape(raw)
+    assert shown.isprintable()
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in shown)
+    assert unescape(shown) == raw
+
+
+@given(st.text(max_size=32))
+def test_any_text_escapes_to_printable_text_and_back(text: str) -> None:
+    shown = escape(text)
+    assert shown.isprintable()
+    assert unescape(shown) == text.encode("utf-8", "surrogatepass")
+
+
+def test_what_a_terminal_must_not_get_raw() -> None:
+    assert escape("lab\u202eevil") == "lab\\u202eevil"  # a bidi override
+    assert escape("a\x1b[31mb") == "a\\u001b[31mb"  # a terminal escape
+    assert escape("x\u0085y") == "x\\u0085y"  # C1 (NEL)
+    assert escape(b"caf\xe9") == "caf\\xe9"  # Latin-1, not UTF-8
+    assert escape("back\\slash") == "back\\\\slash"
+    assert escape("plain-name_01.txt") == "plain-name_01.txt"
+    assert escape("Übung ñ 日本") == "Übung ñ 日本"  # printable text stays as it is
+
+
+def test_log_shows_a_site_with_a_bidi_override_escaped(server, sync, ingest, run, tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"a\n")
+    sync(src, site="lab\u202e\u0085x")
+    ingest()
+    out = run("log", "--store", server.root, "--study", server.study).stdout
+    assert "\u202e" not in out and "\u0085" not in out
+    assert "lab\\u202e\\u0085x" in out
