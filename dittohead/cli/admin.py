@@ -159,7 +159,8 @@ def fsck(store: str, read_data: bool, as_json: bool) -> None:
     """Check the store's integrity; exit 3 if anything is damaged.
 
     Always: pack trailers, study logs, manifests (every chunk present, right length), the index
-    (rebuilt if it disagrees), folder modes. With --read-data: every stored byte, as the disk
+    (rebuilt if it disagrees), and the permission model: every folder's mode, owner and group as
+    init and study add set them (a difference counts as damage: exit 3). With --read-data: every stored byte, as the disk
     holds it (the system's cached copy of each pack is dropped first, where it allows).
     """
     from dittohead.store import fsck as fsck_mod
