@@ -20,8 +20,37 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _no_ext(code: int, data: bytes) -> Any:
+def no_ext(code: int, data: bytes) -> Any:
     raise FormatError(f"unexpected msgpack extension type {code}")
+
+
+def format_error(e: BaseException, what: str) -> FormatError:
+    """What went wrong while msgpack decoded ``what``, as the FormatError that says so."""
+    if isinstance(e, FormatError):
+        return FormatError(f"{what}: {e}")
+    if isinstance(e, msgpack.ExtraData):
+        return FormatError(f"{what}: trailing bytes after the object")
+    if isinstance(e, (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)):
+        detail = f": {e}" if str(e) else ""
+        return FormatError(f"{what}: not valid msgpack ({type(e).__name__}{detail})")
+    return FormatError(f"{what}: not valid msgpack ({type(e).__name__})")
+
+
+def _kinds() -> tuple[str, ...]:
+    kinds = ["int"] * 256  # positive and negative fixint, uint and int 8..64
+    for lo, hi, kind in ((0x80, 0x8F, "dict"), (0x90, 0x9F, "list"), (0xA0, 0xBF, "str"),
+                         (0xC4, 0xC6, "bytes"), (0xC7, 0xC9, "ext"), (0xCA, 0xCB, "float"),
+                         (0xD4, 0xD8, "ext"), (0xD9, 0xDB, "str"), (0xDC, 0xDD, "list"),
+                         (0xDE, 0xDF, "dict")):
+        kinds[lo : hi + 1] = [kind] * (hi - lo + 1)
+    kinds[0xC0], kinds[0xC1], kinds[0xC2], kinds[0xC3] = "NoneType", "invalid", "bool", "bool"
+    return tuple(kinds)
+
+
+KIND = _kinds()
+"""KIND[first byte] is the Python type name of the msgpack object that starts with that byte
+(``"ext"`` for an extension type, ``"invalid"`` for 0xc1): a streaming decoder looks at it to
+skip a container where it expects a scalar, without building it."""
 
 
 def unpack(data: bytes, *, what: str, max_size: int, max_len: int = 1 << 24) -> Any:
@@ -38,22 +67,15 @@ def unpack(data: bytes, *, what: str, max_size: int, max_len: int = 1 << 24) -> 
             raw=False,
             strict_map_key=True,
             use_list=True,
-            ext_hook=_no_ext,
+            ext_hook=no_ext,
             max_str_len=max_size,
             max_bin_len=max_size,
             max_array_len=max_len,
             max_map_len=max_len,
             max_ext_len=0,
         )
-    except FormatError as e:
-        raise FormatError(f"{what}: {e}") from None
-    except msgpack.ExtraData:
-        raise FormatError(f"{what}: trailing bytes after the object") from None
-    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as e:
-        detail = f": {e}" if str(e) else ""
-        raise FormatError(f"{what}: not valid msgpack ({type(e).__name__}{detail})") from None
     except Exception as e:  # noqa: BLE001  (msgpack documents that unpack may raise others)
-        raise FormatError(f"{what}: not valid msgpack ({type(e).__name__})") from None
+        raise format_error(e, what) from None
 
 
 # Field checkers for decoded maps: each raises FormatError naming the field.

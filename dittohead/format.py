@@ -56,8 +56,14 @@ CODECS = frozenset({CODEC_RAW})
 # Manifests: a msgpack map; its id is the BLAKE3-256 of its bytes.
 MANIFEST_KIND = "manifest"
 MANIFEST_NAME = "manifest"  # the file's name inside a submission
-MANIFEST_MAX_SIZE = 512 * 1024 * 1024
-MANIFEST_MAX_ENTRIES = 4_000_000
+# A submission's manifest (untrusted): decoding the largest one stays within about 250 MB of
+# memory; a sync with more to send makes several submissions (docs/format.md, "Manifest").
+MANIFEST_MAX_SIZE = 48 * 1024 * 1024
+MANIFEST_MAX_ENTRIES = 200_000
+# A manifest read back from the store: accepted by an ingest already, possibly under the limits of
+# dittohead 0.1 (which admitted submissions this large), so these stay.
+STORED_MANIFEST_MAX_SIZE = 512 * 1024 * 1024
+STORED_MANIFEST_MAX_ENTRIES = 4_000_000
 MANIFEST_MAX_CHUNKS_PER_FILE = 1 << 22  # 16 TiB of minimum-size chunks; more is not a lab file
 PATH_MAX_BYTES = 4096
 NAME_MAX_BYTES = 255
