@@ -167,11 +167,28 @@ def test_the_entry_limit_passes_and_one_entry_more_does_not() -> None:
     assert len(mf.decode(over, stored=True).entries) == n + 1
 
 
-def test_stored_manifests_keep_the_limits_of_version_1() -> None:
-    assert fmt.STORED_MANIFEST_MAX_SIZE == 512 * 1024 * 1024
-    assert fmt.STORED_MANIFEST_MAX_ENTRIES == 4_000_000
-    assert fmt.MANIFEST_MAX_SIZE <= fmt.STORED_MANIFEST_MAX_SIZE
-    assert fmt.MANIFEST_MAX_ENTRIES <= fmt.STORED_MANIFEST_MAX_ENTRIES
+def test_a_store_holding_manifests_over_todays_submission_limits_stays_readable(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manifests that a store of version 1 took under the old, larger limits: every read
+    command and fsck still read them (stored manifests keep the limits of version 1)."""
+    src = tmp_path / "src"
+    files = {f"f{i}.txt": f"file {i}\n".encode() for i in range(6)}
+    for rel, data in files.items():
+        write_file(src / rel, data)
+    server.sync(src)
+    server.ingest()
+    (manifest,) = (p for p in (server.root / "store" / "manifests").rglob("*") if p.is_file())
+    monkeypatch.setattr(fmt, "MANIFEST_MAX_ENTRIES", 3)  # lower than what the store holds
+    monkeypatch.setattr(fmt, "MANIFEST_MAX_SIZE", manifest.stat().st_size - 1)
+    with pytest.raises(FormatError):
+        mf.decode(manifest.read_bytes())  # as a submission, it would be refused now
+    for rel, data in files.items():
+        assert server.cat(rel) == data
+    res = server.run("fsck", "--store", server.root, "--read-data")
+    assert res.exit_code == 0, res.output
+    assert server.run("export", "--store", server.root, "--study", server.study, tmp_path / "out").exit_code == 0
+    assert (tmp_path / "out" / "current" / "f5.txt").read_bytes() == files["f5.txt"]
 
 
 def test_a_count_larger_than_the_bytes_is_not_msgpack(monkeypatch: pytest.MonkeyPatch) -> None:

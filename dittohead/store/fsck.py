@@ -341,7 +341,7 @@ class Checker:
                 self.stats.submissions += 1
                 key = manifest_key(rec.manifest)
                 try:
-                    data = self.store.objects.get(key, fmt.MANIFEST_MAX_SIZE)
+                    data = self.store.objects.get(key, fmt.STORED_MANIFEST_MAX_SIZE)
                 except FileNotFoundError:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(),
                                   f"missing (study {study}, submission #{rec.seq} {rec.submission})")
@@ -351,7 +351,7 @@ class Checker:
                                   f"does not match its id (study {study}, submission #{rec.seq})")
                     continue
                 try:
-                    m = mf.decode(data)
+                    m = mf.decode(data, stored=True)
                 except FormatError as e:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(), str(e))
                     continue

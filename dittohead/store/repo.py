@@ -188,12 +188,12 @@ class Store:
     def read_manifest(self, mid: bytes) -> tuple[bytes, mf.Manifest]:
         key = manifest_key(mid)
         try:
-            data = self.objects.get(key, fmt.MANIFEST_MAX_SIZE)
+            data = self.objects.get(key, fmt.STORED_MANIFEST_MAX_SIZE)
         except FileNotFoundError:
             raise StoreError(f"manifest {mid.hex()} is missing from the store") from None
         if blake3(data).digest() != mid:
             raise IntegrityError(f"manifest {mid.hex()} does not match its id")
-        return data, mf.decode(data)
+        return data, mf.decode(data, stored=True)
 
     def pack_entries(self, pid: bytes) -> list[pack.PackEntry]:
         with self.objects.open(pack_key(pid)) as f:
