@@ -504,11 +504,6 @@ def test_sync_reconciling_while_the_daemon_ingests(accounts: Accounts, acct_dir:
         thread.join(timeout=120)
     out = result[0].stdout + result[0].stderr
     assert result[0].returncode == 0, out
-    if LOST_NOTE in out:  # the set-up above held; only this is the known bug
-        pytest.xfail(
-            "known bug: dittohead/client/sync.py _reconcile reads the receipt, then looks at the "
-            "inbox (submission_state); a submission ingested in between (receipt written, folder "
-            "removed) is taken for one that left the inbox without a receipt: the collector is "
-            f"told it may have been rejected, and its files are sent again:\n{out}")
+    assert LOST_NOTE not in out, out
     assert f"earlier submission {job.submissions[0]} was ingested" in out, out
     assert "0 new, 1 changed" in out, f"files were sent again:\n{out}"

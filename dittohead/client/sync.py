@@ -129,18 +129,27 @@ def next_part_name(name: str) -> str:
 
 
 def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
-    for name in cache.submissions((cc.COMMITTING, cc.PENDING)):
+    def ingested(name: str) -> bool:
         raw = t.read_receipt(study, name)
-        if raw is not None:
-            try:
-                r = records.decode_receipt(raw)
-                summary.notes.append(f"earlier submission {name} was ingested as #{r.seq} "
-                                     f"({plural(r.new_versions, 'new version')})")
-            except FormatError:
-                summary.notes.append(f"earlier submission {name} was ingested (unreadable receipt)")
-            cache.set_state(name, cc.INGESTED)
+        if raw is None:
+            return False
+        try:
+            r = records.decode_receipt(raw)
+            summary.notes.append(f"earlier submission {name} was ingested as #{r.seq} "
+                                 f"({plural(r.new_versions, 'new version')})")
+        except FormatError:
+            summary.notes.append(f"earlier submission {name} was ingested (unreadable receipt)")
+        cache.set_state(name, cc.INGESTED)
+        return True
+
+    for name in cache.submissions((cc.COMMITTING, cc.PENDING)):
+        if ingested(name):
             continue
         where = t.submission_state(study, name)
+        # The daemon writes the receipt before it removes the folder: a submission ingested
+        # between the two looks has a receipt by now.
+        if where == GONE and ingested(name):
+            continue
         if where == IN_STAGING:  # the commit rename never happened: carry on filling it
             with cache.transaction():
                 cache.forget_sent(name)
