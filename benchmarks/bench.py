@@ -14,6 +14,13 @@ same data and with the page cache dropped before every timed step where the mach
 Every tool runs its initial and no-change steps on the pristine source; the day-2 mutation is then
 applied once, and every tool runs its day-2 step on the same mutated source.
 
+dittohead runs as the real deployment does where it can (as root, with useradd): two throwaway
+accounts are made for the run, a daemon with a group of its own that runs init, study add, watch
+and fsck, and an uploader outside that group that owns the source and runs sync ("uploader≠daemon");
+they are removed at the end, whatever happens. The same steps also run with everything as the
+bench's own account, as before ("same account"), so that both figures come from the same run.
+Elsewhere only the second runs, and the output says so.
+
 It prints a table of the figures and the targets from the issue beside them. It asserts nothing:
 the exit status is 0 even when a target is missed, and non-zero only when dittohead itself fails a
 step (its stderr is shown). A peer that is not installed is reported as such and skipped.
@@ -24,23 +31,31 @@ Dependencies: the standard library and blake3 (a dependency of dittohead itself)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
+import grp
+import importlib.util
 import json
 import os
 import platform
+import pwd
 import random
 import re
 import secrets
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import blake3
 
@@ -61,8 +76,17 @@ BASE_MTIME = 1_700_000_000  # 2023-11-14
 DAY2_MTIME = BASE_MTIME + 86_400
 
 WRITE_BLOCK = 8 * MiB
+# Seconds between the last change to the source (its generation, the chown to the uploader) and
+# the first timed step. dittohead's client does not trust its cache for a file changed within 2 s
+# of a sync's start (its mtime or ctime may tick again unseen), and would read it once more at
+# the next sync; a collector's files are older than that.
+SOURCE_SETTLE = 3.0
 MUTATION_FRACTION = 0.01
 MUTATION_PATCH = 64 * KiB
+
+# The two ways dittohead is run (Measure.setting).
+SPLIT = "uploader≠daemon"  # sync as an uploader account; init, study add, watch, fsck as the daemon
+SAME = "same account"  # everything as the bench's own account (root under make bench)
 
 # Targets from the issue.
 TARGET_FSCK_RATE = 1e9  # bytes per second (1 GB/s)
@@ -122,17 +146,20 @@ class ChildRun:
 
 
 def run_child(argv: Sequence[str], env: dict[str, str], log_stem: Path, timeout: float,
-              cwd: Path | None = None) -> ChildRun:
+              cwd: Path | None = None, account: Account | None = None) -> ChildRun:
     """Run one command as a fresh child, its output going to log_stem.out / .err.
 
     The peak RSS comes from the rusage that os.wait4 returns for this one child (on Linux it also
     covers the descendants that the child waited for). The child is killed after `timeout` s.
+    With `account`, the child runs as that account (uid, primary and supplementary groups, umask
+    022); the bench opens the log files, so the account need not be able to write there.
     """
     out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
+    identity = account.identity() if account is not None else {}
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=env, cwd=cwd)
+                                env=env, cwd=cwd, **identity)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
@@ -190,6 +217,273 @@ class CacheDropper:
         if self.works:
             return "page cache dropped before each timed step"
         return f"caches not dropped ({self.reason or 'not tried'})"
+
+
+# --------------------------------------------------------------------------------------------
+# Accounts: the real deployment runs the daemon and each uploader as accounts of their own
+#
+# As root, with useradd, the bench makes two throwaway accounts for the run (the same model as
+# docs/server-root.md, "The accounts", and as tests/accounts.py, which this file does not import):
+#
+#     daemon    primary group of its own (gd); runs init, study add, watch --once and fsck
+#     uploader  primary group of its own (gu), not a member of gd; owns the source, runs sync
+#
+# Names are "dhb" + 6 hex digits (the run's tag) + "-" + role. A lock file in /tmp, held (flock)
+# from before the first account is made until after the last is gone, marks a live run; a new run
+# removes the accounts and groups of every tag whose lock nobody holds (a run that was killed),
+# and nothing that does not match that exact pattern.
+
+SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_PYTHON = "/usr/bin/python3"
+NOLOGIN = "/usr/sbin/nologin"
+ACCOUNT_RE = re.compile(r"^(dhb[0-9a-f]{6})-(daemon|uploader|gd|gu)$")
+ACCOUNT_LOCK = "/tmp/dittohead-bench-{tag}.lock"
+PROBE_CODE = ("import json, sys, dittohead, blake3, pyfastcdc, msgpack, click\n"
+              "print(json.dumps({'version': list(sys.version_info[:2]),"
+              " 'dittohead': dittohead.__file__}))")
+
+
+class Unavailable(Exception):
+    """Separate accounts cannot be had here; the message says why, in a few words."""
+
+
+@dataclass
+class Account:
+    role: str
+    name: str
+    uid: int
+    gid: int  # primary group
+    groups: list[int]  # every group a login would get, the primary first
+    home: Path  # 0700, the account's own
+
+    def identity(self) -> dict[str, Any]:
+        return {"user": self.uid, "group": self.gid, "extra_groups": self.groups, "umask": 0o022}
+
+
+def _admin(*argv: str) -> None:
+    """Run useradd, groupadd, userdel or groupdel; retry while another process holds the account
+    files' lock (a test session may be making its accounts at the same moment)."""
+    exe = shutil.which(argv[0], path=SBIN_PATH) or argv[0]
+    for attempt in range(40):
+        cp = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, check=False,
+                            stdin=subprocess.DEVNULL, timeout=60)
+        if cp.returncode == 0:
+            return
+        if "lock" not in cp.stderr.lower() or attempt == 39:
+            raise RuntimeError(f"{' '.join(argv)}: exit {cp.returncode}: {cp.stderr.strip()}")
+        time.sleep(0.25)
+
+
+def _lock_held(tag: str) -> bool:
+    try:
+        fd = os.open(ACCOUNT_LOCK.format(tag=tag), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def sweep_stale_accounts() -> list[str]:
+    """Remove the accounts and groups of earlier runs that were killed; return their names."""
+    users = [(p.pw_name, m) for p in pwd.getpwall() if (m := ACCOUNT_RE.match(p.pw_name))]
+    groups = [(g.gr_name, m) for g in grp.getgrall() if (m := ACCOUNT_RE.match(g.gr_name))]
+    stale = {m.group(1) for _, m in users + groups if not _lock_held(m.group(1))}
+    removed = []
+    for kind, found in (("userdel", users), ("groupdel", groups)):  # users first
+        for name, m in found:
+            if m.group(1) in stale:
+                try:
+                    _admin(kind, *(["-f"] if kind == "userdel" else []), name)
+                    removed.append(name)
+                except RuntimeError as e:
+                    print(f"bench: could not remove a stale account: {e}", file=sys.stderr)
+    for tag in stale:
+        with contextlib.suppress(OSError):
+            os.unlink(ACCOUNT_LOCK.format(tag=tag))
+    return removed
+
+
+class Accounts:
+    """The run's daemon and uploader accounts, with their homes under `base`; close() removes
+    them. Raises Unavailable where they cannot be had."""
+
+    daemon: Account
+    uploader: Account
+
+    def __init__(self, base: Path) -> None:
+        if os.geteuid() != 0:
+            raise Unavailable("not root")
+        missing = [t for t in ("useradd", "groupadd", "userdel", "groupdel")
+                   if not shutil.which(t, path=SBIN_PATH)]
+        if missing:
+            raise Unavailable(f"no {', '.join(missing)}")
+        self.base = base
+        self._users: list[str] = []
+        self._groups: list[str] = []
+        self._lock_fd = -1
+        removed = sweep_stale_accounts()
+        if removed:
+            print(f"bench: removed stale accounts of a killed run: {', '.join(removed)}",
+                  file=sys.stderr)
+        try:
+            self._claim_tag()
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_tag(self) -> None:
+        taken = {p.pw_name for p in pwd.getpwall()} | {g.gr_name for g in grp.getgrall()}
+        for _ in range(100):
+            tag = "dhb" + secrets.token_hex(3)
+            if any(n.startswith(tag + "-") for n in taken):
+                continue
+            try:
+                fd = os.open(ACCOUNT_LOCK.format(tag=tag), os.O_RDWR | os.O_CREAT | os.O_EXCL,
+                             0o600)
+            except FileExistsError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.tag, self._lock_fd = tag, fd
+            return
+        raise RuntimeError("no free account tag after 100 tries")
+
+    def _create(self) -> None:
+        self.base.mkdir(mode=0o755)
+        os.chmod(self.base, 0o755)
+        gd, gu = self._group("gd"), self._group("gu")
+        self.daemon = self._user("daemon", gd)
+        self.uploader = self._user("uploader", gu)
+        if gd in self.uploader.groups:  # cannot happen with fresh names; the model forbids it
+            raise RuntimeError(f"{self.uploader.name} is in the daemon's group")
+
+    def _group(self, role: str) -> int:
+        name = f"{self.tag}-{role}"
+        _admin("groupadd", name)
+        self._groups.append(name)
+        return grp.getgrnam(name).gr_gid
+
+    def _user(self, role: str, gid: int) -> Account:
+        name = f"{self.tag}-{role}"
+        home = self.base / role
+        _admin("useradd", "-M", "-d", str(home), "-s", NOLOGIN, "-c", "dittohead bench",
+               "-g", str(gid), name)
+        self._users.append(name)
+        pw = pwd.getpwnam(name)
+        groups = [pw.pw_gid] + sorted(set(os.getgrouplist(name, pw.pw_gid)) - {pw.pw_gid})
+        home.mkdir(mode=0o700)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        return Account(role, name, pw.pw_uid, pw.pw_gid, groups, home)
+
+    def close(self) -> None:
+        errors = []
+        for kind, names in (("userdel", self._users), ("groupdel", self._groups)):
+            for name in reversed(names):
+                try:
+                    _admin(kind, *(["-f"] if kind == "userdel" else []), name)
+                except RuntimeError as e:
+                    errors.append(str(e))
+        self._users, self._groups = [], []
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(ACCOUNT_LOCK.format(tag=self.tag))
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        if errors:
+            print("bench: removing the run's accounts: " + "; ".join(errors), file=sys.stderr)
+
+    def describe(self) -> str:
+        d, u = self.daemon, self.uploader
+        return (f"{d.name} (uid {d.uid}, group {grp.getgrgid(d.gid).gr_name}) runs init, study"
+                f" add, watch, fsck; {u.name} (uid {u.uid}, group {grp.getgrgid(u.gid).gr_name},"
+                " not in the daemon's) owns the source and runs sync")
+
+
+def account_env(account: Account, extra: dict[str, str]) -> dict[str, str]:
+    """The clean environment of a child running as `account` (no variable of the bench's own)."""
+    return {
+        "HOME": str(account.home),
+        "USER": account.name,
+        "LOGNAME": account.name,
+        "PATH": SBIN_PATH,
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",  # an account could not write the checkout's anyway
+        **extra,
+    }
+
+
+def traversable_by_others(path: Path) -> Path | None:
+    """The first folder from / down to path that other accounts cannot search, or None."""
+    for folder in [*reversed(path.parents), path]:
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            return folder
+    return None
+
+
+def account_command(dittohead_exe: str, probe_as: Account, cwd: Path) -> tuple[list[str], dict[str, str], str]:
+    """How an account runs dittohead: (command, extra environment, how it is said in the output).
+
+    First the executable the bench was given, if the account can run it and it imports the same
+    dittohead; else the system's python3 of the same major.minor, with PYTHONPATH = the folder
+    this dittohead is imported from + this venv's site-packages (the venv's python is often a
+    symlink into /root, which other accounts cannot reach). Raises Unavailable if neither works.
+    """
+    spec = importlib.util.find_spec("dittohead")
+    ours = Path(spec.origin).resolve() if spec and spec.origin else None
+    failures = []
+
+    def probe(argv: list[str], extra: dict[str, str]) -> str | None:
+        try:
+            cp = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60,
+                                stdin=subprocess.DEVNULL, cwd=cwd,
+                                env=account_env(probe_as, extra), **probe_as.identity())
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"cannot run it ({getattr(e, 'strerror', None) or e})"
+        if cp.returncode != 0:
+            lines = cp.stderr.strip().splitlines()
+            return lines[-1] if lines else f"exit {cp.returncode}"
+        return None
+
+    # The executable itself (a console script): does its interpreter run for the account?
+    why = probe([dittohead_exe, "--version"], {})
+    if why is None:
+        return [dittohead_exe], {}, f"{dittohead_exe}, as for the same-account run"
+    failures.append(f"{dittohead_exe}: {why}")
+    if ours is None:
+        raise Unavailable("this Python cannot import dittohead, so PYTHONPATH is unknown")
+    if not os.path.exists(SYSTEM_PYTHON):
+        raise Unavailable(f"{failures[0]}; no {SYSTEM_PYTHON}")
+    paths = [str(ours.parent.parent)]
+    for key in ("purelib", "platlib"):
+        if (p := sysconfig.get_paths()[key]) not in paths:
+            paths.append(p)
+    extra = {"PYTHONPATH": os.pathsep.join(paths)}
+    try:
+        cp = subprocess.run([SYSTEM_PYTHON, "-c", PROBE_CODE], capture_output=True, text=True,
+                            check=False, timeout=60, stdin=subprocess.DEVNULL, cwd=cwd,
+                            env=account_env(probe_as, extra), **probe_as.identity())
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Unavailable(f"{failures[0]}; {SYSTEM_PYTHON}: {e}") from None
+    if cp.returncode != 0:
+        lines = cp.stderr.strip().splitlines()
+        raise Unavailable(f"{failures[0]}; {SYSTEM_PYTHON}: "
+                          f"{lines[-1] if lines else f'exit {cp.returncode}'}")
+    found = json.loads(cp.stdout)
+    if tuple(found["version"]) != sys.version_info[:2]:
+        raise Unavailable(f"{failures[0]}; {SYSTEM_PYTHON} is Python"
+                          f" {'.'.join(map(str, found['version']))}, not"
+                          f" {sys.version_info[0]}.{sys.version_info[1]}")
+    if Path(found["dittohead"]).resolve() != ours:
+        raise Unavailable(f"{failures[0]}; {SYSTEM_PYTHON} imports dittohead from"
+                          f" {found['dittohead']}, not {ours}")
+    how = (f"{SYSTEM_PYTHON} -m dittohead with PYTHONPATH={extra['PYTHONPATH']} (not"
+           f" {dittohead_exe}: {why}; its python is {os.path.realpath(sys.executable)})")
+    return [SYSTEM_PYTHON, "-m", "dittohead"], extra, how
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +589,7 @@ class Measure:
     step: str  # initial | no change | day 2 | fsck
     tool: str  # dittohead | rsync | restic | borg
     phase: str = ""  # dittohead: sync | watch | total
+    setting: str = ""  # dittohead: SPLIT (uploader≠daemon) | SAME (same account)
     status: str = "ok"  # ok | failed | not installed | skipped
     seconds: float | None = None
     cpu_seconds: float | None = None
@@ -306,7 +601,8 @@ class Measure:
 
     @property
     def label(self) -> str:
-        return f"{self.tool} {self.phase}".strip()
+        label = f"{self.tool} {self.phase}".strip()
+        return f"{label} [{self.setting}]" if self.setting else label
 
 
 class ToolFailed(Exception):
@@ -331,12 +627,22 @@ class Tool:
 
     name = ""
     binary = ""
+    setting = ""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.home = ctx.workdir / self.name
         self.exe: str | None = shutil.which(self.binary) if self.binary else None
         self._seq = 0
+
+    @property
+    def key(self) -> str:
+        """Names this instance among the tools of the run (dittohead runs in two settings)."""
+        return self.name
+
+    def log_stem(self, what: str) -> Path:
+        self._seq += 1
+        return self.ctx.logs / re.sub(r"[^a-z0-9.]+", "-", f"{self.key}-{self._seq:02d}-{what}")
 
     # -- to be provided by each tool
 
@@ -359,11 +665,9 @@ class Tool:
 
     def run(self, args: Sequence[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> ChildRun:
         assert self.exe is not None
-        self._seq += 1
-        stem = self.ctx.logs / f"{self.name}-{self._seq:02d}-{re.sub(r'[^a-z0-9]+', '-', what)}"
-        result = run_child([self.exe, *args], self.env(), stem, self.ctx.timeout)
+        result = run_child([self.exe, *args], self.env(), self.log_stem(what), self.ctx.timeout)
         if result.returncode not in ok_codes:
-            raise ToolFailed(self.name, f"{what} exited with {result.returncode}", result)
+            raise ToolFailed(self.key, f"{what} exited with {result.returncode}", result)
         return result
 
     def first_line(self, args: Sequence[str]) -> str:
@@ -374,27 +678,76 @@ class Tool:
         return lines[0].strip() if lines else "unknown"
 
 
+@dataclass
+class Side:
+    """How one side of dittohead is run: its command, and as which account (None: the bench's
+    own, with the bench's environment; an account gets a clean one, plus extra_env)."""
+
+    command: list[str]
+    account: Account | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
 class Dittohead(Tool):
+    """dittohead in one setting: SAME (everything as the bench's own account, in
+    WORKDIR/dittohead/) or SPLIT (sync as the uploader, the rest as the daemon, in
+    WORKDIR/dittohead-accounts/)."""
+
     name = "dittohead"
     binary = "dittohead"
 
-    def __init__(self, ctx: Context, exe: str | None) -> None:
+    def __init__(self, ctx: Context, exe: str | None, setting: str = SAME,
+                 accounts: Accounts | None = None, command: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         super().__init__(ctx)
+        self.setting = setting
         self.exe = exe
+        if accounts is None:
+            self.client = self.server = Side([exe] if exe else [])
+            self.state = self.home / "client-state"
+        else:
+            self.home = ctx.workdir / "dittohead-accounts"
+            self.accounts = accounts
+            self.client = Side(command or [], accounts.uploader, extra_env or {})
+            self.server = Side(command or [], accounts.daemon, extra_env or {})
+            self.state = accounts.uploader.home / "client-state"
         self.root = self.home / "root"
-        self.state = self.home / "client-state"
         self.inbox = self.root / "dropbox" / STUDY / "inbox"
         self.failed = self.root / "dropbox" / STUDY / "failed"
 
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env.pop("DITTOHEAD_STORE", None)
-        env["DITTOHEAD_STATE_DIR"] = str(self.state)
-        return env
+    @property
+    def key(self) -> str:
+        return f"{self.name} ({self.setting})"
+
+    def side_env(self, side: Side) -> dict[str, str]:
+        if side.account is None:
+            env = dict(self.ctx.base_env)
+            env.pop("DITTOHEAD_STORE", None)
+            env["DITTOHEAD_STATE_DIR"] = str(self.state)
+            return env
+        extra = dict(side.extra_env)
+        if side is self.client:
+            extra["DITTOHEAD_STATE_DIR"] = str(self.state)
+        return account_env(side.account, extra)
+
+    def run_side(self, side: Side, args: Sequence[str], what: str) -> ChildRun:
+        cwd = side.account.home if side.account is not None else None
+        result = run_child([*side.command, *args], self.side_env(side), self.log_stem(what),
+                           self.ctx.timeout, cwd=cwd, account=side.account)
+        if result.returncode != 0:
+            raise ToolFailed(self.key, f"{what} exited with {result.returncode}", result)
+        return result
 
     def version(self) -> str:
         try:
-            line = self.first_line(["--version"]).replace(", version", "")
+            out = subprocess.run([*self.server.command, "--version"], capture_output=True,
+                                 text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+                                 env=self.side_env(self.server),
+                                 cwd=self.server.account.home if self.server.account else None,
+                                 **(self.server.account.identity() if self.server.account
+                                    else {}))
+            lines = (out.stdout or out.stderr).strip().splitlines()
+            line = lines[0].strip().replace(", version", "") if lines else ""
             if re.search(r"\d+\.\d+", line):
                 return line
         except (OSError, subprocess.SubprocessError):
@@ -408,9 +761,19 @@ class Dittohead(Tool):
 
     def setup(self) -> None:
         self.home.mkdir(parents=True)
-        self.state.mkdir()
-        self.run(["init", "--store", str(self.root)], "init")
-        self.run(["study", "add", STUDY, "--store", str(self.root)], "study add")
+        if self.server.account is None:
+            self.state.mkdir()
+        else:
+            # As docs/server-root.md sets it up: ROOT made for the daemon, 0755, then init.
+            daemon, uploader = self.server.account, self.client.account
+            assert uploader is not None
+            self.root.mkdir()
+            os.chown(self.root, daemon.uid, daemon.gid)
+            os.chmod(self.root, 0o755)
+            self.state.mkdir(mode=0o700)
+            os.chown(self.state, uploader.uid, uploader.gid)
+        self.run_side(self.server, ["init", "--store", str(self.root)], "init")
+        self.run_side(self.server, ["study", "add", STUDY, "--store", str(self.root)], "study add")
 
     def store_size(self) -> int:
         return tree_size(self.root / "store")
@@ -418,16 +781,18 @@ class Dittohead(Tool):
     def backup(self, step: str) -> list[Measure]:
         before = self.store_size()
         failed_before = set(os.listdir(self.failed)) if self.failed.is_dir() else set()
-        sync = self.run(["sync", str(self.ctx.src), "--study", STUDY, "--to", str(self.root),
-                         "--site", SITE], f"sync {step}")
+        sync = self.run_side(self.client, ["sync", str(self.ctx.src), "--study", STUDY,
+                                           "--to", str(self.root), "--site", SITE],
+                             f"sync {step}")
         sent = tree_size(self.inbox)
         # No cache drop between sync and watch: on a server the upload has just been written
         # through the page cache, as it is here.
-        watch = self.run(["watch", "--store", str(self.root), "--once"], f"watch {step}")
+        watch = self.run_side(self.server, ["watch", "--store", str(self.root), "--once"],
+                              f"watch {step}")
         stored = self.store_size() - before
         failed_now = set(os.listdir(self.failed)) if self.failed.is_dir() else set()
         if failed_now - failed_before:
-            raise ToolFailed(self.name, f"{step}: submission(s) went to failed/: "
+            raise ToolFailed(self.key, f"{step}: submission(s) went to failed/: "
                              f"{', '.join(sorted(failed_now - failed_before))}", watch)
         note = ""
         leftover = tree_size(self.inbox)
@@ -435,21 +800,24 @@ class Dittohead(Tool):
             note = f"inbox still holds {fmt_bytes(leftover)} after watch --once"
         summary = summary_line(sync.stdout + "\n" + sync.stderr)
         return [
-            Measure(step, self.name, "sync", seconds=sync.seconds, cpu_seconds=sync.cpu_seconds,
-                    sent=sent, peak_rss=sync.peak_rss, note=summary),
-            Measure(step, self.name, "watch", seconds=watch.seconds,
+            Measure(step, self.name, "sync", self.setting, seconds=sync.seconds,
+                    cpu_seconds=sync.cpu_seconds, sent=sent, peak_rss=sync.peak_rss,
+                    note=summary),
+            Measure(step, self.name, "watch", self.setting, seconds=watch.seconds,
                     cpu_seconds=watch.cpu_seconds, stored=stored, peak_rss=watch.peak_rss,
                     note=note),
-            Measure(step, self.name, "total", seconds=sync.seconds + watch.seconds,
+            Measure(step, self.name, "total", self.setting, seconds=sync.seconds + watch.seconds,
                     cpu_seconds=sync.cpu_seconds + watch.cpu_seconds, sent=sent, stored=stored,
                     peak_rss=max(sync.peak_rss, watch.peak_rss)),
         ]
 
     def check(self) -> list[Measure]:
         size = self.store_size()
-        fsck = self.run(["fsck", "--store", str(self.root), "--read-data"], "fsck read-data")
+        fsck = self.run_side(self.server, ["fsck", "--store", str(self.root), "--read-data"],
+                             "fsck read-data")
         rate = size / fsck.seconds if fsck.seconds > 0 else None
-        return [Measure(FSCK, self.name, seconds=fsck.seconds, cpu_seconds=fsck.cpu_seconds,
+        return [Measure(FSCK, self.name, setting=self.setting, seconds=fsck.seconds,
+                        cpu_seconds=fsck.cpu_seconds,
                         stored=size, peak_rss=fsck.peak_rss, rate=rate,
                         note=f"{fmt_bytes(size)} in ROOT/store checked")]
 
@@ -601,19 +969,21 @@ class Bench:
         self.failures: list[ToolFailed] = []
 
     def attempt(self, tool: Tool, step: str, action: Callable[[], list[Measure]]) -> None:
-        if tool.name in self.out_of_play:
-            self.measures.append(Measure(step, tool.name, status=self.out_of_play[tool.name]))
+        if tool.key in self.out_of_play:
+            self.measures.append(Measure(step, tool.name, setting=tool.setting,
+                                         status=self.out_of_play[tool.key]))
             return
         self.dropper.drop()
-        print(f"  {step:10} {tool.name} ...", end="", flush=True, file=sys.stderr)
+        print(f"  {step:10} {tool.key} ...", end="", flush=True, file=sys.stderr)
         try:
             measures = action()
         except ToolFailed as failure:
             print(" FAILED", file=sys.stderr)
             self.report_failure(failure)
             self.failures.append(failure)
-            self.out_of_play[tool.name] = "skipped (failed earlier)"
-            self.measures.append(Measure(step, tool.name, status="failed", note=failure.what))
+            self.out_of_play[tool.key] = "skipped (failed earlier)"
+            self.measures.append(Measure(step, tool.name, setting=tool.setting, status="failed",
+                                         note=failure.what))
             return
         if all(m.status != "ok" for m in measures):
             print(" skipped", file=sys.stderr)
@@ -624,15 +994,16 @@ class Bench:
 
     def set_up(self, tool: Tool) -> None:
         """Untimed; a failure is recorded as a "setup" row and takes the tool out of play."""
-        if tool.name in self.out_of_play:
+        if tool.key in self.out_of_play:
             return
         try:
             tool.setup()
         except ToolFailed as failure:
             self.report_failure(failure)
             self.failures.append(failure)
-            self.out_of_play[tool.name] = "skipped (failed earlier)"
-            self.measures.append(Measure("setup", tool.name, status="failed", note=failure.what))
+            self.out_of_play[tool.key] = "skipped (failed earlier)"
+            self.measures.append(Measure("setup", tool.name, setting=tool.setting, status="failed",
+                                         note=failure.what))
 
     @staticmethod
     def report_failure(failure: ToolFailed) -> None:
@@ -643,12 +1014,14 @@ class Bench:
             tail = text.splitlines()[-40:]
             print("  " + "\n  ".join(tail), file=sys.stderr)
 
-    def run(self, files: list[SourceFile], seed: int) -> Mutation:
+    def run(self, files: list[SourceFile], seed: int, source_ready: float) -> Mutation:
+        """source_ready: the time.monotonic() of the source's last change."""
         for tool in self.tools:
             if tool.exe is None:
-                self.out_of_play[tool.name] = "not installed"
+                self.out_of_play[tool.key] = "not installed"
         for tool in self.tools:
             self.set_up(tool)
+        time.sleep(max(0.0, source_ready + SOURCE_SETTLE - time.monotonic()))
         for step in STEPS[:2]:
             for tool in self.tools:
                 self.attempt(tool, step, functools.partial(tool.backup, step))
@@ -665,26 +1038,59 @@ class Bench:
 # Report
 
 
-def find(measures: list[Measure], step: str, tool: str, phase: str = "") -> Measure | None:
+def find(measures: list[Measure], step: str, tool: str, phase: str = "",
+         setting: str | None = None) -> Measure | None:
+    """The measure of (step, tool, phase) that succeeded; for dittohead, of `setting` if given."""
     for m in measures:
-        if m.step == step and m.tool == tool and m.phase == phase and m.status == "ok":
+        if (m.step == step and m.tool == tool and m.phase == phase and m.status == "ok"
+                and (setting is None or m.setting == setting)):
             return m
     return None
 
 
-def result_rows(measures: list[Measure]) -> list[list[str]]:
+def dittohead_settings(measures: list[Measure]) -> list[str]:
+    """The settings dittohead ran in, in the order of the run (the real deployment's first)."""
+    return list(dict.fromkeys(m.setting for m in measures if m.tool == "dittohead"))
+
+
+def ratio_header(settings: list[str]) -> list[str]:
+    if len(settings) <= 1:
+        return ["dh/tool time"]
+    return [f"dh/tool ({s})" for s in settings]
+
+
+def result_rows(measures: list[Measure], settings: list[str]) -> list[list[str]]:
     rows = []
     for step in ("setup", *STEPS, FSCK):
-        dh = find(measures, step, "dittohead", "total" if step != FSCK else "")
+        dhs = [find(measures, step, "dittohead", "total" if step != FSCK else "", s)
+               for s in settings or [""]]
         for m in (m for m in measures if m.step == step):
-            ratio = "-"
-            if m.tool != "dittohead" and dh and dh.seconds and m.seconds:
-                ratio = f"{dh.seconds / m.seconds:.2f}"
+            ratios = []
+            for dh in dhs:
+                ratio = "-"
+                if m.tool != "dittohead" and dh and dh.seconds and m.seconds:
+                    ratio = f"{dh.seconds / m.seconds:.2f}"
+                ratios.append(ratio)
             note = m.note if m.status == "ok" else f"{m.status}{': ' + m.note if m.note else ''}"
             if m.rate is not None:
                 note = f"{fmt_rate(m.rate)}; {note}" if note else fmt_rate(m.rate)
             rows.append([step, m.label, fmt_seconds(m.seconds), fmt_bytes(m.sent),
-                         fmt_bytes(m.stored), fmt_bytes(m.peak_rss), ratio, note])
+                         fmt_bytes(m.stored), fmt_bytes(m.peak_rss), *ratios, note])
+    return rows
+
+
+def settings_rows(measures: list[Measure]) -> list[list[str]]:
+    """dittohead's two settings side by side: uploader≠daemon, same account, the difference."""
+    rows = []
+    for step, phases in [(s, ("sync", "watch", "total")) for s in STEPS] + [(FSCK, ("",))]:
+        for phase in phases:
+            split = find(measures, step, "dittohead", phase, SPLIT)
+            same = find(measures, step, "dittohead", phase, SAME)
+            if not (split and same and split.seconds is not None and same.seconds is not None):
+                continue
+            ratio = f"{split.seconds / same.seconds:.2f}" if same.seconds else "-"
+            rows.append([step, phase or "fsck --read-data", fmt_seconds(split.seconds),
+                         fmt_seconds(same.seconds), f"{split.seconds - same.seconds:+.2f}", ratio])
     return rows
 
 
@@ -695,12 +1101,17 @@ class Target:
     status: str  # met | missed | n/a
 
 
-def evaluate_targets(measures: list[Measure]) -> list[Target]:
+def evaluate_targets(measures: list[Measure], setting: str) -> list[Target]:
+    """The issue's targets, on dittohead's figures in `setting` (the real deployment's where
+    the run had it)."""
     def verdict(ok: bool) -> str:
         return "met" if ok else "missed"
 
+    def dh_find(step: str, phase: str = "") -> Measure | None:
+        return find(measures, step, "dittohead", phase, setting)
+
     targets: list[Target] = []
-    dh, rs = find(measures, "initial", "dittohead", "total"), find(measures, "initial", "restic")
+    dh, rs = dh_find("initial", "total"), find(measures, "initial", "restic")
     t = "initial sync+ingest no slower than restic"
     if dh and rs and dh.seconds and rs.seconds:
         targets.append(Target(t, f"dittohead {dh.seconds:.2f} s vs restic {rs.seconds:.2f} s",
@@ -708,7 +1119,16 @@ def evaluate_targets(measures: list[Measure]) -> list[Target]:
     else:
         targets.append(Target(t, "no figure", "n/a"))
 
-    dh = find(measures, "no change", "dittohead", "total")
+    rsync = find(measures, "initial", "rsync")
+    t = "initial sync+ingest: aim for rsync -a's time"
+    if dh and rsync and dh.seconds and rsync.seconds:
+        targets.append(Target(t, f"dittohead {dh.seconds:.2f} s vs rsync {rsync.seconds:.2f} s"
+                              f" ({dh.seconds / rsync.seconds:.2f}x)",
+                              verdict(dh.seconds <= rsync.seconds)))
+    else:
+        targets.append(Target(t, "no figure", "n/a"))
+
+    dh = dh_find("no change", "total")
     rs = find(measures, "no change", "restic")
     t = "no-change resync at least 2x faster than restic"
     if dh and rs and dh.seconds and rs.seconds:
@@ -718,7 +1138,7 @@ def evaluate_targets(measures: list[Measure]) -> list[Target]:
     else:
         targets.append(Target(t, "no figure", "n/a"))
 
-    dh, rs = find(measures, "day 2", "dittohead", "total"), find(measures, "day 2", "restic")
+    dh, rs = dh_find("day 2", "total"), find(measures, "day 2", "restic")
     t = "day-2 bytes stored no more than restic's"
     if dh and rs and dh.stored is not None and rs.stored is not None:
         targets.append(Target(t, f"dittohead {fmt_bytes(dh.stored)} vs restic"
@@ -726,7 +1146,7 @@ def evaluate_targets(measures: list[Measure]) -> list[Target]:
     else:
         targets.append(Target(t, "no figure", "n/a"))
 
-    dh = find(measures, FSCK, "dittohead")
+    dh = dh_find(FSCK)
     t = "fsck --read-data at 1 GB/s or better"
     if dh and dh.rate is not None:
         targets.append(Target(t, fmt_rate(dh.rate), verdict(dh.rate >= TARGET_FSCK_RATE)))
@@ -734,7 +1154,7 @@ def evaluate_targets(measures: list[Measure]) -> list[Target]:
         targets.append(Target(t, "no figure", "n/a"))
 
     syncs = [m for m in measures if m.tool == "dittohead" and m.phase == "sync"
-             and m.peak_rss is not None]
+             and m.setting == setting and m.peak_rss is not None]
     t = "client (sync) peak RSS under 100 MB"
     if syncs:
         peak = max(m.peak_rss or 0 for m in syncs)
@@ -747,14 +1167,24 @@ def evaluate_targets(measures: list[Measure]) -> list[Target]:
 
 def print_report(header: list[str], measures: list[Measure], targets: list[Target],
                  footer: list[str]) -> None:
+    settings = dittohead_settings(measures)
+    ratios = ratio_header(settings)
     print()
     print("\n".join(header))
     print()
-    print(table(["step", "tool", "seconds", "sent", "stored", "peak RSS", "dh/tool time", "note"],
-                result_rows(measures), right=(2, 3, 4, 5, 6)))
-    print()
-    print(table(["target (from the issue)", "figure", "status"],
-                [[t.target, t.figure, t.status] for t in targets]))
+    print(table(["step", "tool", "seconds", "sent", "stored", "peak RSS", *ratios, "note"],
+                result_rows(measures, settings),
+                right=(2, 3, 4, 5, *range(6, 6 + len(ratios)))))
+    rows = settings_rows(measures)
+    if rows:
+        print()
+        print(table(["dittohead", "phase", f"{SPLIT} s", f"{SAME} s", "difference", "ratio"],
+                    rows, right=(2, 3, 4, 5)))
+    if targets:
+        print()
+        title = "target (from the issue)" + (f"; dittohead {settings[0]}" if settings else "")
+        print(table([title, "figure", "status"],
+                    [[t.target, t.figure, t.status] for t in targets]))
     if footer:
         print()
         print("\n".join(footer))
@@ -804,6 +1234,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds after which any one command is killed (default 1800)")
     p.add_argument("--no-drop-caches", action="store_true",
                    help="do not drop the page cache before the timed steps")
+    p.add_argument("--accounts", choices=("auto", "only", "no"), default="auto",
+                   help="auto (default): as root with useradd, run dittohead both as the real"
+                   " deployment does (sync as an uploader account, the rest as a daemon account)"
+                   " and as one account; only: just the former; no: just the latter")
     args = p.parse_args(argv)
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(args.tools) - set(ALL_TOOLS)
@@ -814,16 +1248,75 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_tools(ctx: Context, names: list[str], dittohead_exe: str | None) -> list[Tool]:
+@dataclass
+class AccountSetup:
+    """The separate accounts of the run, if it has them, or why it runs as one account."""
+
+    accounts: Accounts | None = None
+    command: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    how: str = ""  # how the accounts run dittohead, for the output
+    why_not: str = ""  # why there are no separate accounts
+
+    def close(self) -> None:
+        if self.accounts is not None:
+            self.accounts.close()
+            self.accounts = None
+
+
+def set_up_accounts(args: argparse.Namespace, ctx: Context) -> AccountSetup:
+    """Make the run's daemon and uploader accounts and find how they run dittohead; on anything
+    that stands in the way, nothing is left behind and why_not says what it was."""
+    if "dittohead" not in args.tools or args.dittohead is None:
+        return AccountSetup(why_not="dittohead not run")
+    if args.accounts == "no":
+        return AccountSetup(why_not="--accounts no")
+    setup = AccountSetup()
+    try:
+        setup.accounts = Accounts(ctx.workdir / "accounts")
+        os.chmod(ctx.workdir, 0o755)  # mkdtemp makes it 0700
+        blocked = traversable_by_others(ctx.workdir)
+        if blocked is not None:
+            raise Unavailable(f"{blocked} is not searchable by other accounts (see --workdir)")
+        setup.command, setup.extra_env, setup.how = account_command(
+            args.dittohead, setup.accounts.daemon, setup.accounts.daemon.home)
+    except (Unavailable, RuntimeError, OSError) as e:
+        setup.close()
+        setup.why_not = str(e)
+        return setup
+    # The collector's data is the uploader's own (the peers read it as root, as before).
+    uploader = setup.accounts.uploader
+    for dirpath, dirs, files in os.walk(ctx.src):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(dirpath, name), uploader.uid, uploader.gid,
+                     follow_symlinks=False)
+    os.chown(ctx.src, uploader.uid, uploader.gid)
+    return setup
+
+
+def make_tools(ctx: Context, names: list[str], dittohead_exe: str | None,
+               setup: AccountSetup, same_account: bool) -> list[Tool]:
     tools: list[Tool] = []
     for name in ALL_TOOLS:
         if name not in names:
             continue
         if name == "dittohead":
-            tools.append(Dittohead(ctx, dittohead_exe))
+            if setup.accounts is not None:
+                tools.append(Dittohead(ctx, dittohead_exe, SPLIT, setup.accounts, setup.command,
+                                       setup.extra_env))
+            if setup.accounts is None or same_account:
+                tools.append(Dittohead(ctx, dittohead_exe, SAME))
         else:
             tools.append({"rsync": Rsync, "restic": Restic, "borg": Borg}[name](ctx))
     return tools
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so that the accounts and workdir are removed."""
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -832,8 +1325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(workdir=workdir, src=workdir / "study", logs=workdir / "logs",
                   timeout=args.timeout)
     ctx.logs.mkdir()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     try:
         return benchmark(args, ctx)
+    except Interrupted as e:
+        print(f"\nbench: stopped by signal {e.args[0]}", file=sys.stderr)
+        return 128 + int(e.args[0])
     finally:
         if args.keep:
             print(f"\nworkdir kept: {workdir} (command output in {ctx.logs})", file=sys.stderr)
@@ -851,12 +1349,43 @@ def benchmark(args: argparse.Namespace, ctx: Context) -> int:
     gen_seconds = time.perf_counter() - start
     print(f"bench: generated in {gen_seconds:.1f} s", file=sys.stderr)
 
-    tools = make_tools(ctx, args.tools, args.dittohead)
-    versions = {t.name: (t.version() if t.exe else "not installed") for t in tools}
+    setup = set_up_accounts(args, ctx)
+    source_ready = time.monotonic()
+    try:
+        return run_and_report(args, ctx, files, total, gen_seconds, setup, source_ready)
+    finally:
+        setup.close()
+
+
+def run_and_report(args: argparse.Namespace, ctx: Context, files: list[SourceFile], total: int,
+                   gen_seconds: float, setup: AccountSetup, source_ready: float) -> int:
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    settings_lines = []
+    if setup.accounts is not None:
+        settings_lines.append(f"dittohead {SPLIT} (the real deployment): "
+                              f"{setup.accounts.describe()}; run by {setup.how}")
+        print(f"bench: {SPLIT}: {setup.accounts.describe()}", file=sys.stderr)
+        print(f"bench: the accounts run {setup.how}", file=sys.stderr)
+    elif "dittohead" in args.tools:
+        line = (f"dittohead runs sync and watch as this one account, {me} ({setup.why_not}):"
+                " no separate uploader and daemon accounts")
+        settings_lines.append(line)
+        print(f"bench: {line}", file=sys.stderr)
+    same = setup.accounts is None or args.accounts != "only"
+    if "dittohead" in args.tools and same:
+        settings_lines.append(f"dittohead {SAME}: sync, watch and the rest as {me}"
+                              f" (uid {os.geteuid()}), run by {args.dittohead}")
+
+    tools = make_tools(ctx, args.tools, args.dittohead, setup, same)
+    versions: dict[str, str] = {}
+    for t in tools:
+        if t.name not in versions:
+            versions[t.name] = t.version() if t.exe else "not installed"
     dropper = CacheDropper(enabled=not args.no_drop_caches)
     bench = Bench(ctx, tools, dropper)
-    mutation = bench.run(files, args.seed)
-    targets = evaluate_targets(bench.measures) if "dittohead" in args.tools else []
+    mutation = bench.run(files, args.seed, source_ready)
+    primary = SPLIT if setup.accounts is not None else SAME
+    targets = evaluate_targets(bench.measures, primary) if "dittohead" in args.tools else []
 
     header = [
         (f"dittohead benchmark: scale {args.scale}, seed {args.seed}; source {len(files):,} files,"
@@ -864,20 +1393,22 @@ def benchmark(args: argparse.Namespace, ctx: Context) -> int:
         (f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()},"
          f" Python {platform.python_version()}; {dropper.describe()}"),
         "versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()),
+        *settings_lines,
         (f"day 2: {mutation.describe()}; applied once to the source, after every tool's"
          " initial and no-change steps"),
         ("sizes in decimal units; seconds are wall-clock; 'sent': dittohead = the upload in the"
          " inbox, rsync = 'Total bytes sent', restic/borg = repository growth; 'stored' = growth"
-         " of ROOT/store, rsync's copy, the repository; 'dh/tool time' = dittohead total / tool"
+         " of ROOT/store, rsync's copy, the repository; 'dh/tool' = dittohead total / tool"
          " (below 1: dittohead faster)"),
     ]
     footer = []
-    dh = next((t for t in tools if isinstance(t, Dittohead)), None)
-    if dh is not None and dh.root.is_dir():
-        footer.append(f"dittohead ROOT/dropbox holds {fmt_bytes(tree_size(dh.root / 'dropbox'))}"
-                      " at the end (not counted as stored)")
-    failed_dittohead = any(f.tool == "dittohead" for f in bench.failures)
-    if "dittohead" in args.tools and dh is not None and dh.exe is None:
+    for dh in (t for t in tools if isinstance(t, Dittohead)):
+        if dh.root.is_dir():
+            footer.append(f"dittohead [{dh.setting}] ROOT/dropbox holds"
+                          f" {fmt_bytes(tree_size(dh.root / 'dropbox'))} at the end (not counted"
+                          " as stored)")
+    failed_dittohead = any(f.tool.startswith("dittohead") for f in bench.failures)
+    if "dittohead" in args.tools and args.dittohead is None:
         footer.append("dittohead: executable not found (see --dittohead)")
         failed_dittohead = True
     if failed_dittohead:
@@ -893,12 +1424,20 @@ def benchmark(args: argparse.Namespace, ctx: Context) -> int:
                         "python": platform.python_version()},
             "caches_dropped": bool(dropper.works),
             "versions": versions,
+            "dittohead_settings": {
+                "targets_on": primary,
+                SPLIT: ({"daemon": setup.accounts.daemon.name,
+                         "uploader": setup.accounts.uploader.name,
+                         "command": setup.command, "pythonpath": setup.extra_env.get("PYTHONPATH")}
+                        if setup.accounts is not None else {"not run": setup.why_not}),
+                SAME: {"account": me, "command": [args.dittohead]} if same else None,
+            },
             "mutation": asdict(mutation),
             "measures": [asdict(m) for m in bench.measures],
             "targets": [asdict(t) for t in targets],
             "dittohead_failed": failed_dittohead,
         }
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return 1 if failed_dittohead else 0
 
 
