@@ -502,3 +502,89 @@ def test_export_into_a_folder_an_uploader_can_write_stays_inside_it(dep: Deploym
     assert (dest / "current" / "y.txt").read_bytes() == b"y\n"
     assert os.path.islink(dest / "current" / "x")
     assert "current/x" in cp.stdout + cp.stderr, describe(cp)
+
+
+# -- the ingest's memory is bounded by the format's limits ---------------------------------------
+
+MEASURE = r"""
+import json, resource, subprocess, sys, time
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+t0 = time.monotonic()
+cp = subprocess.run([sys.executable, "-m", "dittohead", *sys.argv[2:]], capture_output=True, text=True)
+print(json.dumps({"rc": cp.returncode, "out": cp.stdout, "err": cp.stderr, "seconds": time.monotonic() - t0,
+                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def _largest_submission(folder: Path, study: str) -> None:
+    """A submission at both of a manifest's limits (entries and bytes): each entry a file of
+    its own small content, in packs of the largest chunk count, paths filling the bytes."""
+    from dittohead import codec
+    from dittohead import pack as pk
+    from dittohead.hashing import digest
+
+    n = fmt.MANIFEST_MAX_ENTRIES
+    stem = "sub-0001/ses-01/eyetracking/" + "x" * 40
+    entries, chunk_list = [], []
+    for i in range(n):
+        data = b"%08d" % i
+        cid = digest(data)
+        chunk_list.append((cid, data))
+        entries.append({"path": f"{stem}/f{i:07d}.edf", "size": len(data), "mtime_ns": i, "mode": 0o644,
+                        "hash": cid, "chunks": [[cid, len(data)]]})
+    doc = {"format": fmt.FORMAT_VERSION, "kind": fmt.MANIFEST_KIND, "study": study, "site": "lab",
+           "user": "ra", "host": "pc", "created_ns": 0, "entries": entries}
+    data = codec.pack(doc)
+    pad = (fmt.MANIFEST_MAX_SIZE - len(data)) // n  # lengthen every path to fill the byte limit
+    if pad > 0:
+        stem += "y" * pad
+        for i, e in enumerate(entries):
+            e["path"] = f"{stem}/f{i:07d}.edf"
+        data = codec.pack(doc)
+    assert len(data) <= fmt.MANIFEST_MAX_SIZE and len(data) > fmt.MANIFEST_MAX_SIZE * 0.99
+    folder.mkdir()
+    for start in range(0, n, fmt.PACK_TARGET_CHUNKS):
+        w_buf = folder / "tmp"
+        with open(w_buf, "wb") as f:
+            w = pk.PackWriter(f)
+            for cid, chunk in chunk_list[start:start + fmt.PACK_TARGET_CHUNKS]:
+                w.add(cid, chunk)
+            pid, _ = w.finish()
+        os.rename(w_buf, folder / (pid.hex() + fmt.PACK_SUFFIX))
+    (folder / fmt.MANIFEST_NAME).write_bytes(data)
+
+
+@pytest.mark.slow
+def test_the_largest_legal_manifest_is_ingested_within_500_mb(dep: Deployment) -> None:
+    """The daemon, under a 2 GiB address-space limit (the issue's machine killed the ingest of a
+    4,000,000-entry manifest under 2 GiB on every run), ingests a submission at both of the
+    manifest's limits with a peak RSS under 500 MB, and every file reads back."""
+    up = dep.accounts.up_a
+    staging = dep.box("s", "inbox") / ".big"
+    _largest_submission(staging, "s")
+    for p in [staging, *staging.iterdir()]:
+        os.chown(p, up.uid, dep.daemon.gid)
+        os.chmod(p, 0o770 if p.is_dir() else 0o640)
+    os.rename(staging, dep.box("s", "inbox") / "big")
+
+    cp = dep.accounts.python_as(dep.daemon, MEASURE, 2 << 30, "watch", "--store", dep.root, "--once",
+                                timeout=600)
+    assert cp.returncode == 0, cp.stderr
+    got = json.loads(cp.stdout)
+    assert got["rc"] == 0 and "ingested s/big as #1" in got["out"], got
+    peak_mb = got["maxrss_kib"] * 1024 / 1e6
+    print(f"largest legal manifest: ingested in {got['seconds']:.1f} s, peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 500, f"peak RSS {peak_mb:.0f} MB"
+    first = _first_path(dep)
+    vs = json.loads(dep.as_daemon("versions", "--store", dep.root, "--study", "s", first, "--json").stdout)
+    assert [v["size"] for v in vs["versions"]] == [8]
+    assert dep.cat("s", first) == b"%08d" % 0
+    assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
+
+
+def _first_path(dep: Deployment) -> str:
+    (manifest,) = (p for p in (dep.box("s", "done") / "big").iterdir())
+    from dittohead import manifest as mf
+
+    return mf.decode(manifest.read_bytes()).entries[0].path
