@@ -426,11 +426,11 @@ class Ingestor:
         """Copy the submission into ``folder`` afresh (whatever an interrupted attempt copied
         goes first), then verify the copies."""
         _drop_copies(folder, keep=(STATE_NAME,))
-        taken = intake.take(box.inbox, os.fsencode(name), folder)
-        return self._verify(box, folder, taken, waiting)
+        with intake.take(box.inbox, os.fsencode(name), folder) as taking:
+            return self._verify(box, folder, taking, waiting)
 
     # -- verification: nothing is written to the store before all of it passes
-    def _verify(self, box: StudyDropbox, path: str, taken: list[intake.TakenFile],
+    def _verify(self, box: StudyDropbox, path: str, taking: intake.Taking,
                 waiting: dict[str, str]) -> _Plan:
         with _open_copy(os.path.join(path, fmt.MANIFEST_NAME)) as f:
             data = f.read(fmt.MANIFEST_MAX_SIZE + 1)
@@ -464,16 +464,15 @@ class Ingestor:
         try:
             # In the order the client wrote them (a hint only: it lets file hashes be computed
             # as chunks stream past; out of order, they are computed by a second read).
-            for t in taken:
-                if t.name == fmt.MANIFEST_NAME:
-                    continue
-                ppath = os.path.join(path, t.name)
+            for i, pname in enumerate(taking.packs):
+                taking.ready(i)
+                ppath = os.path.join(path, pname)
                 with _open_copy(ppath) as f:
-                    what = f"pack {t.name}"
+                    what = f"pack {pname}"
                     entries = pack.read_entries(f, what=what)
                     if self._adoptable(f, entries, to_write, writer):
                         pid = self._stream(f, ppath, entries, what, plan, hashing, whole=True)
-                        if pid is not None and pid.hex() + fmt.PACK_SUFFIX == t.name:
+                        if pid is not None and pid.hex() + fmt.PACK_SUFFIX == pname:
                             writer.adopt(pid, ppath, entries)
                             continue
                         # Named for other bytes: written into server packs after all.

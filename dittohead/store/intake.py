@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from dittohead import directio
@@ -76,7 +77,6 @@ def arrivals(inbox: str) -> list[tuple[int, bytes]]:
 class TakenFile:
     name: str  # "manifest" or "<pack id>.pack"
     size: int
-    order: int  # the uploader's mtime_ns: the order it wrote its packs in (a hint only)
 
 
 def _rejected(what: str, e: OSError) -> RejectedSubmission:
@@ -161,12 +161,13 @@ def _entry_names(sub_fd: int) -> Iterator[bytes]:
             yield os.fsencode(e.name)
 
 
-def take(inbox: str, raw: bytes, dest: str) -> list[TakenFile]:
-    """Copy the committed submission ``inbox/raw`` into the daemon's own folder ``dest``.
+def take(inbox: str, raw: bytes, dest: str) -> Taking:
+    """Start copying the committed submission ``inbox/raw`` into the daemon's own folder ``dest``:
+    the manifest at once, the packs on a thread (``Taking``).
 
-    Returns its files, packs in the order the uploader wrote them, the manifest last. Raises
-    RejectedSubmission for anything wrong with the submission (its shape, a file that cannot be
-    read, one that grows or shrinks while it is copied); an OSError for the daemon's own side.
+    Raises RejectedSubmission for anything wrong with the submission (its shape, a file that
+    cannot be read, one that grows or shrinks while it is copied); an OSError for the daemon's
+    own side. ``Taking.ready`` raises the same for a pack.
     """
     sub_fd = open_submission(inbox, raw)
     try:
@@ -174,19 +175,66 @@ def take(inbox: str, raw: bytes, dest: str) -> list[TakenFile]:
             names = sorted(_entry_names(sub_fd))
         except OSError as e:
             raise _rejected("the submission", e) from None
-        wanted: list[str] = []
+        packs: list[tuple[int, str]] = []
         for b in names:
             name = submission_file_name(b)
             if name is None:
                 raise RejectedSubmission(f"{escape(b)}: {_unexpected(sub_fd, b)}")
-            wanted.append(name)
-        if fmt.MANIFEST_NAME not in wanted:
+            if name != fmt.MANIFEST_NAME:
+                packs.append((_order(sub_fd, name), name))
+        if len(packs) == len(names):
             raise RejectedSubmission("no manifest (empty or incomplete submission)")
-        taken = [_copy(sub_fd, name, dest) for name in wanted]
-    finally:
+        manifest = _copy(sub_fd, fmt.MANIFEST_NAME, dest)
+        return Taking(sub_fd, dest, manifest, [name for _, name in sorted(packs)])
+    except BaseException:
         os.close(sub_fd)
-    packs = sorted((t for t in taken if t.name != fmt.MANIFEST_NAME), key=lambda t: (t.order, t.name))
-    return packs + [t for t in taken if t.name == fmt.MANIFEST_NAME]
+        raise
+
+
+def _order(sub_fd: int, name: str) -> int:
+    """The uploader's mtime of a pack: the order it wrote its packs in (a hint only, for the
+    file hashes to be computed as the chunks stream past)."""
+    try:
+        return os.stat(name, dir_fd=sub_fd, follow_symlinks=False).st_mtime_ns
+    except OSError:
+        return 0
+
+
+class Taking:
+    """A submission being taken: the manifest is copied, the packs are copied on a thread, one
+    after another, in order, at most ``AHEAD`` ahead of the one the caller waits for, so that
+    copying (in the kernel) and verifying (hashing) overlap. Close it (``with``) when done."""
+
+    AHEAD = 2
+
+    def __init__(self, sub_fd: int, dest: str, manifest: TakenFile, packs: list[str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._sub_fd = sub_fd
+        self._dest = dest
+        self.manifest = manifest
+        self.packs = packs
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-take")
+        self._futures: list[Future[TakenFile]] = []
+
+    def ready(self, i: int) -> TakenFile:
+        """Wait for pack ``i`` (of ``packs``) to be copied."""
+        while len(self._futures) < min(len(self.packs), i + 1 + self.AHEAD):
+            name = self.packs[len(self._futures)]
+            self._futures.append(self._pool.submit(_copy, self._sub_fd, name, self._dest))
+        return self._futures[i].result()
+
+    def close(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        os.close(self._sub_fd)
+
+    def __enter__(self) -> Taking:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _unexpected(sub_fd: int, raw: bytes) -> str:
@@ -228,7 +276,7 @@ def _copy(sub_fd: int, name: str, dest: str) -> TakenFile:
             raise RejectedSubmission(f"{name}: changed while it was being taken ({st.st_size} bytes "
                                      f"when opened, {copied} read)")
         directio.advise(src, "DONTNEED")  # read once, never again
-        return TakenFile(name, copied, st.st_mtime_ns)
+        return TakenFile(name, copied)
     finally:
         os.close(src)
 
