@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -155,7 +155,7 @@ class Checker:
         self.bad_chunks: dict[bytes, str] = {}  # id -> why
         # Every new version as (study, path, n, chunks); which versions a chunk makes is only
         # worked out when a chunk fails its hash (see affected_by).
-        self.made: list[tuple[str, str, int, tuple[mf.ChunkRef, ...]]] = []
+        self.made: list[tuple[str, str, int, Sequence[mf.ChunkRef]]] = []
         self._refs: dict[bytes, list[Affected]] | None = None
         self.data_jobs: list[DataJob] = []
         self._pool: ProcessPoolExecutor | None = None

@@ -326,10 +326,11 @@ class Ingestor:
             yield name
         idx = self.store.index
         for arrived, raw in intake.arrivals(box.inbox):
-            name = intake.submission_name(raw)
-            if name is None:
+            checked = intake.submission_name(raw)
+            if checked is None:
                 yield self._fail(box, escape(raw), f"bad submission name {escape(raw)!r}", raw=raw)
                 continue
+            name = checked
             if os.path.lexists(os.path.join(box.processing, name)):
                 continue  # resumed above: held back, or its folder is being released
             if idx.submission_named(box.name, name) is not None or os.path.lexists(os.path.join(box.done, name)):
