@@ -1,16 +1,20 @@
 """Ingest: turn committed submissions in the drop boxes into store history.
 
 For each committed submission (a folder in ``inbox/`` without a leading dot), in the order the
-server saw them arrive: move it to ``processing/``; verify everything (invariant 3: the folder
-holds only regular, singly-linked files named ``manifest`` or ``<64 hex>.pack``; the manifest
-decodes strictly and names this study; every pack's trailer is sound and every chunk matches its
-id; every chunk the manifest references is held by the study already or carried by this
-submission, with the right length; every new version's bytes hash to its file hash); then copy the
-chunks new to the store into server-written packs (or adopt an upload that is exactly such a
-pack, from the server's own account: ``_adoptable``), store the manifest, append the study-log
-record (the commit point, fsynced), update the index, publish the have-segment and the receipt,
-and move the submission to ``done/``. A rejected submission goes to ``failed/`` with a REASON file
-and the store does not change.
+server saw them arrive: record it in ``processing/NAME/`` (the daemon's own folder, with its
+``STATE``); take it, copying its files there by descriptor (``intake``: the uploader keeps what
+it made, so nothing of it is read twice or kept); verify the copies (invariant 3: only regular,
+singly-linked files named ``manifest`` or ``<64 hex>.pack``; the manifest decodes strictly and
+names this study; every pack's trailer is sound and every chunk matches its id; every chunk the
+manifest references is held by the study already or carried by this submission, with the right
+length; every new version's bytes hash to its file hash); then store the chunks new to the store
+(adopting a copy that is exactly a pack the server would write, ``_adoptable``, or writing them
+into server packs), store the manifest, append the study-log record (the commit point, fsynced),
+update the index, publish the have-segment and the receipt, release the uploader's folder and
+move the daemon's to ``done/``. A rejected submission's folder goes to ``failed/`` with a REASON
+file, and the store does not change. Any failure met while taking and verifying one submission
+is that submission's (``_process``), but the server's own (a full disk, the store): one
+submission costs only itself.
 
 Damage in the store is never blamed on a submission: one whose verification needs a stored chunk
 that fails its hash (or whose pack is missing) is **held back**, not rejected. It stays in
@@ -21,7 +25,10 @@ order of arrival); everything else is ingested as usual.
 
 Crash safety (invariant 2): every step before the commit point only adds content-addressed
 objects (a redo writes the same names); every step after it is derived from the log and redone
-if missing. ``processing/`` is resumed first at every start.
+if missing. ``processing/`` is resumed first at every start: a submission the log names is
+finished, one with a REASON is rejected, any other is taken afresh from the inbox (the uploader's
+folder stays there until the submission is ingested or rejected); an attempt the daemon died in
+counts against it (``STATE``), and at ``max_attempts`` it is set aside.
 """
 
 from __future__ import annotations
