@@ -189,7 +189,7 @@ def _move_aside(dir_fd: int, name: str, aside: str) -> bool:
     st, at = fsutil.lstat_at(dir_fd, name), fsutil.lstat_at(dir_fd, aside)
     if st is None or (at is not None and _identity(at) != _identity(st)):
         return False
-    fsutil.link_new_at(dir_fd, name, aside)  # links (or renames), then drops the name ``name``
+    fsutil.link_new(name, aside, dir_fd=dir_fd)  # links (or renames), then drops the name ``name``
     return True
 
 

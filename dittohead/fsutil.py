@@ -32,14 +32,22 @@ def tmp_name(directory: str | os.PathLike[str], hint: str = "") -> str:
     return os.path.join(directory, f".tmp-{hint}{os.urandom(8).hex()}")
 
 
-def link_new(tmp: str, dest: str) -> bool:
-    """Put the finished file ``tmp`` at ``dest`` without overwriting; remove ``tmp``.
+def link_new(tmp: str, dest: str, *, dir_fd: int | None = None) -> bool:
+    """Put the finished file ``tmp`` at ``dest`` without overwriting; remove ``tmp``. With
+    ``dir_fd``, both are names in that open folder (``tmp_basename``), and no symlink in them is
+    followed.
 
     Returns True if ``dest`` was created, False if it existed already (the caller decides
     whether an existing file is acceptable: for content-addressed names it is).
     """
+    def sync() -> None:
+        if dir_fd is None:
+            fsync_dir(os.path.dirname(dest))
+        else:
+            fsync_dir_fd(dir_fd)
+
     try:
-        os.link(tmp, dest)
+        os.link(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         created = True
     except FileExistsError:
         created = False
@@ -47,14 +55,15 @@ def link_new(tmp: str, dest: str) -> bool:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise
         # A filesystem without hard links: rename, after checking (single writer, under lock).
-        if os.path.lexists(dest):
+        try:
+            os.stat(dest, dir_fd=dir_fd, follow_symlinks=False)
             created = False
-        else:
-            os.rename(tmp, dest)
-            fsync_dir(os.path.dirname(dest))
+        except FileNotFoundError:
+            os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            sync()
             return True
-    os.unlink(tmp)
-    fsync_dir(os.path.dirname(dest))
+    os.unlink(tmp, dir_fd=dir_fd)
+    sync()
     return created
 
 
@@ -132,29 +141,6 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def link_new_at(dir_fd: int, tmp: str, name: str) -> bool:
-    """``link_new`` inside one open folder: put ``tmp`` at ``name`` without overwriting, remove
-    ``tmp``; True if ``name`` was created, False if it existed already."""
-    try:
-        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        created = True
-    except FileExistsError:
-        created = False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        # A filesystem without hard links: rename, after checking (as ``link_new`` does).
-        if lstat_at(dir_fd, name) is not None:
-            created = False
-        else:
-            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            fsync_dir_fd(dir_fd)
-            return True
-    os.unlink(tmp, dir_fd=dir_fd)
-    fsync_dir_fd(dir_fd)
-    return created
-
-
 @contextlib.contextmanager
 def new_file_at(dir_fd: int, name: str, *, mode: int = 0o644,
                 times: tuple[float, float] | None = None) -> Iterator[BinaryIO]:
@@ -174,7 +160,7 @@ def new_file_at(dir_fd: int, name: str, *, mode: int = 0o644,
             if times is not None:
                 os.utime(f.fileno(), times)
             os.fsync(f.fileno())
-        if not link_new_at(dir_fd, tmp, name):
+        if not link_new(tmp, name, dir_fd=dir_fd):
             raise FileExistsError(errno.EEXIST, "file exists", name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
