@@ -26,7 +26,9 @@ and nothing that does not match that exact name pattern.
 The interpreter: the venv's python may sit where other accounts cannot reach it (under /root,
 0700). The session probes, as ``reader``, that ``sys.executable`` can import dittohead (this
 checkout's) and its dependencies; failing that, the system's python3 of the same major.minor with
-PYTHONPATH = this checkout + the venv's site-packages. If neither works, the fixture skips.
+PYTHONPATH = this checkout + the venv's site-packages; failing that too (the checkout itself out
+of reach), the same python3 with a copy of those packages in the session dir. If none works, the
+fixture skips.
 """
 
 from __future__ import annotations
@@ -293,10 +295,39 @@ class Accounts:
             if why is None:
                 return
             failures.append(f"{exe}: {why}")
+        if os.path.exists(SYSTEM_PYTHON):  # the checkout itself is out of the accounts' reach
+            self.python, self.python_env = SYSTEM_PYTHON, {"PYTHONPATH": str(self._copy_packages())}
+            why = self._probe()
+            if why is None:
+                return
+            failures.append(f"{SYSTEM_PYTHON} with a copy of the packages: {why}")
         if not os.path.exists(SYSTEM_PYTHON):
             failures.append(f"{SYSTEM_PYTHON}: not installed")
         self.python, self.python_env = "", {}
         raise Unavailable("no Python the test accounts can run: " + "; ".join(failures))
+
+    def _copy_packages(self) -> Path:
+        """dittohead and what it imports, copied into the session dir (0755), for a checkout
+        or a venv that lies where other accounts cannot reach it (a CI clone under a private
+        folder)."""
+        import importlib
+
+        lib = self.base / "lib"
+        lib.mkdir(mode=0o755)
+        for name in [m.strip() for m in PROBE_MODULES.split(",")] + ["filelock"]:
+            mod = importlib.import_module(name)
+            src = Path(mod.__file__ or "")
+            if src.name == "__init__.py":
+                shutil.copytree(src.parent, lib / src.parent.name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, lib / src.name)
+        for dirpath, dirnames, filenames in os.walk(lib):
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+        return lib
 
     def _probe(self) -> str | None:
         """None if the current interpreter works as ``reader``, else why not (one line)."""
@@ -310,7 +341,8 @@ class Accounts:
         found = json.loads(cp.stdout)
         if tuple(found["version"]) != sys.version_info[:2]:
             return "is Python {}.{}, not {}.{}".format(*found["version"], *sys.version_info[:2])
-        if not Path(found["dittohead"]).resolve().is_relative_to(CHECKOUT):
+        where = Path(found["dittohead"]).resolve()
+        if not (where.is_relative_to(CHECKOUT) or where.is_relative_to(self.base)):
             return f"imports dittohead from {found['dittohead']}, not from {CHECKOUT}"
         return None
 
