@@ -307,24 +307,17 @@ class Accounts:
         raise Unavailable("no Python the test accounts can run: " + "; ".join(failures))
 
     def _copy_packages(self) -> Path:
-        """dittohead and what it imports, copied into the session dir (0755), for a checkout
-        or a venv that lies where other accounts cannot reach it (a CI clone under a private
-        folder)."""
-        import importlib
-
+        """This checkout's dittohead and the venv's packages, copied into the session dir (0755),
+        for a checkout and a venv that lie where other accounts cannot reach them (a CI clone
+        under a private folder)."""
         lib = self.base / "lib"
-        lib.mkdir(mode=0o755)
-        for name in [m.strip() for m in PROBE_MODULES.split(",")] + ["filelock"]:
-            mod = importlib.import_module(name)
-            src = Path(mod.__file__ or "")
-            if src.name == "__init__.py":
-                shutil.copytree(src.parent, lib / src.parent.name,
-                                ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, lib / src.name)
+        skip = shutil.ignore_patterns("__pycache__", "*.pth", "pip", "pip-*", "setuptools", "setuptools-*",
+                                      "pkg_resources", "_distutils_hack", "mypy*", "ruff*")
+        for site in dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")):
+            shutil.copytree(site, lib, ignore=skip, dirs_exist_ok=True)
+        shutil.copytree(CHECKOUT / "dittohead", lib / "dittohead", ignore=skip, dirs_exist_ok=True)
         for dirpath, dirnames, filenames in os.walk(lib):
-            for d in dirnames:
-                os.chmod(os.path.join(dirpath, d), 0o755)
+            os.chmod(dirpath, 0o755)
             for f in filenames:
                 os.chmod(os.path.join(dirpath, f), 0o644)
         return lib
