@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dittohead import __version__
+from dittohead.display import escape
 from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
 
 if TYPE_CHECKING:
@@ -113,10 +114,10 @@ def echo_export_problems(study: str, summary: ExportSummary) -> bool:
     """The lines an export's summary owes on stderr (files in its way, versions damaged in the
     store: the first 20 of each), for `export` and for watch's export alike; True if any version
     was left out as damaged (the command then exits 1)."""
-    for c in summary.conflicts[:20]:
-        click.echo(f"warning: left untouched, not what the export would write: {c}", err=True)
+    for c in summary.conflicts[:20]:  # paths hold names a client chose: escaped
+        click.echo(f"warning: left untouched, not what the export would write: {escape(c)}", err=True)
     for d in summary.damaged[:20]:
-        click.echo(f"error: {study}:{d}", err=True)
+        click.echo(f"error: {study}:{escape(d)}", err=True)
     return bool(summary.damaged)
 
 
