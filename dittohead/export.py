@@ -272,6 +272,7 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
         ours.setdefault(v.path, set()).add(_identity(st))
 
     # 1. every version's bytes, written once
+    euid = os.geteuid() if hasattr(os, "geteuid") else 0
     for vpath, node in view.walk(view.root.children["versions"], "versions"):
         if not isinstance(node, File):
             folders.open(vpath.split("/"), create=False)  # reports a symlink or file in the way
@@ -283,7 +284,10 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
             continue  # something not a folder in the way: reported
         st = fsutil.lstat_at(dir_fd, name)
         if st is not None:
-            if stat.S_ISREG(st.st_mode) and st.st_size == v.size:
+            # An earlier export's: a regular file of the version's size, owned by the account
+            # that exports (no other account can make one it owns), never writable.
+            if (stat.S_ISREG(st.st_mode) and st.st_size == v.size and st.st_uid == euid
+                    and not st.st_mode & 0o222):
                 keep(v, st)
                 summary.unchanged += 1
             else:

@@ -504,6 +504,41 @@ def test_export_into_a_folder_an_uploader_can_write_stays_inside_it(dep: Deploym
     assert "current/x" in cp.stdout + cp.stderr, describe(cp)
 
 
+def test_a_version_file_planted_by_another_account_is_not_the_exports(dep: Deployment) -> None:
+    """Before the first export, an uploader plants a file of the right name and size (read-only,
+    as the export's are) where a version's file goes: it is left, reported, and never linked into
+    current/ or submissions/ as that version."""
+    a = dep.accounts.up_a
+    dep.write(a, "data.txt", b"the real bytes\n")
+    dep.submit(a)
+    dep.watch()
+    scratch = make_dir(dep.base / "scratch", dep.daemon, 0o755)
+    dep.as_daemon("export", "--store", dep.root, "--study", "s", scratch / "out")
+    (version,) = (scratch / "out" / "versions" / "data.txt").iterdir()
+    dest = make_dir(dep.base / "shared", dep.daemon, 0o777)
+    planted = dep.accounts.python_as(a, PLANT, dest, version.name, len(b"the real bytes\n"))
+    assert planted.returncode == 0, describe(planted)
+
+    cp = dep.as_daemon("export", "--store", dep.root, "--study", "s", dest, expect=None)
+
+    assert "versions/data.txt/" + version.name in cp.stderr, describe(cp)
+    assert not (dest / "current" / "data.txt").exists(), "the planted bytes were exported as the version"
+    for f in (dest / "submissions").rglob("data.txt"):
+        assert f.read_bytes() != b"forged bytes!!\n"
+
+
+PLANT = r"""
+import os, sys
+dest, name, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+folder = os.path.join(dest, "versions", "data.txt")
+os.makedirs(folder, mode=0o777)
+path = os.path.join(folder, name)
+with open(path, "wb") as f:
+    f.write(b"forged bytes!!\n".ljust(size, b"!")[:size])
+os.chmod(path, 0o444)
+"""
+
+
 # -- the ingest's memory is bounded by the format's limits ---------------------------------------
 
 MEASURE = r"""
