@@ -91,8 +91,8 @@ CONFIG_KIND = "dittohead-store"
 CONFIG_MAX_SIZE = 64 * 1024
 
 # Names. A submission is a directory in the inbox; its staging name has a leading dot.
-STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SUBMISSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-PACK_FILE_RE = re.compile(r"^[0-9a-f]{64}\.pack$")
+STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+SUBMISSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+PACK_FILE_RE = re.compile(r"^[0-9a-f]{64}\.pack\Z")
 STAGING_PREFIX = "."
 REASON_NAME = "REASON"  # failed/NAME/REASON: why a submission was rejected

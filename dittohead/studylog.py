@@ -42,6 +42,8 @@ def header() -> bytes:
 
 
 def encode_record(rec: LogRecord) -> bytes:
+    if not fmt.SUBMISSION_NAME_RE.match(rec.submission):  # never write what parse would refuse
+        raise ValueError(f"bad submission name {rec.submission!r}")
     payload = codec.pack(
         {
             "kind": fmt.LOG_KIND,

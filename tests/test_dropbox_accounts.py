@@ -340,11 +340,11 @@ for name in sys.argv[2:]:
 
 
 def test_names_that_are_not_submission_names(dep: Deployment) -> None:
-    """Not UTF-8, a terminal escape, 255 bytes (twice): each rejected for its name, shown
+    """Not UTF-8, a terminal escape, a trailing newline, 255 bytes (twice): each rejected for its name, shown
     escaped, kept under a name of the daemon's; a good submission beside them is ingested."""
     a, b = dep.accounts.up_a, dep.accounts.up_b
     long_name = b"a" * 255
-    bad = [b"\xff\xfe-latin1-\xe9", b"\x1b[31mred\x1b[0m", long_name]
+    bad = [b"\xff\xfe-latin1-\xe9", b"\x1b[31mred\x1b[0m", long_name, b"evil\n"]
     dep.accounts.python_as(a, MAKE, dep.box("s", "inbox"), *(n.hex() for n in bad))
     dep.write(b, "ok.txt", b"fine\n")
     good = dep.submit(b)
@@ -356,7 +356,8 @@ def test_names_that_are_not_submission_names(dep: Deployment) -> None:
     assert "\x1b" not in text and "\ufffd" not in text, describe(cp)
     assert r"\xff\xfe-latin1-\xe9" in text and r"\u001b[31mred" in text, describe(cp)
     failed = sorted(os.listdir(dep.box("s", "failed")))
-    assert len(failed) == 3 and all(n.isprintable() and len(n.encode()) <= 200 for n in failed), failed
+    assert len(failed) == 4 and all(n.isprintable() and len(n.encode()) <= 200 for n in failed), failed
+    assert r"evil\u000a" in failed, failed  # "$" in a pattern would have let this one through
     assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
     # The long name again: rejected again, kept apart from the first.
     dep.accounts.python_as(a, MAKE, dep.box("s", "inbox"), long_name.hex())
@@ -383,6 +384,14 @@ elif case == "folder-locked":
     os.mkdir(os.path.join(sub, "mine"))
     open(os.path.join(sub, "mine", "keep"), "wb").close()
     os.chmod(sub, 0o700)
+elif case == "deep-folder":  # deeper than Python's recursion limit
+    fd = os.open(sub, os.O_RDONLY)
+    for i in range(1200):
+        os.mkdir("deep", dir_fd=fd)
+        nfd = os.open("deep", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
 """
 
 
@@ -391,6 +400,7 @@ elif case == "folder-locked":
     ("fifo-manifest", r"manifest: not a regular file"),
     ("pack-unreadable", r"\.pack: permission denied"),
     ("folder-locked", r"the submission: permission denied"),
+    ("deep-folder", r"deep: not a regular file"),
 ])
 def test_hostile_submission_from_another_account(dep: Deployment, case: str, reason: str) -> None:
     """Each costs only itself: rejected with its reason (which holds none of the store's bytes),
@@ -413,7 +423,7 @@ def test_hostile_submission_from_another_account(dep: Deployment, case: str, rea
     after = store_snapshot(dep.root)
     assert {k: v for k, v in after.items() if k in before} == before
     assert dep.committed() == [] and os.listdir(dep.box("s", "processing")) == []
-    if case == "folder-locked":  # the daemon could not empty it: set aside, under a dot name
+    if case in ("folder-locked", "deep-folder"):  # could not be emptied: set aside, under a dot name
         left = [n for n in os.listdir(dep.box("s", "inbox")) if n.startswith(".~left-")]
         assert len(left) == 1, os.listdir(dep.box("s", "inbox"))
     else:

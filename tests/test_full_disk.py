@@ -388,6 +388,32 @@ def test_ingest_into_a_full_store_fails_cleanly_and_the_next_run_ingests_once(
     assert log_names(server) == [first, name]
 
 
+def test_passes_stopped_by_a_full_disk_do_not_count_against_the_submission(
+    small_fs: Callable[[int], Path], tmp_path: Path
+) -> None:
+    """More passes on a full disk than a submission has attempts (3): each stops with one line,
+    leaves nothing of its copies behind, and the submission is ingested once the disk has room;
+    only an attempt the daemon dies in counts."""
+    mnt = small_fs(64)
+    server = Server(mnt, state=tmp_path / "state").init()
+    src = tmp_path / "src"
+    files = make_source(src, random.Random(5), [5 * MiB] * 3, small=4)
+    name = server.sync(src).submission
+    assert name
+    filler = fill(mnt, 2 * MiB)
+    for _ in range(4):
+        assert_disk_full_failure(server.proc("watch", "--store", server.root, "--once"))
+        folder = server.dropbox("processing") / name
+        assert sorted(os.listdir(folder)) == ["STATE"], sorted(os.listdir(folder))
+        assert json.loads((folder / "STATE").read_text())["attempts"] == 0
+    assert os.listdir(server.dropbox("failed")) == []
+    filler.unlink()
+    cp = run_ok(server, "watch", "--store", server.root, "--once")
+    assert f"ingested {server.study}/{name} as #1" in cp.stdout.decode(), describe(cp)
+    assert_reads_back(server, files)
+    assert_fsck_clean(server)
+
+
 def test_reading_a_full_store_works_and_keeps_its_index(
     small_fs: Callable[[int], Path], tmp_path: Path
 ) -> None:

@@ -206,16 +206,29 @@ class _State:
 
     def write(self, folder: str) -> None:
         data = json.dumps({"arrived_ns": self.arrived_ns, "attempts": self.attempts}).encode()
-        path = os.path.join(folder, STATE_NAME)
         tmp = fsutil.tmp_name(folder)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # the daemon's own state, in its own folder: replaced, not kept
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(folder, STATE_NAME))  # the daemon's own: replaced, not kept
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         fsutil.fsync_dir(folder)
+
+    def end_attempt(self, folder: str) -> None:
+        """The attempt ended without the daemon dying in it (held back, or stopped by the
+        server's own trouble): it does not count, and the copies it made go (they are taken
+        afresh next time; on a full disk, they are what filled it)."""
+        with contextlib.suppress(OSError):
+            _drop_copies(folder, keep=(STATE_NAME,))
+        with contextlib.suppress(OSError):
+            _State(self.arrived_ns).write(folder)
 
 
 def _free_name(directory: str, name: str) -> str:
@@ -399,7 +412,7 @@ class Ingestor:
             try:
                 plan = self._take_and_verify(box, name, folder, waiting)
             except _HeldBack as e:
-                _State(state.arrived_ns).write(folder)
+                state.end_attempt(folder)
                 for p in e.paths:
                     waiting.setdefault(p, name)
                 return IngestResult(box.name, name, False, reason=str(e), held=True)
@@ -410,8 +423,7 @@ class Ingestor:
             except (OSError, StoreError, sqlite3.Error, KeyboardInterrupt, SystemExit):
                 # The server's own trouble (a full disk, the store), or a stop: this run ends,
                 # and the attempt does not count against the submission.
-                with contextlib.suppress(OSError):
-                    _State(state.arrived_ns).write(folder)
+                state.end_attempt(folder)
                 raise
             except Exception as e:  # a fault of the daemon's, met on this input: costs only it
                 log.exception("internal error while verifying %s/%s", box.name, name)
@@ -421,8 +433,7 @@ class Ingestor:
                 self._commit(box, name, plan)
             except BaseException:
                 plan.writer.discard()
-                with contextlib.suppress(OSError):
-                    _State(state.arrived_ns).write(folder)
+                state.end_attempt(folder)
                 raise
             done = idx.submission_named(box.name, name)
             assert done is not None

@@ -26,7 +26,7 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
+import re
 import stat
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -40,8 +40,9 @@ from dittohead.errors import RejectedSubmission
 log = logging.getLogger(__name__)
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO put in place of a folder or file never blocks
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 COPY_MODE = 0o600
 _NOT_REGULAR = "not a regular file (folder, FIFO, socket or device)"
 # Set aside in the inbox: a dot name (ignored like a client's staging folder) that no client
@@ -51,24 +52,40 @@ LEFT_PREFIX = ".~left-"
 _SERVER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
-def submission_name(raw: bytes) -> str | None:
-    """The submission name ``raw`` stands for, or None if it is not a valid one."""
+def _ascii_name(raw: bytes, *patterns: re.Pattern[str] | str) -> str | None:
+    """``raw`` as text if it is ASCII and matches one of ``patterns`` (a pattern, or a name
+    as it is), else None."""
     try:
         name = raw.decode("ascii")
     except UnicodeDecodeError:
         return None
-    return name if fmt.SUBMISSION_NAME_RE.match(name) else None
+    ok = any(p == name if isinstance(p, str) else p.match(name) for p in patterns)
+    return name if ok else None
+
+
+def submission_name(raw: bytes) -> str | None:
+    """The submission name ``raw`` stands for, or None if it is not a valid one."""
+    return _ascii_name(raw, fmt.SUBMISSION_NAME_RE)
+
+
+def submission_file_name(raw: bytes) -> str | None:
+    """The name of a file a submission may hold (``manifest``, ``<pack id>.pack``), or None."""
+    return _ascii_name(raw, fmt.MANIFEST_NAME, fmt.PACK_FILE_RE)
 
 
 def arrivals(inbox: str) -> list[tuple[int, bytes]]:
-    """The committed entries of an inbox, as (ctime_ns, name bytes), oldest first."""
+    """The committed entries of an inbox, as (ctime_ns, name bytes), oldest first. An entry
+    that cannot even be looked at (gone meanwhile; a filesystem mounted over it) is left out."""
     out = []
     with contextlib.suppress(FileNotFoundError), os.scandir(os.fsencode(inbox)) as it:
         for e in it:
             if e.name.startswith(b"."):
                 continue  # a client's staging folder, or one set aside
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 out.append((e.stat(follow_symlinks=False).st_ctime_ns, e.name))
+            except OSError as err:
+                if not isinstance(err, FileNotFoundError):
+                    log.warning("inbox entry %s left alone: %s", escape(e.name), err.strerror)
     out.sort()
     return out
 
@@ -95,7 +112,7 @@ def open_submission(inbox: str, raw: bytes) -> int:
         kind = _kind(inbox_fd, raw)
         if kind == "symlink":
             raise RejectedSubmission("the submission is a symlink") from None
-        if kind == "special" or e.errno == errno.ENOTDIR:
+        if kind in ("file", "special") or e.errno == errno.ENOTDIR:
             raise RejectedSubmission("the submission is not a folder") from None
         raise _rejected("the submission", e) from None
     finally:
@@ -103,15 +120,15 @@ def open_submission(inbox: str, raw: bytes) -> int:
 
 
 def _kind(dir_fd: int, raw: bytes | str) -> str | None:
-    """"symlink" or "special" for an entry that is not what it should be, None otherwise or
-    when it cannot be told (a look, for the reason only)."""
+    """"symlink", "folder", "file" or "special" (FIFO, socket, device) for an entry, None if it
+    cannot be looked at: a look, for a reason's words only."""
     try:
         mode = os.stat(raw, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
         return None
     if stat.S_ISLNK(mode):
         return "symlink"
-    return None if stat.S_ISDIR(mode) or stat.S_ISREG(mode) else "special"
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "special"
 
 
 def read_small(dir_fd: int, name: str, limit: int) -> bytes:
@@ -172,7 +189,7 @@ def take(inbox: str, raw: bytes, dest: str) -> Taking:
     sub_fd = open_submission(inbox, raw)
     try:
         try:
-            names = sorted(_entry_names(sub_fd))
+            names = sorted(set(_entry_names(sub_fd)))  # a name seen twice (renamed meanwhile): once
         except OSError as e:
             raise _rejected("the submission", e) from None
         packs: list[tuple[int, str]] = []
@@ -239,23 +256,9 @@ class Taking:
 
 def _unexpected(sub_fd: int, raw: bytes) -> str:
     """What an entry no submission holds is, for the reason (a look only: it is rejected)."""
-    try:
-        mode = os.stat(raw, dir_fd=sub_fd, follow_symlinks=False).st_mode
-    except OSError:
-        mode = stat.S_IFREG
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if not stat.S_ISREG(mode):
-        return _NOT_REGULAR
-    return "unexpected file in a submission"
-
-
-def submission_file_name(raw: bytes) -> str | None:
-    try:
-        name = raw.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return name if name == fmt.MANIFEST_NAME or fmt.PACK_FILE_RE.match(name) else None
+    kind = _kind(sub_fd, raw)
+    return ("a symlink" if kind == "symlink" else _NOT_REGULAR if kind in ("folder", "special")
+            else "unexpected file in a submission")
 
 
 def _copy(sub_fd: int, name: str, dest: str) -> TakenFile:
@@ -316,26 +319,30 @@ def release(inbox: str, raw: bytes) -> str:
     """Remove the uploader's folder ``inbox/raw`` (or whatever stands under that name), once the
     daemon is done with it; where that cannot be done, rename it within the inbox to a dot name
     that nothing reads. Returns what happened, for the log; never raises for what the uploader
-    did (it may have removed, replaced or locked its folder meanwhile)."""
+    did (it may have removed, replaced or locked its folder meanwhile, or filled it with more).
+
+    The folder is opened once (no symlink followed, no FIFO waited on) and only its own entries
+    are unlinked: a submission holds files, and anything else the uploader made in it (a folder
+    of its own) leaves the folder set aside, not walked.
+    """
     try:
         inbox_fd = os.open(inbox, _DIR_FLAGS)
     except OSError as e:
         return f"inbox not opened: {e.strerror}"
     try:
         try:
-            st = os.stat(raw, dir_fd=inbox_fd, follow_symlinks=False)
+            os.unlink(raw, dir_fd=inbox_fd)  # not a folder: a symlink, a file, a FIFO
+            return "removed"
         except FileNotFoundError:
             return "gone already"
-        if stat.S_ISDIR(st.st_mode):
-            try:  # by descriptors (shutil's fd-based walk): no symlink in it is followed
-                shutil.rmtree(raw, dir_fd=inbox_fd)
-                return "removed"
-            except OSError:
-                pass
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(raw, dir_fd=inbox_fd)
-                return "removed"
+        except OSError:
+            pass
+        try:
+            _empty(inbox_fd, raw)
+            os.rmdir(raw, dir_fd=inbox_fd)
+            return "removed"
+        except OSError as e:  # whatever it is, the folder is set aside below
+            log.debug("emptying the uploader's folder %s: %s", escape(raw), e.strerror)
         aside = f"{LEFT_PREFIX}{os.urandom(8).hex()}"
         try:
             os.rename(raw, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
@@ -346,3 +353,13 @@ def release(inbox: str, raw: bytes) -> str:
         return f"set aside as {aside}"
     finally:
         os.close(inbox_fd)
+
+
+def _empty(inbox_fd: int, raw: bytes) -> None:
+    """Unlink the entries of the folder ``inbox/raw``, by its descriptor (OSError if it cannot)."""
+    fd = os.open(raw, _DIR_FLAGS, dir_fd=inbox_fd)
+    try:
+        for name in list(_entry_names(fd)):
+            os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
