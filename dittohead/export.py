@@ -19,7 +19,6 @@ The layout is documented in docs/view.md.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -52,6 +51,9 @@ _WALKS_BY_DESCRIPTORS = (hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY"
 # what opening a symlink or a file as a folder gives (ELOOP: a symlink, on some systems;
 # EMLINK: a symlink with O_NOFOLLOW on FreeBSD)
 _NOT_A_FOLDER = (errno.ENOTDIR, errno.ELOOP, errno.EMLINK)
+# A folder below DEST that the exporting account may not open or write in: someone else's, in a
+# shared destination. In the way, like a file there; never a reason to stop the whole export.
+_NOT_OURS = (errno.EACCES, errno.EPERM)
 
 Identity = tuple[int, int]  # (st_dev, st_ino): one file on disk, whatever its names
 
@@ -134,16 +136,23 @@ class _Folders:
             if not create:
                 return None
         except OSError as e:
-            if e.errno not in _NOT_A_FOLDER:
+            if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS):
                 raise
             self._in_the_way(here)
             return None
-        with contextlib.suppress(FileExistsError):  # made meanwhile: opening it decides
+        try:
             os.mkdir(name, dir_fd=parent)
+        except FileExistsError:  # made meanwhile: opening it decides
+            pass
+        except OSError as e:
+            if e.errno not in _NOT_OURS:
+                raise
+            self._in_the_way(here)
+            return None
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as e:
-            if e.errno not in (*_NOT_A_FOLDER, errno.ENOENT):  # ENOENT: removed meanwhile
+            if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS, errno.ENOENT):  # ENOENT: removed meanwhile
                 raise
             self._in_the_way(here)
             return None
@@ -207,7 +216,7 @@ def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str)
         raise
     except OSError:
         pass
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=src_fd)
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=src_fd)
     with os.fdopen(fd, "rb") as fi:
         if _identity(os.fstat(fd)) != ident:
             return False
@@ -303,6 +312,11 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
         except FileExistsError:  # made meanwhile by someone else
             summary.in_the_way(folders.path([*parent, name]))
             continue
+        except OSError as e:
+            if e.errno not in _NOT_OURS:
+                raise
+            summary.in_the_way(folders.path([*parent, name]))  # a folder not ours to write in
+            continue
         st = fsutil.lstat_at(dir_fd, name)
         if st is not None:
             keep(v, st)
@@ -343,20 +357,25 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
             src_fd = sources.open(src_parent, create=False)
             if src_fd is None:
                 continue
-            if st is None:
-                try:
-                    if _link_or_copy(src_fd, src, ident, dir_fd, name):
-                        summary.linked += 1
-                    else:  # the version file was swapped since step 1
+            try:
+                if st is None:
+                    try:
+                        if _link_or_copy(src_fd, src, ident, dir_fd, name):
+                            summary.linked += 1
+                        else:  # the version file was swapped since step 1
+                            summary.in_the_way(folders.path(version_file(v)))
+                    except FileExistsError:  # made meanwhile by someone else
+                        summary.in_the_way(folders.path(vpath.split("/")))
+                elif top == "current" and _owned(st, ours.get(v.path, set())):
+                    tmp = fsutil.tmp_basename()
+                    if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
+                        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                        summary.current_updated += 1
+                    else:
                         summary.in_the_way(folders.path(version_file(v)))
-                except FileExistsError:  # made meanwhile by someone else
-                    summary.in_the_way(folders.path(vpath.split("/")))
-            elif top == "current" and _owned(st, ours.get(v.path, set())):
-                tmp = fsutil.tmp_basename()
-                if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
-                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                    summary.current_updated += 1
                 else:
-                    summary.in_the_way(folders.path(version_file(v)))
-            else:
-                summary.in_the_way(folders.path(vpath.split("/")))
+                    summary.in_the_way(folders.path(vpath.split("/")))
+            except OSError as e:
+                if e.errno not in _NOT_OURS:
+                    raise
+                summary.in_the_way(folders.path(vpath.split("/")))  # a folder not ours to write in

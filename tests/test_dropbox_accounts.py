@@ -633,3 +633,47 @@ def _first_path(dep: Deployment) -> str:
     from dittohead import manifest as mf
 
     return mf.decode(manifest.read_bytes()).entries[0].path
+
+
+def test_a_folder_of_another_account_in_a_shared_export_costs_only_what_goes_in_it(dep: Deployment) -> None:
+    """Folders an uploader made in a shared destination, one the daemon may not open (mode 000)
+    and one it may not write in (0555): what would go in them is reported as in the way; the
+    rest is exported, and the export ends as usual."""
+    a = dep.accounts.up_a
+    for rel in ("a/f.txt", "b/g.txt", "z/h.txt"):
+        dep.write(a, rel, rel.encode())
+    dep.submit(a)
+    dep.watch()
+    dest = make_dir(dep.base / "shared", dep.daemon, 0o777)
+    make_dir(dest / "current", dep.daemon, 0o777)
+    make_dir(dest / "current" / "a", a, 0o000)
+    make_dir(dest / "current" / "b", a, 0o555)
+
+    cp = dep.as_daemon("export", "--store", dep.root, "--study", "s", dest)
+
+    assert (dest / "current" / "z" / "h.txt").read_bytes() == b"z/h.txt"
+    assert (dest / "versions" / "a" / "f.txt").is_dir() and (dest / "versions" / "b" / "g.txt").is_dir()
+    text = cp.stdout + cp.stderr
+    assert str(dest / "current" / "a") in text and str(dest / "current" / "b" / "g.txt") in text, describe(cp)
+
+
+def test_a_pass_stopped_part_way_still_exports_what_it_ingested(dep: Deployment) -> None:
+    """Study e (with an export) is ingested; then study t stops the pass (its processing/
+    is not the daemon's to write in): e's export is still written, and the pass ends with one
+    line and exit 1."""
+    a = dep.accounts.up_a
+    dest = make_dir(dep.base / "exports", dep.daemon, 0o755) / "e"
+    dep.as_daemon("study", "add", "e", "--store", dep.root, "--export", dest)
+    dep.as_daemon("study", "add", "t", "--store", dep.root)
+    dep.write(a, "e.txt", b"for e\n")
+    dep.submit(a, "e")
+    dep.write(a, "t.txt", b"for t\n")
+    dep.submit(a, "t")
+    os.chown(dep.box("t", "processing"), 0, 0)
+
+    cp = dep.watch(expect=1)
+
+    assert "ingested e/" in cp.stdout and (dest / "current" / "e.txt").read_bytes() == b"for e\n", describe(cp)
+    assert "Permission denied" in cp.stderr, describe(cp)
+    os.chown(dep.box("t", "processing"), dep.daemon.uid, dep.daemon.gid)
+    assert "ingested t/" in dep.watch().stdout

@@ -126,14 +126,29 @@ def watch(store: str, once: bool, interval: float, max_attempts: int) -> None:
 
 
 def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult], set[str]]:
-    """One pass: ingest, then export each study that gained a submission and has a destination.
+    """One pass: ingest, then export each study that gained a submission and has a destination,
+    also when the pass stops part-way (a full disk): what was ingested before is exported.
     An export that fails is reported in one line and leaves the ingest as it is (the next one
     tries again: an export adds what is missing); returns the studies whose export failed."""
+    ingested: set[str] = set()
+
+    def seen(r: IngestResult) -> None:
+        _report(r)
+        if r.ok:
+            ingested.add(r.study)
+
+    try:
+        results = ingestor.run_once(seen)
+    finally:
+        failed = _export_studies(st, ingested)
+    return results, failed
+
+
+def _export_studies(st: Store, studies: set[str]) -> set[str]:
     from dittohead.export import export_study
 
-    results = ingestor.run_once(_report)
-    failed: set[str] = set()
-    for name in sorted({r.study for r in results if r.ok}):
+    failed = set()
+    for name in sorted(studies):
         dest = st.root.study_settings(name).export
         if not dest:
             continue
@@ -148,7 +163,7 @@ def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult
         click.echo(summary.line(dest))
         if echo_export_problems(name, summary):
             failed.add(name)
-    return results, failed
+    return failed
 
 
 @click.command()

@@ -113,7 +113,8 @@ def export(store: str, study: str, dest: str) -> None:
     DEST/current/PATH                        the latest version of every path
     DEST/versions/PATH/NNNN_STAMP_SITE.EXT   every version
     DEST/submissions/STAMP_SITE_SEQ/PATH     each submission as received
-    A second export after new versions adds them and updates current/; nothing is deleted.
+    A second export after new versions adds them and updates current/ (where the filesystem
+    has hard links); nothing is deleted. A file or folder in the way is left and reported.
     """
     if not dest.strip():
         raise click.BadParameter("an empty path (give the folder to export into)", param_hint="'DEST'")
