@@ -322,8 +322,9 @@ def release(inbox: str, raw: bytes) -> str:
     did (it may have removed, replaced or locked its folder meanwhile, or filled it with more).
 
     The folder is opened once (no symlink followed, no FIFO waited on) and only its own entries
-    are unlinked: a submission holds files, and anything else the uploader made in it (a folder
-    of its own) leaves the folder set aside, not walked.
+    are removed (files, and folders that are empty): a submission holds files, and anything
+    else the uploader made in it (a folder with something in it) leaves the folder set aside,
+    never walked.
     """
     try:
         inbox_fd = os.open(inbox, _DIR_FLAGS)
@@ -356,10 +357,14 @@ def release(inbox: str, raw: bytes) -> str:
 
 
 def _empty(inbox_fd: int, raw: bytes) -> None:
-    """Unlink the entries of the folder ``inbox/raw``, by its descriptor (OSError if it cannot)."""
+    """Remove the entries of the folder ``inbox/raw``, by its descriptor: files, and folders
+    that are empty (OSError if it cannot)."""
     fd = os.open(raw, _DIR_FLAGS, dir_fd=inbox_fd)
     try:
         for name in list(_entry_names(fd)):
-            os.unlink(name, dir_fd=fd)
+            try:
+                os.unlink(name, dir_fd=fd)
+            except (IsADirectoryError, PermissionError):  # a folder (EPERM on some systems)
+                os.rmdir(name, dir_fd=fd)
     finally:
         os.close(fd)
