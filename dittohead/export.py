@@ -99,14 +99,20 @@ class _Folders:
     with O_NOFOLLOW relative to its parent (and making it first with ``create``). Where a
     component is not a folder (a symlink, a file), that component is reported once as in the
     way and None is returned, now and for everything below it. ``close`` closes them all.
+
+    At most ``MAX_OPEN`` stay open: a valid path may have 2,000 components, more than a process
+    may often hold descriptors (1,024). Deeper, the shallowest are closed, and opened again,
+    the same way, from the deepest one still open, if the walk goes back up to them.
     """
+
+    MAX_OPEN = 64
 
     def __init__(self, root_fd: int, root: str, summary: ExportSummary) -> None:
         self.root_fd = root_fd
         self.root = root
         self.summary = summary
         self.names: list[str] = []
-        self.fds: list[int] = []
+        self.fds: list[int | None] = []  # None: closed to stay within MAX_OPEN
         self.blocked: set[tuple[str, ...]] = set()
 
     def open(self, parts: Sequence[str], *, create: bool) -> int | None:
@@ -118,12 +124,43 @@ class _Folders:
             here = (*self.names, parts[len(self.names)])
             if here in self.blocked:
                 return None
-            fd = self._open_one(self.fds[-1] if self.fds else self.root_fd, here, create)
+            parent = self._deepest()
+            if parent is None:
+                return None
+            fd = self._open_one(parent, here, create)
             if fd is None:
                 return None
             self.names.append(here[-1])
             self.fds.append(fd)
-        return self.fds[-1] if self.fds else self.root_fd
+            self._limit()
+        return self._deepest()
+
+    def _deepest(self) -> int | None:
+        """The descriptor of the folder at the end of the stack, opened again if it was closed
+        (None if it is no longer a folder: reported)."""
+        if not self.fds:
+            return self.root_fd
+        if self.fds[-1] is not None:
+            return self.fds[-1]
+        start = max((i for i, fd in enumerate(self.fds) if fd is not None), default=-1)
+        parent = self.root_fd if start < 0 else self.fds[start]
+        for i in range(start + 1, len(self.fds)):
+            assert parent is not None
+            fd = self._open_one(parent, tuple(self.names[: i + 1]), False)
+            if fd is None:
+                self._close_from(i)
+                return None
+            self.fds[i] = parent = fd
+        self._limit()
+        return self.fds[-1]
+
+    def _limit(self) -> None:
+        open_ones = [i for i, fd in enumerate(self.fds) if fd is not None]
+        for i in open_ones[: max(0, len(open_ones) - self.MAX_OPEN)]:
+            fd = self.fds[i]
+            assert fd is not None
+            os.close(fd)
+            self.fds[i] = None
 
     def path(self, parts: Sequence[str]) -> str:
         return os.path.join(self.root, *parts)
@@ -163,7 +200,9 @@ class _Folders:
 
     def _close_from(self, depth: int) -> None:
         while len(self.fds) > depth:
-            os.close(self.fds.pop())
+            fd = self.fds.pop()
+            if fd is not None:
+                os.close(fd)
             self.names.pop()
 
     def close(self) -> None:

@@ -113,14 +113,21 @@ class StudyView:
         return node
 
     def walk(self, node: Node | None = None, prefix: str = "") -> Iterator[tuple[str, Node]]:
-        """(view path, node) for every node below ``node``, parents first."""
-        node = node or self.root
-        if isinstance(node, Dir):
-            for name in sorted(node.children):
-                child = node.children[name]
-                path = f"{prefix}/{name}" if prefix else name
-                yield path, child
-                yield from self.walk(child, path)
+        """(view path, node) for every node below ``node``, parents first, in sorted order; with
+        a stack, not recursion: a valid path may have more components than Python's recursion
+        limit allows frames."""
+
+        def below(path: str, n: Node) -> list[tuple[str, Node]]:
+            if not isinstance(n, Dir):
+                return []
+            return [(f"{path}/{name}" if path else name, n.children[name])
+                    for name in sorted(n.children, reverse=True)]
+
+        stack = below(prefix, node or self.root)
+        while stack:
+            path, child = stack.pop()
+            yield path, child
+            stack.extend(below(path, child))
 
     def open(self, version: Version) -> FileReader:
         return FileReader(self.store, version)

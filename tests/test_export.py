@@ -598,3 +598,57 @@ def test_a_file_with_an_older_versions_bytes_is_not_the_exports_own(
     assert str(dest / "current/a.txt") in warned(result), result.stderr
     assert "1 files in the way left untouched" in result.stdout
     assert sorted(p.read_bytes() for p in (dest / "versions/a.txt").iterdir()) == [b"a1\n", b"a2\n"]
+
+
+def test_a_path_deeper_than_the_descriptors_a_process_may_hold(server: Server, tmp_path: Path) -> None:
+    """A valid path of 1,500 folders (more than Python's recursion limit, and than the 256
+    descriptors the export here may hold): exported, byte for byte, and a second export finds
+    it there."""
+    import resource
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        deeper = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    out = os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(out, b"deep\n")
+    os.close(out)
+    os.close(fd)
+    (src / "top.txt").write_bytes(b"top\n")
+    server.sync(src)
+    server.ingest()
+    deep = "/".join(["d"] * 1500) + "/f.txt"
+    assert server.cat(deep) == b"deep\n"
+
+    def export() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dittohead", "export", "--store", str(server.root), "--study",
+             server.study, str(tmp_path / "out")], capture_output=True, text=True, env=server.proc_env(),
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)), check=False)
+
+    try:
+        _export_deep_and_check(export, tmp_path, deep)
+    finally:  # rm, not pytest's later shutil.rmtree, which recurses in Python: too deep for it
+        subprocess.run(["rm", "-rf", "--", str(src), str(tmp_path / "out")], check=True)
+
+
+def _export_deep_and_check(export, tmp_path: Path, deep: str) -> None:
+    cp = export()
+    assert cp.returncode == 0, cp.stderr
+    fd = os.open(tmp_path / "out" / "current", os.O_RDONLY)
+    for part in deep.split("/")[:-1]:
+        deeper = os.open(part, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    got = os.open("f.txt", os.O_RDONLY, dir_fd=fd)
+    assert os.read(got, 100) == b"deep\n"
+    os.close(got)
+    os.close(fd)
+    again = export()
+    assert again.returncode == 0 and "0 version files written" in again.stdout, again.stdout + again.stderr
