@@ -26,6 +26,7 @@ import msgpack
 
 from dittohead import codec, paths
 from dittohead import format as fmt
+from dittohead.display import escape
 from dittohead.errors import FormatError, UnsupportedFormat
 from dittohead.hashing import EMPTY_HASH, digest
 
@@ -197,7 +198,7 @@ def _entry_checked(raw: Any, i: int) -> Entry:
         path = paths.check(codec.field(e, "path", str, what=what))
     except paths.BadPath as exc:
         raise FormatError(f"{what}: {exc}") from None
-    what = f"manifest entry {path!r}"
+    what = f"manifest entry '{escape(path)}'"
     size = _int(e, "size", what, 0, 1 << 62)
     mtime_ns = _int(e, "mtime_ns", what, -(1 << 63), (1 << 63) - 1)
     mode = _int(e, "mode", what, 0, 0o7777)

@@ -11,10 +11,16 @@ import re
 import unicodedata
 
 from dittohead import format as fmt
+from dittohead.display import escape
 
 
 class BadPath(ValueError):
     """A path that breaks a rule; the message says which."""
+
+
+def _q(path: object) -> str:
+    """A path in a message: quoted, and escaped as everything dittohead prints (``display``)."""
+    return f"'{escape(path)}'" if isinstance(path, str) else repr(path)
 
 
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
@@ -25,31 +31,31 @@ def _check_chars(text: str, path: str) -> None:
     if bad:
         c = bad.group()
         what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
-        raise BadPath(f"path contains {what}: {path!r}")
+        raise BadPath(f"path contains {what}: {_q(path)}")
 
 
 def check(path: object) -> str:
     """Return ``path`` if it is a valid study path, else raise BadPath naming the rule."""
     if not isinstance(path, str):
-        raise BadPath(f"path is not a string: {path!r}")
+        raise BadPath(f"path is not a string: {_q(path)}")
     if not path:
         raise BadPath("empty path")
     if path[0] == "/":
-        raise BadPath(f"absolute path: {path!r}")
+        raise BadPath(f"absolute path: {_q(path)}")
     _check_chars(path, path)
     try:
         encoded = path.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadPath(f"path is not valid Unicode: {path!r}") from None
+        raise BadPath(f"path is not valid Unicode: {_q(path)}") from None
     if len(encoded) > fmt.PATH_MAX_BYTES:
-        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {path[:80]!r}...")
+        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {_q(path[:80])}...")
     for part in path.split("/"):
         if part in ("", ".", ".."):
-            raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
+            raise BadPath(f"path has an empty, '.' or '..' component: {_q(path)}")
         if len(part) * 4 > fmt.NAME_MAX_BYTES and len(part.encode("utf-8")) > fmt.NAME_MAX_BYTES:
             raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {part[:80]!r}...")
     if not path.isascii() and not unicodedata.is_normalized("NFC", path):
-        raise BadPath(f"path is not in Unicode NFC: {path!r}")
+        raise BadPath(f"path is not in Unicode NFC: {_q(path)}")
     return path
 
 
@@ -58,7 +64,7 @@ def check_name(name: str, path: str) -> None:
     each name once, as it meets it, instead of every path from its root). Same rules and
     messages as ``check``."""
     if name in ("", ".", ".."):
-        raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
+        raise BadPath(f"path has an empty, '.' or '..' component: {_q(path)}")
     _check_chars(name, path)
     if name.isascii():
         size = len(name)
@@ -66,13 +72,13 @@ def check_name(name: str, path: str) -> None:
         try:
             size = len(name.encode("utf-8"))
         except UnicodeEncodeError:
-            raise BadPath(f"path is not valid Unicode: {path!r}") from None
+            raise BadPath(f"path is not valid Unicode: {_q(path)}") from None
         if not unicodedata.is_normalized("NFC", name):
-            raise BadPath(f"path is not in Unicode NFC: {path!r}")
+            raise BadPath(f"path is not in Unicode NFC: {_q(path)}")
     if size > fmt.NAME_MAX_BYTES:
         raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {name[:80]!r}...")
     if len(path) * 4 > fmt.PATH_MAX_BYTES and len(path.encode("utf-8", "surrogatepass")) > fmt.PATH_MAX_BYTES:
-        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {path[:80]!r}...")
+        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {_q(path[:80])}...")
 
 
 def check_tree(paths: list[str]) -> None:
@@ -80,14 +86,14 @@ def check_tree(paths: list[str]) -> None:
     seen: set[str] = set()
     for p in paths:
         if p in seen:
-            raise BadPath(f"duplicate path: {p!r}")
+            raise BadPath(f"duplicate path: {_q(p)}")
         seen.add(p)
     for p in paths:
         parts = p.split("/")
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
             if prefix in seen:
-                raise BadPath(f"path {prefix!r} is a file and also a folder of {p!r}")
+                raise BadPath(f"path {_q(prefix)} is a file and also a folder of {_q(p)}")
 
 
 def normalize(rel_os_path: str, sep: str) -> str:

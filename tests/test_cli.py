@@ -360,7 +360,8 @@ def test_names_a_study_cannot_hold_are_skipped_and_counted(server: Server, tmp_p
     cp = server.proc(*server.sync_args(src), timeout=60)
     assert cp.returncode == 0, describe(cp)
     summary = cp.stdout.decode() + cp.stderr
-    assert "tab\\there.txt" in summary and "back\\\\slash" in summary, summary
+    # Named as everything is printed (display.escape): a tab as \u0009, a backslash doubled.
+    assert "tab\\u0009here.txt" in summary and "back\\\\slash" in summary, summary
     assert skipped_count(summary) == 2, summary  # the bad file, and the bad folder once
     server.ingest()
     assert server.cat("ok/a.txt") == b"kept\n"

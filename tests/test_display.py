@@ -44,3 +44,22 @@ def test_log_shows_a_site_with_a_bidi_override_escaped(server, sync, ingest, run
     out = run("log", "--store", server.root, "--study", server.study).stdout
     assert "\u202e" not in out and "\u0085" not in out
     assert "lab\\u202e\\u0085x" in out
+
+
+def test_a_path_is_taken_as_stored_or_as_printed_and_after_dashdash(server, sync, ingest, run, tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    odd = "report\u202etxt.exe"  # a bidi override: stored as it is, printed escaped
+    (src / odd).write_bytes(b"odd\n")
+    (src / "-dash.txt").write_bytes(b"dash\n")
+    sync(src)
+    ingest()
+    for typed in (odd, escape(odd)):
+        res = run("cat", "--store", server.root, "--study", server.study, typed)
+        assert res.exit_code == 0 and res.stdout_bytes == b"odd\n", (typed, res.output)
+        res = run("versions", "--store", server.root, "--study", server.study, typed, "--json")
+        assert res.exit_code == 0 and '"path": "report\u202etxt.exe"' in res.stdout, res.output
+    res = run("cat", "--store", server.root, "--study", server.study, "--", "-dash.txt")
+    assert res.exit_code == 0 and res.stdout_bytes == b"dash\n", res.output
+    res = run("cat", "--store", server.root, "--study", server.study, "no\u202eth")
+    assert res.exit_code == 1 and "no file 'no\\u202eth'" in res.output and "\u202e" not in res.output

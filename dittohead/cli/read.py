@@ -16,7 +16,7 @@ from dittohead.cli.base import (
     store_option,
     study_option,
 )
-from dittohead.display import escape
+from dittohead.display import escape, unescape
 from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
 from dittohead.export import export_study
 from dittohead.store.repo import Store
@@ -28,6 +28,23 @@ def _open(store: str, study: str) -> Store:
     st = open_store(store)
     st.root.require_study(study)
     return st
+
+
+def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
+    """The study path a command-line PATH names, and its versions: the path as typed, or, if no
+    file has that name, the escaped form that dittohead prints (``display.escape``), undone."""
+    sp = paths.as_typed(typed)
+    vs = st.index.versions(study, sp)
+    if not vs and "\\" in typed:
+        try:
+            unescaped = paths.as_typed(unescape(typed).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            unescaped = None
+        if unescaped:
+            sp, vs = unescaped, st.index.versions(study, unescaped)
+    if not vs:
+        raise NotFound(f"{study}: no file '{escape(typed)}'")
+    return sp, vs
 
 
 @click.command("log")
@@ -61,11 +78,13 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
 @click.argument("path")
 @json_option
 def versions(store: str, study: str, path: str, as_json: bool) -> None:
-    """List every version of PATH (numbered from 1, oldest first)."""
+    """List every version of PATH (numbered from 1, oldest first).
+
+    PATH as stored, or as dittohead prints it (escaped: \\u202e, \\x85); put -- before a
+    PATH that starts with -.
+    """
     st = _open(store, study)
-    vs = st.index.versions(study, sp := paths.as_typed(path))
-    if not vs:
-        raise NotFound(f"{study}: no file {path!r}")
+    sp, vs = _versions_of(st, study, path)
     if as_json:
         print_json({"study": study, "path": sp, "versions": [
             {"version": v.n, "seq": v.seq, "ingested_ns": v.ingested_ns, "ingested": utc_iso(v.ingested_ns),
@@ -84,13 +103,15 @@ def versions(store: str, study: str, path: str, as_json: bool) -> None:
 @click.argument("path")
 @click.option("--version", "version", type=click.IntRange(min=1), metavar="N", help="Version N (from 1); default the latest.")
 def cat(store: str, study: str, path: str, version: int | None) -> None:
-    """Write a version of PATH to stdout; every chunk is verified (a mismatch exits 1)."""
+    """Write a version of PATH to stdout; every chunk is verified (a mismatch exits 1).
+
+    PATH as stored, or as dittohead prints it (escaped: \\u202e, \\x85); put -- before a
+    PATH that starts with -.
+    """
     st = _open(store, study)
-    vs = st.index.versions(study, paths.as_typed(path))
-    if not vs:
-        raise NotFound(f"{study}: no file {path!r}")
+    sp, vs = _versions_of(st, study, path)
     if version is not None and version > len(vs):
-        raise NotFound(f"{study}: {path!r} has {len(vs)} version(s), not {version}")
+        raise NotFound(f"{study}: '{escape(sp)}' has {len(vs)} version(s), not {version}")
     v = vs[-1] if version is None else vs[version - 1]
     out = sys.stdout.buffer
     try:

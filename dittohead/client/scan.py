@@ -19,6 +19,7 @@ from time import perf_counter_ns
 from typing import NamedTuple
 
 from dittohead import paths
+from dittohead.display import escape
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> li
             paths.check_name(name, rpath)
         except paths.BadPath as err:
             counts.bad_names += 1
-            counts.problems.append(f"{rpath!r}: skipped, {err}")
+            counts.problems.append(f"'{escape(rpath)}': skipped, {err}")
             continue
         if fmt_ == S_IFDIR:
             enter(rpath, item.path)
@@ -245,7 +246,7 @@ def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> li
             continue
         if rpath in seen:
             counts.bad_names += 1
-            counts.problems.append(f"{rpath!r}: skipped, two names normalise to the same path")
+            counts.problems.append(f"'{escape(rpath)}': skipped, two names normalise to the same path")
             continue
         seen.add(rpath)
         if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:

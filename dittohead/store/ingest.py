@@ -359,7 +359,7 @@ class Ingestor:
             paths = self._listed_paths(box, raw) if waiting else set()
             behind = min(paths & waiting.keys(), default=None)
             if behind is not None:
-                reason = (f"it lists {behind!r}, as the held-back submission {waiting[behind]} does, "
+                reason = (f"it lists '{escape(behind)}', as the held-back submission {waiting[behind]} does, "
                           "and waits behind it in the inbox")
                 for p in paths:
                     waiting.setdefault(p, name)
@@ -461,7 +461,7 @@ class Ingestor:
         behind = sorted(e.path for e in m.entries if e.path in waiting)
         if behind:
             # Ingested now, it would come before the held-back one in these paths' histories.
-            raise _HeldBack(f"it lists {behind[0]!r}, as the held-back submission {waiting[behind[0]]} does, "
+            raise _HeldBack(f"it lists '{escape(behind[0])}', as the held-back submission {waiting[behind[0]]} does, "
                             "and waits for it", {e.path for e in m.entries})
 
         idx = self.store.index
@@ -569,7 +569,7 @@ class Ingestor:
         for e in m.entries:
             if len(e.chunks) == 1:
                 if e.chunks[0][0] != e.hash:
-                    raise _reject(f"{e.path!r}: its bytes do not match the file hash in the manifest")
+                    raise _reject(f"'{escape(e.path)}': its bytes do not match the file hash in the manifest")
                 continue
             if not e.chunks:
                 continue
@@ -591,7 +591,7 @@ class Ingestor:
                         h.update(self._chunk_bytes(cid, plan, open_packs))
                     digest = h.digest()
                 if digest != e.hash:
-                    raise _reject(f"{e.path!r}: its bytes do not match the file hash in the manifest")
+                    raise _reject(f"'{escape(e.path)}': its bytes do not match the file hash in the manifest")
         finally:
             for f in open_packs.values():
                 f.close()
