@@ -379,6 +379,7 @@ class Accounts:
         env: Mapping[str, str | None] | None,
         timeout: float,
         cwd: os.PathLike | str | None,
+        raw_stdout: bool = False,
     ) -> subprocess.CompletedProcess:
         if isinstance(input, str):
             input = input.encode("utf-8")
@@ -396,7 +397,7 @@ class Accounts:
         return subprocess.CompletedProcess(
             cp.args,
             cp.returncode,
-            cp.stdout.decode("utf-8", "replace"),
+            cp.stdout if raw_stdout else cp.stdout.decode("utf-8", "replace"),
             cp.stderr.decode("utf-8", "replace"),
         )
 
@@ -408,10 +409,13 @@ class Accounts:
         env: Mapping[str, str | None] | None = None,
         timeout: float = 120,
         cwd: os.PathLike | str | None = None,
+        raw_stdout: bool = False,
     ) -> subprocess.CompletedProcess:
-        """Run ``python -m dittohead ARGS`` as ``account``; text stdout/stderr, never raises for
-        a failing command (check returncode). stdin is /dev/null unless ``input`` is given."""
-        return self._run(account, self._argv("-m", "dittohead", *args), input, env, timeout, cwd)
+        """Run ``python -m dittohead ARGS`` as ``account``; text stdout/stderr (stdout as bytes
+        with ``raw_stdout``, for ``cat``), never raises for a failing command (check returncode).
+        stdin is /dev/null unless ``input`` is given."""
+        return self._run(account, self._argv("-m", "dittohead", *args), input, env, timeout, cwd,
+                         raw_stdout)
 
     def python_as(
         self,
@@ -438,35 +442,20 @@ class Accounts:
         """Start ``python -m dittohead ARGS`` as ``account`` in its own session and process group
         (``os.killpg(p.pid, SIGKILL)`` kills it and its children); stdin is /dev/null. What is
         still running at the end of the test (acct_dir) or session is killed the same way."""
-        p = subprocess.Popen(
-            self._argv("-m", "dittohead", *args),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=self.env_for(account, env),
-            cwd=account.home if cwd is None else cwd,
-            start_new_session=True,
-            **self._identity(account),
-        )
-        self._spawned.append(p)
-        return p
+        return self._spawn(account, self._argv("-m", "dittohead", *args), env=env, cwd=cwd,
+                           stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
 
     def spawn_python_as(self, account: Account, code: str, *args: Any) -> subprocess.Popen:
         """Start ``python -c CODE ARGS`` as ``account`` with pipes for stdin and stdout (text,
         line-buffered), for a script that acts in steps (an attacker that holds descriptors
         while the daemon works); killed at the end like ``spawn_as``."""
-        p = subprocess.Popen(
-            self._argv("-c", code, *args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env=self.env_for(account),
-            cwd=account.home,
-            start_new_session=True,
-            **self._identity(account),
-        )
+        return self._spawn(account, self._argv("-c", code, *args), stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    def _spawn(self, account: Account, argv: list[str], *, env: Mapping[str, str | None] | None = None,
+               cwd: os.PathLike | str | None = None, **popen: Any) -> subprocess.Popen:
+        p = subprocess.Popen(argv, env=self.env_for(account, env), cwd=account.home if cwd is None else cwd,
+                             start_new_session=True, **popen, **self._identity(account))
         self._spawned.append(p)
         return p
 

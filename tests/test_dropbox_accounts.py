@@ -83,10 +83,8 @@ class Deployment:
         args = ["cat", "--store", self.root, "--study", study, path]
         if version is not None:
             args += ["--version", str(version)]
-        cp = subprocess.run(self.accounts._argv("-m", "dittohead", *args), capture_output=True,
-                            env=self.accounts.env_for(self.daemon), cwd=self.daemon.home, check=False,
-                            **self.accounts._identity(self.daemon))
-        assert cp.returncode == 0, cp.stderr.decode(errors="replace")
+        cp = self.accounts.run_as(self.daemon, *args, raw_stdout=True)
+        assert cp.returncode == 0, cp.stderr
         return cp.stdout
 
     def log(self, study: str = "s") -> list[dict]:

@@ -30,7 +30,6 @@ import re
 import stat
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 from dittohead import directio
 from dittohead import format as fmt
@@ -88,12 +87,6 @@ def arrivals(inbox: str) -> list[tuple[int, bytes]]:
                     log.warning("inbox entry %s left alone: %s", escape(e.name), err.strerror)
     out.sort()
     return out
-
-
-@dataclass(frozen=True)
-class TakenFile:
-    name: str  # "manifest" or "<pack id>.pack"
-    size: int
 
 
 def _rejected(what: str, e: OSError) -> RejectedSubmission:
@@ -201,8 +194,8 @@ def take(inbox: str, raw: bytes, dest: str) -> Taking:
                 packs.append((_order(sub_fd, name), name))
         if len(packs) == len(names):
             raise RejectedSubmission("no manifest (empty or incomplete submission)")
-        manifest = _copy(sub_fd, fmt.MANIFEST_NAME, dest)
-        return Taking(sub_fd, dest, manifest, [name for _, name in sorted(packs)])
+        _copy(sub_fd, fmt.MANIFEST_NAME, dest)
+        return Taking(sub_fd, dest, [name for _, name in sorted(packs)])
     except BaseException:
         os.close(sub_fd)
         raise
@@ -224,22 +217,21 @@ class Taking:
 
     AHEAD = 2
 
-    def __init__(self, sub_fd: int, dest: str, manifest: TakenFile, packs: list[str]) -> None:
+    def __init__(self, sub_fd: int, dest: str, packs: list[str]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._sub_fd = sub_fd
         self._dest = dest
-        self.manifest = manifest
         self.packs = packs
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-take")
-        self._futures: list[Future[TakenFile]] = []
+        self._futures: list[Future[None]] = []
 
-    def ready(self, i: int) -> TakenFile:
+    def ready(self, i: int) -> None:
         """Wait for pack ``i`` (of ``packs``) to be copied."""
         while len(self._futures) < min(len(self.packs), i + 1 + self.AHEAD):
             name = self.packs[len(self._futures)]
             self._futures.append(self._pool.submit(_copy, self._sub_fd, name, self._dest))
-        return self._futures[i].result()
+        self._futures[i].result()
 
     def close(self) -> None:
         for f in self._futures:
@@ -261,7 +253,7 @@ def _unexpected(sub_fd: int, raw: bytes) -> str:
             else "unexpected file in a submission")
 
 
-def _copy(sub_fd: int, name: str, dest: str) -> TakenFile:
+def _copy(sub_fd: int, name: str, dest: str) -> None:
     limit = fmt.MANIFEST_MAX_SIZE if name == fmt.MANIFEST_NAME else fmt.PACK_MAX_SIZE
     src = _open_entry(sub_fd, name)
     try:
@@ -279,7 +271,6 @@ def _copy(sub_fd: int, name: str, dest: str) -> TakenFile:
             raise RejectedSubmission(f"{name}: changed while it was being taken ({st.st_size} bytes "
                                      f"when opened, {copied} read)")
         directio.advise(src, "DONTNEED")  # read once, never again
-        return TakenFile(name, copied)
     finally:
         os.close(src)
 
