@@ -4,4 +4,4 @@ Collectors sync study folders from lab PCs into a drop-box inbox; the server ing
 submission into an append-only, content-addressed store where every path keeps every version.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

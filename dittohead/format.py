@@ -1,4 +1,4 @@
-"""Every constant of on-disk format version 1, in one place (spec: docs/format.md).
+"""Every constant of on-disk format version 2, in one place (spec: docs/format.md).
 
 Changing any value here changes the format: a new FORMAT_VERSION and a "Changes" entry in the
 spec. Chunking parameters are written into the store's config at ``init`` and compared on every
@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 import struct
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+FORMAT_VERSION = 2  # 2: a manifest's paths are the exact name bytes (docs/format.md, "Changes")
+SUPPORTED_VERSIONS = frozenset({1, 2})
 
 # Hashes: BLAKE3-256 everywhere (chunk ids, file hashes, manifest ids, pack ids, checksums).
 HASH_NAME = "blake3-256"
@@ -65,8 +65,10 @@ MANIFEST_MAX_ENTRIES = 200_000
 STORED_MANIFEST_MAX_SIZE = 512 * 1024 * 1024
 STORED_MANIFEST_MAX_ENTRIES = 4_000_000
 MANIFEST_MAX_CHUNKS_PER_FILE = 1 << 22  # 16 TiB of minimum-size chunks; more is not a lab file
-PATH_MAX_BYTES = 4096
-NAME_MAX_BYTES = 255
+# A path's limits hold whatever name a source filesystem can give: a Windows name is up to 255
+# UTF-16 units (765 bytes of WTF-8), a Windows path up to 32,767 units.
+PATH_MAX_BYTES = 96 * 1024
+NAME_MAX_BYTES = 1024
 TEXT_MAX = 256  # site, user, host: free text, at most this many characters
 
 # Study logs: HEADER, then records of (length u32le, msgpack payload, BLAKE3-256 of payload).

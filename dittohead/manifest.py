@@ -1,8 +1,10 @@
-"""Manifests: what one submission says about its files (format version 1).
+"""Manifests: what one submission says about its files (format versions 1 and 2).
 
 A manifest is a msgpack map (``format``, ``kind``, ``study``, ``site``, ``user``, ``host``,
 ``created_ns``, ``entries``); each entry is a map (``path``, ``size``, ``mtime_ns``, ``mode``,
 ``hash``, ``chunks`` = list of [chunk id, length]). Its id is the BLAKE3-256 of its bytes.
+A path is bin (the exact name bytes) in version 2, str in version 1; decoded, it is a study path
+(``dittohead.paths``: a str that gives the bytes back).
 ``decode`` is strict: a manifest from a client is untrusted, and every rule that can be checked
 without the store is checked here (types, limits, paths, sizes add up, an empty file's hash).
 Client-reported times (``created_ns``, ``mtime_ns``) are kept as information only (invariant 8).
@@ -97,7 +99,7 @@ class Entry(NamedTuple):
     """One file of a submission. ``chunks`` is a ``Chunks`` when decoded; any sequence of
     (chunk id, length) pairs (a tuple) when built by a client."""
 
-    path: str
+    path: str  # a study path (dittohead.paths): to_bytes(path) is what the source gave
     size: int
     mtime_ns: int
     mode: int
@@ -117,7 +119,7 @@ class Manifest:
 
 def _entry_map(e: Entry) -> dict:
     return {
-        "path": e.path,
+        "path": paths.to_bytes(e.path),
         "size": e.size,
         "mtime_ns": e.mtime_ns,
         "mode": e.mode,
@@ -147,16 +149,16 @@ def manifest_id(data: bytes) -> bytes:
 
 # -- sizes, for a client that must keep its manifests within the limits ------------------------
 
-ENTRY_OVERHEAD_MAX = 100
-"""The most an entry's encoding adds to its path's UTF-8 bytes and 40 bytes a chunk: a 6-key
-map header (1), the keys (36), the path's str header (3), size and mtime_ns (9 each), mode (3),
-the hash (34), the chunk list's array header (5)."""
+ENTRY_OVERHEAD_MAX = 102
+"""The most an entry's encoding adds to its path's bytes and 40 bytes a chunk: a 6-key map
+header (1), the keys (36), the path's bin header (5), size and mtime_ns (9 each), mode (3), the
+hash (34), the chunk list's array header (5)."""
 CHUNK_REF_MAX = 40  # [id, length]: array header (1), bin 32 (34), length up to 4 MiB (5)
 
 
 def entry_size_max(path_bytes: int, nchunks: int) -> int:
     """An upper bound of the bytes ``encode`` writes for an entry whose path is ``path_bytes``
-    bytes of UTF-8, with ``nchunks`` chunks (exact but for smaller ints and shorter headers)."""
+    bytes long, with ``nchunks`` chunks (exact but for smaller ints and shorter headers)."""
     return ENTRY_OVERHEAD_MAX + path_bytes + CHUNK_REF_MAX * nchunks
 
 
@@ -190,12 +192,17 @@ class _ChunkScan:
         self.error = ""
 
 
-def _entry_checked(raw: Any, i: int) -> Entry:
+def _path(raw: Any) -> str:
+    """A manifest's path as a study path: format 2's bytes decoded, format 1's str as it is."""
+    return paths.from_bytes(raw) if isinstance(raw, bytes) else raw
+
+
+def _entry_checked(raw: Any, i: int, path_type: type) -> Entry:
     """Check an entry field by field, naming the first rule it breaks."""
     what = f"manifest entry {i}"
     e = codec.as_map(raw, what=what)
     try:
-        path = paths.check(codec.field(e, "path", str, what=what))
+        path = paths.check(_path(codec.field(e, "path", path_type, what=what)))
     except paths.BadPath as exc:
         raise FormatError(f"{what}: {exc}") from None
     what = f"manifest entry '{escape(path)}'"
@@ -243,7 +250,7 @@ _new_entry = Entry._make
 _pack_ref = _REF.pack
 
 
-def _entry(raw: Any, i: int, modes: dict[int, int]) -> Entry:
+def _entry(raw: Any, i: int, modes: dict[int, int], path_type: type) -> Entry:
     """The same rules as ``_entry_checked``, tested in one pass; any doubt goes to the slow
     checker, which names the rule broken (``type(x) is int`` also refuses bool). ``modes``
     shares one int object per distinct mode among the entries."""
@@ -251,7 +258,7 @@ def _entry(raw: Any, i: int, modes: dict[int, int]) -> Entry:
         if type(raw) is dict and raw.keys() == _ENTRY_KEYS:
             path, size, mtime_ns, mode = raw["path"], raw["size"], raw["mtime_ns"], raw["mode"]
             fhash, raw_chunks = raw["hash"], raw["chunks"]
-            if (type(path) is str and type(size) is int and 0 <= size <= 1 << 62
+            if (type(path) is path_type and type(size) is int and 0 <= size <= 1 << 62
                     and type(mtime_ns) is int and _I64[0] <= mtime_ns <= _I64[1]
                     and type(mode) is int and 0 <= mode <= 0o7777
                     and type(fhash) is bytes and len(fhash) == fmt.HASH_SIZE
@@ -267,11 +274,11 @@ def _entry(raw: Any, i: int, modes: dict[int, int]) -> Entry:
                 else:
                     if total == size and (size or fhash == EMPTY_HASH):
                         blob = parts[0] if len(parts) == 1 else b"".join(parts)
-                        return _new_entry((paths.check(path), size, mtime_ns, modes.setdefault(mode, mode),
+                        return _new_entry((paths.check(_path(path)), size, mtime_ns, modes.setdefault(mode, mode),
                                            fhash, Chunks.from_blob(blob)))
     except paths.BadPath:
         pass
-    return _entry_checked(raw, i)
+    return _entry_checked(raw, i, path_type)
 
 
 class _Stream:
@@ -395,7 +402,7 @@ _SMALL_OPTS: dict[str, Any] = {
 }
 
 
-def _large_entry(data: bytes, start: int, i: int) -> Entry:
+def _large_entry(data: bytes, start: int, i: int, path_type: type) -> Entry:
     """An entry longer than _SMALL_ENTRY (a file of many chunks), read field by field."""
     s = _Stream(data, start)
     kind = s.kind()
@@ -412,10 +419,10 @@ def _large_entry(data: bytes, start: int, i: int) -> Entry:
         else:
             s.skip()
             e[key] = None
-    return _entry_checked(e, i)
+    return _entry_checked(e, i, path_type)
 
 
-def _entries(data: bytes, where: _EntryList) -> Iterator[Entry]:
+def _entries(data: bytes, where: _EntryList, path_type: type) -> Iterator[Entry]:
     view = memoryview(data)
     unpackb = msgpack.unpackb
     modes: dict[int, int] = {}
@@ -426,9 +433,9 @@ def _entries(data: bytes, where: _EntryList) -> Iterator[Entry]:
                 raw = unpackb(view[start:end], **_SMALL_OPTS)
             except Exception as e:  # noqa: BLE001  (as codec.unpack)
                 raise codec.format_error(e, "manifest") from None
-            yield _entry(raw, i, modes)
+            yield _entry(raw, i, modes, path_type)
         else:
-            yield _large_entry(data, start, i)
+            yield _large_entry(data, start, i, path_type)
         start = end
 
 
@@ -483,7 +490,7 @@ def decode(data: bytes, *, stored: bool = False) -> Manifest:
 
     # The header, checked in a fixed order (each message names the first rule broken).
     codec.as_map(m, what="manifest")
-    _check_version(m)
+    path_type = str if _check_version(m) == 1 else bytes
     if codec.field(m, "kind", str, what="manifest") != fmt.MANIFEST_KIND:
         raise FormatError("manifest: kind is not 'manifest'")
     study = codec.text(m, "study", what="manifest", limit=fmt.TEXT_MAX)
@@ -500,7 +507,7 @@ def decode(data: bytes, *, stored: bool = False) -> Manifest:
         raise FormatError(f"manifest: unknown fields {sorted(extra)}")
 
     # Pass 2: the entries, one at a time.
-    entries = tuple(_entries(data, where))
+    entries = tuple(_entries(data, where, path_type))
     del where
     try:
         paths.check_tree([e.path for e in entries])
@@ -509,7 +516,8 @@ def decode(data: bytes, *, stored: bool = False) -> Manifest:
     return Manifest(study, site, user, host, created_ns, entries)
 
 
-def _check_version(m: dict) -> None:
+def _check_version(m: dict) -> int:
     version = codec.field(m, "format", int, what="manifest")
     if version not in fmt.SUPPORTED_VERSIONS:
         raise UnsupportedFormat(f"manifest: format version {version} is not supported")
+    return version

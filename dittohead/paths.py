@@ -1,14 +1,17 @@
-"""Paths inside a study: relative, POSIX, NFC; validated wherever they cross a trust boundary.
+"""Paths inside a study: the exact name bytes a source gave, and the few rules that keep them safe.
 
-A valid path has one or more components separated by "/", none empty, "." or "..", no NUL or
-other control character, no backslash (it would become a separator on Windows), each component
-at most 255 bytes of UTF-8 and the whole at most 4096, and it is in Unicode NFC.
+A study path is a sequence of names joined by ``/``, each name the bytes the source filesystem
+gave, nothing normalized (docs/format.md, "Paths"). In memory it is a ``str``: the bytes decoded
+as UTF-8 with ``surrogateescape``, so that a byte that is not UTF-8 stays a lone surrogate
+(U+DC80-U+DCFF) and ``to_bytes`` gives the bytes back exactly (this is how Python itself names
+files on POSIX). Only what is unsafe is refused: an absolute path, an empty, ``.`` or ``..``
+name, NUL, and names and paths over the limits of ``dittohead.format``. These rules live here
+and nowhere else.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
+import os
 
 from dittohead import format as fmt
 from dittohead.display import escape
@@ -20,91 +23,83 @@ class BadPath(ValueError):
 
 def _q(path: object) -> str:
     """A path in a message: quoted, and escaped as everything dittohead prints (``display``)."""
-    return f"'{escape(path)}'" if isinstance(path, str) else repr(path)
+    return f"'{escape(path)}'" if isinstance(path, (str, bytes)) else repr(path)
 
 
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+def to_bytes(path: str) -> bytes:
+    """A study path's bytes (raises UnicodeEncodeError for a str no decode could give)."""
+    return path.encode("utf-8", "surrogateescape")
 
 
-def _check_chars(text: str, path: str) -> None:
-    bad = _FORBIDDEN.search(text)
-    if bad:
-        c = bad.group()
-        what = "NUL" if c == "\x00" else "a backslash" if c == "\\" else "a control character"
-        raise BadPath(f"path contains {what}: {_q(path)}")
+def from_bytes(data: bytes) -> str:
+    """The study path whose bytes are ``data`` (any bytes: never fails)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+if os.name == "nt":
+
+    def from_os_name(name: str) -> str:
+        """A name as Windows lists it (or a command-line argument: UTF-16, unpaired surrogates
+        included) in its WTF-8 form: UTF-8, with an unpaired surrogate encoded as if it were a
+        character (3 bytes)."""
+        return name if name.isascii() else from_bytes(name.encode("utf-8", "surrogatepass"))
+
+else:
+
+    def from_os_name(name: str) -> str:
+        """A name as this system lists it (or a command-line argument): its bytes, exactly,
+        whatever the locale."""
+        return name if name.isascii() else from_bytes(os.fsencode(name))
 
 
 def check(path: object) -> str:
-    """Return ``path`` if it is a valid study path, else raise BadPath naming the rule."""
+    """Return ``path`` if it is a valid study path (a str as ``from_bytes`` makes), else raise
+    BadPath naming the rule."""
     if not isinstance(path, str):
         raise BadPath(f"path is not a string: {_q(path)}")
     if not path:
         raise BadPath("empty path")
     if path[0] == "/":
         raise BadPath(f"absolute path: {_q(path)}")
-    _check_chars(path, path)
-    try:
-        encoded = path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadPath(f"path is not valid Unicode: {_q(path)}") from None
-    if len(encoded) > fmt.PATH_MAX_BYTES:
+    if "\x00" in path:
+        raise BadPath(f"path contains NUL: {_q(path)}")
+    if path.isascii():
+        size = len(path)
+    else:
+        try:
+            size = len(to_bytes(path))
+        except UnicodeEncodeError:
+            raise BadPath(f"path is not made of bytes: {_q(path)}") from None
+    if size > fmt.PATH_MAX_BYTES:
         raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {_q(path[:80])}...")
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise BadPath(f"path has an empty, '.' or '..' component: {_q(path)}")
-        if len(part) * 4 > fmt.NAME_MAX_BYTES and len(part.encode("utf-8")) > fmt.NAME_MAX_BYTES:
-            raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {part[:80]!r}...")
-    if not path.isascii() and not unicodedata.is_normalized("NFC", path):
-        raise BadPath(f"path is not in Unicode NFC: {_q(path)}")
+        if len(part) > fmt.NAME_MAX_BYTES // 4 and len(to_bytes(part)) > fmt.NAME_MAX_BYTES:
+            raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {_q(part[:80])}...")
     return path
 
 
-def check_name(name: str, path: str) -> None:
-    """Check one component ``name`` of ``path``, whose folder was checked already (a scan checks
-    each name once, as it meets it, instead of every path from its root). Same rules and
-    messages as ``check``."""
-    if name in ("", ".", ".."):
-        raise BadPath(f"path has an empty, '.' or '..' component: {_q(path)}")
-    _check_chars(name, path)
-    if name.isascii():
-        size = len(name)
-    else:
-        try:
-            size = len(name.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise BadPath(f"path is not valid Unicode: {_q(path)}") from None
-        if not unicodedata.is_normalized("NFC", name):
-            raise BadPath(f"path is not in Unicode NFC: {_q(path)}")
-    if size > fmt.NAME_MAX_BYTES:
-        raise BadPath(f"path component longer than {fmt.NAME_MAX_BYTES} bytes: {name[:80]!r}...")
-    if len(path) * 4 > fmt.PATH_MAX_BYTES and len(path.encode("utf-8", "surrogatepass")) > fmt.PATH_MAX_BYTES:
-        raise BadPath(f"path longer than {fmt.PATH_MAX_BYTES} bytes: {_q(path[:80])}...")
-
-
 def check_tree(paths: list[str]) -> None:
-    """No duplicates, and no path that is also a folder of another (a file cannot be both)."""
+    """No duplicates, and no path that is also a folder of another (a file cannot be both).
+
+    Sorted with ``/`` as the lowest character, a path's descendants come right after it, so
+    only neighbours are compared: the cost follows the paths' bytes, not their depth."""
     seen: set[str] = set()
     for p in paths:
         if p in seen:
             raise BadPath(f"duplicate path: {_q(p)}")
         seen.add(p)
-    for p in paths:
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            prefix = "/".join(parts[:i])
-            if prefix in seen:
-                raise BadPath(f"path {_q(prefix)} is a file and also a folder of {_q(p)}")
-
-
-def normalize(rel_os_path: str, sep: str) -> str:
-    """A relative OS path (client side) to a study path: POSIX separators, NFC."""
-    posix = rel_os_path.replace(sep, "/") if sep != "/" else rel_os_path
-    return unicodedata.normalize("NFC", posix)
+    ordered = sorted(paths, key=lambda p: p.replace("/", "\x00"))
+    for p, nxt in zip(ordered, ordered[1:]):
+        if nxt.startswith(p) and nxt[len(p) : len(p) + 1] == "/":
+            raise BadPath(f"path {_q(p)} is a file and also a folder of {_q(nxt)}")
 
 
 def as_typed(path: str) -> str:
-    """A path as a study runner types it (``cat``, ``versions``) to the study path it names:
-    NFC (a shell on macOS may hand over NFD), no leading, trailing or doubled ``/``, no ``.``
-    parts. ``..`` is left alone: it names nothing in a study."""
-    parts = [p for p in unicodedata.normalize("NFC", path).split("/") if p not in ("", ".")]
+    """A path as someone typed it (``cat``, ``versions``) to the study path it names: its bytes
+    as given (a raw argument), no leading, trailing or doubled ``/``, no ``.`` parts. ``..`` is
+    left alone: it names nothing in a study."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
     return "/".join(parts)
+

@@ -58,7 +58,7 @@ def test_a_path_is_taken_as_stored_or_as_printed_and_after_dashdash(server, sync
         res = run("cat", "--store", server.root, "--study", server.study, typed)
         assert res.exit_code == 0 and res.stdout_bytes == b"odd\n", (typed, res.output)
         res = run("versions", "--store", server.root, "--study", server.study, typed, "--json")
-        assert res.exit_code == 0 and '"path": "report\u202etxt.exe"' in res.stdout, res.output
+        assert res.exit_code == 0 and '"path": "report\\u202etxt.exe"' in res.stdout, res.output
     res = run("cat", "--store", server.root, "--study", server.study, "--", "-dash.txt")
     assert res.exit_code == 0 and res.stdout_bytes == b"dash\n", res.output
     res = run("cat", "--store", server.root, "--study", server.study, "no\u202eth")

@@ -574,7 +574,7 @@ def _largest_submission(folder: Path, study: str) -> None:
         data = b"%08d" % i
         cid = digest(data)
         chunk_list.append((cid, data))
-        entries.append({"path": f"{stem}/f{i:07d}.edf", "size": len(data), "mtime_ns": i, "mode": 0o644,
+        entries.append({"path": f"{stem}/f{i:07d}.edf".encode(), "size": len(data), "mtime_ns": i, "mode": 0o644,
                         "hash": cid, "chunks": [[cid, len(data)]]})
     doc = {"format": fmt.FORMAT_VERSION, "kind": fmt.MANIFEST_KIND, "study": study, "site": "lab",
            "user": "ra", "host": "pc", "created_ns": 0, "entries": entries}
@@ -583,7 +583,7 @@ def _largest_submission(folder: Path, study: str) -> None:
     if pad > 0:
         stem += "y" * pad
         for i, e in enumerate(entries):
-            e["path"] = f"{stem}/f{i:07d}.edf"
+            e["path"] = f"{stem}/f{i:07d}.edf".encode()
         data = codec.pack(doc)
     assert len(data) <= fmt.MANIFEST_MAX_SIZE and len(data) > fmt.MANIFEST_MAX_SIZE * 0.99
     folder.mkdir()

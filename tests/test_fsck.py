@@ -462,7 +462,7 @@ def _damage_index(root: Path, how: str) -> None:
         flip_bit(ip, 0, 1)
     elif how == "disagreeing":
         db = sqlite3.connect(ip)
-        db.execute("DELETE FROM versions WHERE path='a.txt' AND n=2")
+        db.execute("DELETE FROM versions WHERE path=CAST('a.txt' AS BLOB) AND n=2")
         db.execute("UPDATE submissions SET site='forged' WHERE seq=1")
         db.commit()
         db.close()
@@ -496,7 +496,7 @@ def test_damaged_index_is_repaired_by_fsck(base: Base, tmp_path: Path, how: str)
 
 _TAMPER = {
     "none": [],
-    "row-deleted": ["DELETE FROM versions WHERE path='a.txt' AND n=2"],
+    "row-deleted": ["DELETE FROM versions WHERE path=CAST('a.txt' AS BLOB) AND n=2"],
     "value-changed": ["UPDATE submissions SET site='forged' WHERE seq=1"],
     "type-changed": ["UPDATE entries SET n='two' WHERE n=2"],
     "row-added": ["INSERT INTO studies VALUES ('other', 1)"],

@@ -197,8 +197,8 @@ def test_a_count_larger_than_the_bytes_is_not_msgpack(monkeypatch: pytest.Monkey
     monkeypatch.setattr(fmt, "MANIFEST_MAX_ENTRIES", 3)
     with pytest.raises(FormatError, match="too many entries"):  # the count decides, before the rest is read
         mf.decode(_header(4) + b"\xc0" * 4)
-    with pytest.raises(FormatError, match="format version 2 is not supported"):
-        mf.decode(_header(4, format=2) + b"\xc0" * 4)
+    with pytest.raises(FormatError, match="format version 3 is not supported"):
+        mf.decode(_header(4, format=3) + b"\xc0" * 4)
 
 
 # -- the streaming decoder says what the whole-entry decoder says -----------------------------
@@ -393,7 +393,7 @@ def test_the_byte_limit_splits_too_and_a_file_too_large_is_a_warning(
     res = server.run(*server.sync_args(src, site="lab"))
     assert res.exit_code == 0, res.output
     big = "sub-00/physio/big.bin"
-    assert re.search(rf"warning: {re.escape(big)}: too large to send \(\d+ chunks", res.stderr), res.stderr
+    assert re.search(rf"warning: '{re.escape(big)}': too large to send \(\d+ chunks", res.stderr), res.stderr
     assert "skipped: 1 too large for one submission" in res.stdout, res.stdout
     assert re.search(r"9 new, 0 changed, 0 unchanged files; .* 9 submissions, ", res.stdout), res.stdout
     server.ingest()

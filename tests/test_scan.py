@@ -123,12 +123,16 @@ def test_a_failing_scan_leaves_no_thread_behind(tmp_path: Path,
     monkeypatch.setattr(scan_mod, "CACHED_NS", 0)  # the prefetch would list everything
     calls = 0
 
-    def check_name(name: str, rpath: str) -> None:
+    real_scandir = os.scandir
+
+    def scandir(path):
         nonlocal calls
-        calls += 1
-        if calls == 50:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the scan
-    monkeypatch.setattr(scan_mod.paths, "check_name", check_name)
+        if threading.current_thread() is threading.main_thread():  # the walk, not the prefetch
+            calls += 1
+            if calls == 50:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the scan
+        return real_scandir(path)
+    monkeypatch.setattr(scan_mod.os, "scandir", scandir)
     with pytest.raises(KeyboardInterrupt):
         scanned(tmp_path / "src")
     assert scan_threads() == []
@@ -166,4 +170,4 @@ def test_a_folder_that_cannot_be_listed_is_counted_once_and_the_rest_scanned() -
     files, unreadable, problems = json.loads(out)
     assert [tuple(f) for f in files] == expected
     assert unreadable == 1
-    assert problems == ["d0000/d0003: cannot list (Permission denied)"]
+    assert problems == ["'d0000/d0003': cannot list (Permission denied)"]

@@ -6,12 +6,14 @@ import os
 
 import click
 
+from dittohead import paths
 from dittohead.cli.base import progress_enabled
 from dittohead.client.cache import StateCache, state_dir
 from dittohead.client.scan import ScanOptions
 from dittohead.client.sync import NoProgress, Progress, SyncOptions
 from dittohead.client.sync import sync as run_sync
 from dittohead.client.transport import open_transport
+from dittohead.display import escape
 from dittohead.errors import LockedError, UsageError
 from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
@@ -73,7 +75,7 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
     opts = SyncOptions(
         source=os.path.abspath(source), study=study,
         site=(site if site is not None else _hostname()).strip() or "unknown",
-        scan=ScanOptions(tuple(include), tuple(exclude), min_age), dry_run=dry_run,
+        scan=ScanOptions(tuple(map(paths.from_os_name, include)), tuple(map(paths.from_os_name, exclude)), min_age), dry_run=dry_run,
     )
     if any(ord(c) < 32 for c in opts.site) or len(opts.site) > 256:
         raise UsageError("--site: at most 256 printable characters")
@@ -103,7 +105,7 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
         click.echo(f"warning: ... and {len(summary.counts.problems) - 20} more", err=True)
     if dry_run:
         for path in summary.would_send[:50]:
-            click.echo(f"would send: {path}")
+            click.echo(f"would send: {escape(path)}")
         if len(summary.would_send) > 50:
             click.echo(f"would send: ... and {len(summary.would_send) - 50} more")
     click.echo(summary.line())

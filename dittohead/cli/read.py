@@ -10,6 +10,7 @@ from dittohead import paths
 from dittohead.cli.base import (
     echo_export_problems,
     json_option,
+    json_path,
     open_store,
     print_json,
     progress_enabled,
@@ -31,14 +32,15 @@ def _open(store: str, study: str) -> Store:
 
 
 def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
-    """The study path a command-line PATH names, and its versions: the path as typed, or, if no
-    file has that name, the escaped form that dittohead prints (``display.escape``), undone."""
-    sp = paths.as_typed(typed)
+    """The study path a command-line PATH names, and its versions: the path as typed (its bytes,
+    exactly), or, if no file has that name, the escaped form that dittohead prints
+    (``display.escape``), undone."""
+    sp = paths.as_typed(paths.from_os_name(typed))
     vs = st.index.versions(study, sp)
     if not vs and "\\" in typed:
         try:
-            unescaped = paths.as_typed(unescape(typed).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            unescaped = paths.as_typed(paths.from_bytes(unescape(typed)))
+        except ValueError:
             unescaped = None
         if unescaped:
             sp, vs = unescaped, st.index.versions(study, unescaped)
@@ -86,7 +88,7 @@ def versions(store: str, study: str, path: str, as_json: bool) -> None:
     st = _open(store, study)
     sp, vs = _versions_of(st, study, path)
     if as_json:
-        print_json({"study": study, "path": sp, "versions": [
+        print_json({"study": study, **json_path(sp), "versions": [
             {"version": v.n, "seq": v.seq, "ingested_ns": v.ingested_ns, "ingested": utc_iso(v.ingested_ns),
              "site": v.site, "size": v.size, "hash": v.hash.hex(), "mtime_ns": v.mtime_ns, "mode": v.mode}
             for v in vs]})
@@ -119,7 +121,7 @@ def cat(store: str, study: str, path: str, version: int | None) -> None:
             out.write(data)
     except IntegrityError as e:  # what was written is verified; the rest is never served
         out.flush()
-        raise IntegrityError(f"{study}:{v.path} v{v.n}: {e} (run 'dittohead fsck --read-data')") from None
+        raise IntegrityError(f"{study}:{escape(v.path)} v{v.n}: {e} (run 'dittohead fsck --read-data')") from None
     out.flush()
 
 

@@ -4,7 +4,8 @@ It remembers what each file looked like when last read (size, mtime_ns, ctime_ns
 chunks), what this client has told the server (per path, the content hash and the submission),
 the submissions it made and their state, the have-segments it has read, and the packs already
 complete in an unfinished staging folder. Losing it costs time, never correctness: the server
-checks everything and never makes a version twice.
+checks everything and never makes a version twice. Paths are kept as BLOBs of their exact bytes
+(``dittohead.paths``); a cache from before (paths as text, dittohead 0.2) is converted on open.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import sqlite3
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from dittohead.paths import from_bytes, to_bytes
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
-    dest TEXT, study TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER,
+    dest TEXT, study TEXT, path BLOB, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER,
     hash BLOB, chunks BLOB, PRIMARY KEY (dest, study, path)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subs (
     dest TEXT, study TEXT, name TEXT, state TEXT, created_ns INTEGER, local_seq INTEGER,
     PRIMARY KEY (dest, study, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sent (
-    dest TEXT, study TEXT, path TEXT, submission TEXT, hash BLOB,
+    dest TEXT, study TEXT, path BLOB, submission TEXT, hash BLOB,
     PRIMARY KEY (dest, study, path, submission)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged (
     dest TEXT, study TEXT, submission TEXT, pack TEXT, size INTEGER, ids BLOB,
@@ -32,6 +35,8 @@ CREATE TABLE IF NOT EXISTS have_segments (
 CREATE TABLE IF NOT EXISTS have (
     dest TEXT, study TEXT, id BLOB, PRIMARY KEY (dest, study, id)) WITHOUT ROWID;
 """
+
+PATHS_AS_BYTES = 1  # PRAGMA user_version from which paths are BLOBs
 
 # Submission states, in the order they move.
 STAGING = "staging"  # a .NAME folder on the server is being filled
@@ -67,6 +72,11 @@ class StateCache:
         if cols and "ctime_ns" not in cols:  # a cache from before ctime was kept: re-read files once
             self.db.execute("DROP TABLE files")
         self.db.executescript(SCHEMA)
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < PATHS_AS_BYTES:
+            with self.transaction():  # text paths were UTF-8: their bytes are the same path
+                for table in ("files", "sent"):
+                    self.db.execute(f"UPDATE {table} SET path = CAST(path AS BLOB) WHERE typeof(path) = 'text'")
+                self.db.execute(f"PRAGMA user_version = {PATHS_AS_BYTES}")
         self.key = (dest, study)
 
     def close(self) -> None:
@@ -78,27 +88,27 @@ class StateCache:
     # -- files as last read
     def load_files(self) -> dict[str, CachedFile]:
         make = CachedFile._make
-        return {r[0]: make(r[1:]) for r in self.db.execute(
+        return {from_bytes(r[0]): make(r[1:]) for r in self.db.execute(
             "SELECT path, size, mtime_ns, ctime_ns, ino, hash, chunks FROM files WHERE dest=? AND study=?",
             self.key)}
 
     def put_files(self, rows: list[tuple[str, CachedFile]]) -> None:
         with self.transaction():
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                ((*self.key, p, f.size, f.mtime_ns, f.ctime_ns, f.ino, f.hash, f.chunks)
+                                ((*self.key, to_bytes(p), f.size, f.mtime_ns, f.ctime_ns, f.ino, f.hash, f.chunks)
                                  for p, f in rows))
 
     # -- what the server was told
     def last_sent(self) -> dict[str, bytes]:
         """path -> hash of the content most recently sent in a submission not known lost."""
-        return dict(self.db.execute(  # in order: a later submission's hash wins
+        return {from_bytes(p): h for p, h in self.db.execute(  # in order: a later submission's hash wins
             "SELECT t.path, t.hash FROM sent t JOIN subs s ON s.dest=t.dest AND s.study=t.study "
             "AND s.name=t.submission WHERE t.dest=? AND t.study=? AND s.state IN (?, ?, ?) "
-            "ORDER BY s.local_seq", (*self.key, COMMITTING, PENDING, INGESTED)))
+            "ORDER BY s.local_seq", (*self.key, COMMITTING, PENDING, INGESTED))}
 
     def record_sent(self, submission: str, rows: Iterable[tuple[str, bytes]]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?)",
-                            ((*self.key, p, submission, h) for p, h in rows))
+                            ((*self.key, to_bytes(p), submission, h) for p, h in rows))
 
     def forget_sent(self, submission: str) -> None:
         self.db.execute("DELETE FROM sent WHERE dest=? AND study=? AND submission=?", (*self.key, submission))

@@ -1,6 +1,8 @@
 """Scanning a source folder: which files to consider, never following links.
 
 Symlinks, FIFOs, sockets and devices are never followed or read: they are counted as skipped.
+Every regular file is kept under its own name, whatever its bytes (``paths.from_os_name``): a
+file is left out only if it cannot be read, never for its name.
 Globs match the path relative to SOURCE in POSIX form; a pattern without "/" also matches the
 file's name alone (so ``--exclude '*.tmp'`` works at any depth). ``**`` matches across folders.
 """
@@ -18,6 +20,7 @@ from queue import SimpleQueue
 from time import perf_counter_ns
 from typing import NamedTuple
 
+from dittohead import format as fmt
 from dittohead import paths
 from dittohead.display import escape
 
@@ -41,7 +44,7 @@ class ScanCounts:
 
 
 class SourceFile(NamedTuple):
-    path: str  # study path: relative, POSIX, NFC
+    path: str  # study path: relative, "/"-separated, the name bytes as the filesystem gave them
     os_path: str
     size: int
     mtime_ns: int
@@ -179,8 +182,8 @@ class Scanner:
     def files(self, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
         """Every selected regular file, in a stable order (sorted by name, depth first).
 
-        Each name is checked once, as it is met (its folder's path was checked already), and
-        an ASCII name skips normalisation. Files modified after ``now_ns - min_age`` are left.
+        Names are taken as the filesystem gives them (an ASCII name as it is). Files modified
+        after ``now_ns - min_age`` are left.
         """
         try:
             return _walk(self.source, self.opts, counts, now_ns)
@@ -190,7 +193,7 @@ class Scanner:
 
 def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> list[SourceFile]:
     out: list[SourceFile] = []
-    seen: set[str] = set()
+    near_limit = (fmt.NAME_MAX_BYTES // 4, fmt.PATH_MAX_BYTES // 4)  # shorter is within the limits
     min_age_ns = int(opts.min_age * 1e9)
     filtered = bool(opts.include or opts.exclude)
     S_IFMT, S_IFREG, S_IFDIR, S_IFLNK = stat.S_IFMT, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
@@ -203,7 +206,7 @@ def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> li
                 listing = sorted(it, key=lambda e: e.name)
         except OSError as e:
             counts.unreadable += 1
-            counts.problems.append(f"{rel or '.'}: cannot list ({e.strerror})")
+            counts.problems.append(f"'{escape(rel or '.')}': cannot list ({e.strerror})")
             return
         stack.append((rel, iter(listing)))
 
@@ -216,25 +219,26 @@ def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> li
             continue
         item = nxt
         name = item.name
-        if not name.isascii() or os.sep != "/":
-            name = paths.normalize(name, os.sep)
+        if not name.isascii():
+            name = paths.from_os_name(name)
         rpath = f"{rel}/{name}" if rel else name
         try:
             st = item.stat(follow_symlinks=False)
         except OSError as err:
             counts.unreadable += 1
-            counts.problems.append(f"{rpath}: cannot stat ({err.strerror})")
+            counts.problems.append(f"'{escape(rpath)}': cannot stat ({err.strerror})")
             continue
         fmt_ = S_IFMT(st.st_mode)
         if fmt_ == S_IFLNK or (is_junction is not None and is_junction(item)):
             counts.symlinks += 1
             continue
-        try:
-            paths.check_name(name, rpath)
-        except paths.BadPath as err:
-            counts.bad_names += 1
-            counts.problems.append(f"'{escape(rpath)}': skipped, {err}")
-            continue
+        if len(name) > near_limit[0] or len(rpath) > near_limit[1]:
+            try:  # no filesystem gives a name or path longer than the limits, but if one did
+                paths.check(rpath)
+            except paths.BadPath as err:
+                counts.bad_names += 1
+                counts.problems.append(f"'{escape(rpath)}': skipped, {err}")
+                continue
         if fmt_ == S_IFDIR:
             enter(rpath, item.path)
             continue
@@ -244,11 +248,6 @@ def _walk(source: str, opts: ScanOptions, counts: ScanCounts, now_ns: int) -> li
         if filtered and not selected(rpath, opts):
             counts.excluded += 1
             continue
-        if rpath in seen:
-            counts.bad_names += 1
-            counts.problems.append(f"'{escape(rpath)}': skipped, two names normalise to the same path")
-            continue
-        seen.add(rpath)
         if min_age_ns and now_ns - st.st_mtime_ns < min_age_ns:
             counts.too_new += 1
             continue

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from dittohead import format as fmt
-from dittohead import records
+from dittohead import paths, records
 from dittohead.client import cache as cc
 from dittohead.client.scan import ScanCounts, Scanner, ScanOptions, SourceFile
 from dittohead.client.transport import GONE, IN_STAGING, Transport
+from dittohead.display import escape
 from dittohead.errors import FormatError, UsageError
 from dittohead.units import human_bytes, plural
 
@@ -288,7 +289,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
             got = read(sf, chunker, parts.offer, advance, prefetched)
         except OSError as e:
             summary.counts.unreadable += 1
-            summary.counts.problems.append(f"{sf.path}: cannot read ({e.strerror})")
+            summary.counts.problems.append(f"'{escape(sf.path)}': cannot read ({e.strerror})")
             return None
         if got is None:
             summary.changing += 1
@@ -341,7 +342,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
             if why_not == TOO_LARGE:
                 summary.too_large += 1
                 summary.counts.problems.append(
-                    f"{sf.path}: too large to send ({plural(len(chunks), 'chunk')}; a submission's "
+                    f"'{escape(sf.path)}': too large to send ({plural(len(chunks), 'chunk')}; a submission's "
                     f"manifest holds about {parts.max_chunks():,} at most)")
                 continue
             if why_not is not None:
@@ -418,7 +419,7 @@ class _Parts:
         return max(0, room // self.mf.CHUNK_REF_MAX)
 
     def _cost(self, path: str, nchunks: int) -> int:
-        return self.mf.entry_size_max(len(path.encode("utf-8", "surrogatepass")), nchunks)
+        return self.mf.entry_size_max(len(path) if path.isascii() else len(paths.to_bytes(path)), nchunks)
 
     def make_room(self, path: str, nchunks: int) -> None:
         """Begin the next submission, unless this one has room for an entry of ``path`` with up

@@ -158,6 +158,7 @@ class Checker:
         self.made: list[tuple[str, str, int, Sequence[mf.ChunkRef]]] = []
         self._refs: dict[bytes, list[Affected]] | None = None
         self.data_jobs: list[DataJob] = []
+        self.index_outdated = False  # the live index is of an earlier schema (rebuilt, not a finding)
         self._pool: ProcessPoolExecutor | None = None
         self.sound_packs: set[bytes] = set()
         self.damaged_packs: set[bytes] = set()
@@ -403,7 +404,11 @@ class Checker:
         """Which tables of the live index disagree with the fresh one ([] if none)."""
         path = self.store.root.index_path
         try:
-            Index(path).close()  # opened as any command opens it (a missing table is made, empty)
+            live = Index(path)  # opened as any command opens it (a missing table is made, empty)
+            self.index_outdated = not live.schema_ok
+            live.close()
+            if self.index_outdated:  # an earlier dittohead's: rebuilt as any command would, no finding
+                return []
             return self.fresh.differs_from(path)
         except sqlite3.DatabaseError:  # a damaged SQLite file: rebuild it
             return sorted([*DERIVED_TABLES, "error"])
@@ -418,7 +423,9 @@ class Checker:
             yield Finding(WARNING, "index", "index.sqlite", "not compared or rebuilt while packs are damaged")
             return
         assert differs is not None  # compared: no pack was damaged before the data check either
-        if differs:
+        if self.index_outdated:
+            self.store.rebuild_index()
+        elif differs:
             self.store.rebuild_index()
             yield Finding(REPAIRED, "index", "index.sqlite",
                           f"disagreed with the store ({', '.join(differs)}); rebuilt from packs, manifests and logs")

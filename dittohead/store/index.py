@@ -4,7 +4,8 @@ It answers what the store's files cannot answer quickly: where a chunk lives, wh
 study holds, and every path's history (path -> versions, kept as ingest goes: invariant 9). It
 can always be rebuilt from the store (``Store.rebuild_index``), and fsck compares the two.
 A submission is applied in one SQLite transaction, together with the study's ``last_seq``, so the
-index is always exactly "the log up to last_seq".
+index is always exactly "the log up to last_seq". Paths are kept as BLOBs of their exact bytes
+(``paths.to_bytes``); every method takes and gives study paths as ``str`` (``dittohead.paths``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 
 from dittohead.chunking import pack_chunk_list
 from dittohead.manifest import Manifest
+from dittohead.paths import from_bytes, to_bytes
 from dittohead.studylog import LogRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: paths as BLOBs (format version 2's exact name bytes)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -36,13 +38,13 @@ CREATE TABLE IF NOT EXISTS submissions (
     PRIMARY KEY (study, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS versions (
-    study TEXT NOT NULL, path TEXT NOT NULL, n INTEGER NOT NULL, seq INTEGER NOT NULL,
+    study TEXT NOT NULL, path BLOB NOT NULL, n INTEGER NOT NULL, seq INTEGER NOT NULL,
     hash BLOB NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
     chunks BLOB NOT NULL,
     PRIMARY KEY (study, path, n)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entries (
-    study TEXT NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL, n INTEGER NOT NULL,
+    study TEXT NOT NULL, seq INTEGER NOT NULL, path BLOB NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (study, seq, path)
 ) WITHOUT ROWID;
 """
@@ -94,6 +96,10 @@ _VERSION_COLS = (
     "v.study, v.path, v.n, v.seq, v.hash, v.size, v.mtime_ns, v.mode, v.chunks, s.ingested_ns, s.site"
 )
 _VERSION_FROM = "versions v JOIN submissions s ON s.study = v.study AND s.seq = v.seq"
+
+
+def _version(row: tuple) -> Version:
+    return Version(row[0], from_bytes(row[1]), *row[2:])
 
 
 class Index:
@@ -153,8 +159,12 @@ class Index:
         return row[0] if row else 0
 
     def latest(self, study: str, path: str) -> tuple[int, bytes] | None:
+        """The latest version of ``path``: (n, hash)."""
+        return self._latest(study, to_bytes(path))
+
+    def _latest(self, study: str, key: bytes) -> tuple[int, bytes] | None:
         return self.db.execute(
-            "SELECT n, hash FROM versions WHERE study=? AND path=? ORDER BY n DESC LIMIT 1", (study, path)
+            "SELECT n, hash FROM versions WHERE study=? AND path=? ORDER BY n DESC LIMIT 1", (study, key)
         ).fetchone()
 
     def apply(self, study: str, rec: LogRecord, m: Manifest,
@@ -176,9 +186,9 @@ class Index:
             held_any = db.execute("SELECT 1 FROM study_chunks WHERE study=? LIMIT 1", (study,)).fetchone()
             versioned = db.execute("SELECT 1 FROM versions WHERE study=? LIMIT 1", (study,)).fetchone()
             met: set[bytes] = set()  # chunks of this submission looked at
-            made: dict[str, tuple[int, bytes]] = {}  # path -> the version this submission made of it
+            made: dict[bytes, tuple[int, bytes]] = {}  # path -> the version this submission made of it
             versions: list[tuple] = []
-            entries: list[tuple[str, int, str, int]] = []
+            entries: list[tuple[str, int, bytes, int]] = []
             new_chunks: list[bytes] = []
             new_chunk_bytes = 0
             total = 0
@@ -193,15 +203,16 @@ class Index:
                         continue
                     new_chunks.append(cid)
                     new_chunk_bytes += length
-                latest = made.get(e.path) or (self.latest(study, e.path) if versioned else None)
+                path = to_bytes(e.path)
+                latest = made.get(path) or (self._latest(study, path) if versioned else None)
                 if latest is not None and latest[1] == e.hash:
                     n = latest[0]
                 else:
                     n = 1 if latest is None else latest[0] + 1
-                    versions.append((study, e.path, n, rec.seq, e.hash, e.size, e.mtime_ns, e.mode,
+                    versions.append((study, path, n, rec.seq, e.hash, e.size, e.mtime_ns, e.mode,
                                      pack_chunk_list(e.chunks)))
-                    made[e.path] = (n, e.hash)
-                entries.append((study, rec.seq, e.path, n))
+                    made[path] = (n, e.hash)
+                entries.append((study, rec.seq, path, n))
             db.executemany("INSERT INTO study_chunks VALUES (?, ?, ?)", [(study, cid, rec.seq) for cid in new_chunks])
             db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", versions)
             db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)", entries)
@@ -225,7 +236,7 @@ class Index:
 
     def version_chunks(self, study: str, path: str, n: int) -> bytes | None:
         row = self.db.execute("SELECT chunks FROM versions WHERE study=? AND path=? AND n=?",
-                              (study, path, n)).fetchone()
+                              (study, to_bytes(path), n)).fetchone()
         return row[0] if row else None
 
     def studies(self) -> list[str]:
@@ -240,18 +251,22 @@ class Index:
         return Submission(*r) if r else None
 
     def versions(self, study: str, path: str) -> list[Version]:
-        return [Version(*r) for r in self.db.execute(
+        try:
+            key = to_bytes(path)
+        except UnicodeEncodeError:  # no path has such a name
+            return []
+        return [_version(r) for r in self.db.execute(
             f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? AND v.path=? ORDER BY v.n",
-            (study, path))]
+            (study, key))]
 
     def all_versions(self, study: str) -> list[Version]:
-        return [Version(*r) for r in self.db.execute(
+        return [_version(r) for r in self.db.execute(
             f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? ORDER BY v.path, v.n", (study,))]
 
     def entries(self, study: str) -> list[tuple[int, str, int]]:
         """(seq, path, n): which version each manifest entry of each submission resolved to."""
-        return list(self.db.execute(
-            "SELECT seq, path, n FROM entries WHERE study=? ORDER BY seq, path", (study,)))
+        return [(seq, from_bytes(path), n) for seq, path, n in self.db.execute(
+            "SELECT seq, path, n FROM entries WHERE study=? ORDER BY seq, path", (study,))]
 
     def dump(self) -> dict[str, list[tuple]]:
         """Every derived row, for comparing this index with a rebuilt one."""
