@@ -9,6 +9,8 @@ becomes ``\\xNN``, and a character that is not printable becomes ``\\uNNNN`` (or
 
 from __future__ import annotations
 
+import re
+
 
 def _char(c: str) -> str:
     o = ord(c)
@@ -55,3 +57,35 @@ def unescape(text: str) -> bytes:
             out += chr(int(digits, 16)).encode("utf-8", "surrogatepass")
         i += 2 + width
     return bytes(out)
+
+
+# -- names a destination refuses (an export to an SMB share, a FAT disk) -------------------------
+
+_PORTABLE = re.compile(r"[A-Za-z0-9 !#$&'()+,\-.;=@\[\]^_`{}~]+")
+_PORTABLE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 !#$&'()+,-.;=@[]^_`{}~")
+_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))})
+PORTABLE_NAME_MAX = 255
+
+
+def portable_name(name: str) -> str:
+    """``name`` (a study name: str, surrogateescape'd bytes) as a name that Windows, an SMB share
+    and a FAT disk all hold: ASCII; every byte outside letters, digits and `` !#$&'()+,-.;=@[]^_`{}~``
+    becomes ``%XX`` (``%`` too); a trailing ``.`` or space becomes ``%2E`` or ``%20``; a device
+    name (``CON``, ``NUL``, ``COM1``, ``LPT1``..., with or without an extension) has its first
+    letter escaped; a result over 255 bytes is cut and ends in ``~`` and 16 hex digits of its
+    BLAKE3. A name that needs none of this is returned as it is (docs/view.md, "Names a
+    destination refuses")."""
+    if _PORTABLE.fullmatch(name) and name[-1] not in ". " and name.split(".", 1)[0].rstrip(" ").upper() not in _DEVICES \
+            and len(name) <= PORTABLE_NAME_MAX:
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    out = "".join(chr(b) if b in _PORTABLE_BYTES else f"%{b:02X}" for b in raw)
+    if out[-1] in ". ":
+        out = out[:-1] + f"%{ord(out[-1]):02X}"
+    if out.split(".", 1)[0].rstrip(" ").upper() in _DEVICES:
+        out = f"%{ord(out[0]):02X}" + out[1:]
+    if len(out) > PORTABLE_NAME_MAX:
+        from dittohead.hashing import blake3
+
+        out = out[: PORTABLE_NAME_MAX - 17] + "~" + blake3(raw).hexdigest()[:16]
+    return out
