@@ -18,6 +18,11 @@ two versions and one unchanged in the second submission. File mtimes, user and h
 the store id, the submission names and the ingest times are whatever they were when it was made.
 golden-v1.json lists every (path, version) with its size and SHA-256 (an independent hash: not
 the format's BLAKE3), the submissions as ``log`` showed them, and fsck's counts.
+
+golden-v1 was made by dittohead 0.1.0, which wrote format 1. A later dittohead writes a later
+format, so this script refuses to run under it (it would make a store of that format and call
+it golden-v1): it stays as the record of how golden-v1 was made. tests/make_golden_v2.py makes
+golden-v2, and shares this script's helpers.
 """
 
 from __future__ import annotations
@@ -154,8 +159,13 @@ def build(work: Path) -> tuple[Path, dict]:
     }
     assert any(v["chunks"] >= 2 for v in versions), "one file must have several chunks"
 
-    # The in-process CLI leaves SQLite connections to the garbage collector: close them, then
-    # fold the index's WAL into the file so that the tarball holds one self-contained index.
+    seal_index(root)
+    return root, doc
+
+
+def seal_index(root: Path) -> None:
+    """The in-process CLI leaves SQLite connections to the garbage collector: close them, then
+    fold the index's WAL into the file so that the tarball holds one self-contained index."""
     gc.collect()
     db = sqlite3.connect(root / "store" / "index.sqlite")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -163,18 +173,19 @@ def build(work: Path) -> tuple[Path, dict]:
     db.close()
     for suffix in ("-wal", "-shm"):
         Path(str(root / "store" / "index.sqlite") + suffix).unlink(missing_ok=True)
-    return root, doc
 
 
-def tarball(root: Path) -> bytes:
-    """A reproducible tar.gz of the server root: sorted, fixed owners and times, modes kept."""
+def tarball(root: Path, top: str = TOP) -> bytes:
+    """A reproducible tar.gz of the server root (as folder ``top``): sorted, fixed owners and
+    times, modes kept; PAX, names in UTF-8 (a name that is not would be kept as its bytes)."""
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT,
+                         encoding="utf-8", errors="surrogateescape") as tar:
         for p in [root, *sorted(root.rglob("*"))]:
             if p.name == "lock" and p.parent.name == "store":
                 continue  # the ingest lock: bookkeeping, not data
-            info = tar.gettarinfo(str(p), arcname=str(Path(TOP) / p.relative_to(root)))
+            info = tar.gettarinfo(str(p), arcname=str(Path(top) / p.relative_to(root)))
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             info.mtime = MTIME_NS // 10**9
@@ -191,6 +202,10 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="overwrite an existing golden store (read the warning)")
     ap.add_argument("--out", type=Path, default=DATA, help="where to write (default tests/data)")
     args = ap.parse_args()
+    if fmt.FORMAT_VERSION != 1:
+        print(f"this dittohead writes format {fmt.FORMAT_VERSION}, not 1: it cannot make golden-v1 "
+              f"(see the top of {Path(__file__).name})", file=sys.stderr)
+        return 1
     out_tar, out_json = args.out / TARBALL.name, args.out / INDEX_JSON.name
     if (out_tar.exists() or out_json.exists()) and not args.force:
         print(f"{out_tar} exists. The golden store is not regenerated casually: see the top of "
