@@ -14,20 +14,27 @@ never following a symlink. What the export writes is inside DEST by construction
 check made before the write. Only DEST itself, the path the admin gave, is resolved as usual. A
 symlink anywhere inside it (a folder or a file) is left alone and reported like any other entry
 in the way, and what would have gone beneath it is left out.
+
+Every name is written as its exact bytes. Where DEST refuses a name (an SMB share or a FAT disk:
+a ':', a trailing dot, ``CON``; any filesystem: a name too long), that one name is written as
+``display.portable_name`` gives it, and listed in ``DEST/escaped-names.tsv`` (``_Escapes``).
 The layout is documented in docs/view.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dittohead import fsutil
-from dittohead.errors import DittoheadError, IntegrityError
+from dittohead import fsutil, paths
+from dittohead.display import escape, portable_name, unescape
+from dittohead.errors import DittoheadError, IntegrityError, NotFound
 from dittohead.store.index import Version
 from dittohead.store.repo import Store
 from dittohead.view import (
@@ -54,6 +61,12 @@ _NOT_A_FOLDER = (errno.ENOTDIR, errno.ELOOP, errno.EMLINK)
 # A folder below DEST that the exporting account may not open or write in: someone else's, in a
 # shared destination. In the way, like a file there; never a reason to stop the whole export.
 _NOT_OURS = (errno.EACCES, errno.EPERM)
+# What making a name gives where DEST will not hold that name: made again as portable_name's.
+_REFUSED = (*fsutil.REFUSED_NAME, *_NOT_OURS)
+NAMES_FILE = "escaped-names.tsv"
+NAMES_HEADER = ("# dittohead export: names this destination refused, written escaped instead (docs/view.md).\n"
+                "# One line each: the path as written<TAB>the path in the view; both relative to this folder,\n"
+                "# in dittohead's escape (a backslash doubled, \\xNN a byte, \\uNNNN a character).\n")
 
 Identity = tuple[int, int]  # (st_dev, st_ino): one file on disk, whatever its names
 
@@ -67,6 +80,7 @@ class ExportSummary:
     unchanged: int = 0
     conflicts: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # "PATH vN: why", versions not exported
+    escaped_new: int = 0  # names DEST refused, written escaped and listed in NAMES_FILE by this export
 
     def line(self, dest: str) -> str:
         from dittohead.units import human_bytes
@@ -79,6 +93,9 @@ class ExportSummary:
         if self.damaged:
             s += (f"; {len(self.damaged)} versions not exported: damaged in the store "
                   "(run 'dittohead fsck --read-data')")
+        if self.escaped_new:
+            s += (f"; {self.escaped_new} names this destination refuses written escaped "
+                  f"(listed in {os.path.join(dest, NAMES_FILE)})")
         return s
 
     def in_the_way(self, path: str) -> None:
@@ -91,6 +108,68 @@ def _identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino)
 
 
+def _lookup(dir_fd: int, name: str, alt: str | None = None) -> tuple[str, os.stat_result | None]:
+    """The entry in the open folder ``dir_fd`` under ``name``, or else under ``alt``: the name
+    it goes by, and its own attributes (``name`` and None if there is none)."""
+    for candidate in (name, alt) if alt else (name,):
+        try:
+            return candidate, os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in fsutil.REFUSED_NAME:  # a name DEST refuses is not there
+                raise
+    return name, None
+
+
+class _Escapes:
+    """The names DEST refused, and the escaped names written instead: DEST/NAMES_FILE, read as
+    the export begins, added to (and made durable) before an escaped file is linked into place.
+
+    An escaped name is looked for only where this list gives it to that very path: a study may
+    hold both ``a:b`` and ``a%3Ab``, and on a destination that holds ``a:b`` the file
+    ``a%3Ab`` is the other path's, never ``a:b``'s.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.known: dict[str, str] = {}  # view path -> path as written
+        self.added = 0
+        try:
+            fd = os.open(NAMES_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=root_fd)
+        except FileNotFoundError:
+            return
+        with os.fdopen(fd, encoding="utf-8", errors="replace", newline="\n") as f:
+            for line in f:
+                written, tab, view = line.rstrip("\n").partition("\t")
+                if line.startswith("#") or not tab:
+                    continue
+                try:
+                    self.known[paths.from_bytes(unescape(view))] = paths.from_bytes(unescape(written))
+                except ValueError:
+                    continue  # not a line the export wrote: ignored
+
+    def alt(self, view: str, written: str) -> str | None:
+        """The escaped name this list gives the view path ``view`` whose escaped path would be
+        ``written`` (its last name, if the list says so; None if not)."""
+        return written.rsplit("/", 1)[-1] if self.known.get(view) == written else None
+
+    def record(self, view: str, written: str) -> None:
+        """List ``view`` as written at ``written`` (once)."""
+        if self.known.get(view) == written:
+            return
+        fd = os.open(NAMES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644,
+                     dir_fd=self.root_fd)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            if not os.fstat(fd).st_size:
+                f.write(NAMES_HEADER)
+            f.write(f"{escape(written)}\t{escape(view)}\n")
+            f.flush()
+            os.fsync(fd)
+        self.known[view] = written
+        self.added += 1
+
+
 class _Folders:
     """Open descriptors of the folders on the path being walked below DEST, reused while the
     walk (in sorted order) stays below them: a stack for the current path prefix.
@@ -99,6 +178,8 @@ class _Folders:
     with O_NOFOLLOW relative to its parent (and making it first with ``create``). Where a
     component is not a folder (a symlink, a file), that component is reported once as in the
     way and None is returned, now and for everything below it. ``close`` closes them all.
+    ``parts`` are the view's names; a folder whose name DEST refused is made, and found, under
+    its ``portable_name`` (``disk`` holds the names as written; see ``_Escapes``).
 
     At most ``MAX_OPEN`` stay open: a valid path may have 2,000 components, more than a process
     may often hold descriptors (1,024). Deeper, the shallowest are closed, and opened again,
@@ -107,11 +188,15 @@ class _Folders:
 
     MAX_OPEN = 64
 
-    def __init__(self, root_fd: int, root: str, summary: ExportSummary) -> None:
+    def __init__(self, root_fd: int, root: str, summary: ExportSummary, escapes: _Escapes,
+                 in_view: Callable[[Sequence[str]], bool]) -> None:
         self.root_fd = root_fd
         self.root = root
         self.summary = summary
+        self.escapes = escapes
+        self.in_view = in_view  # whether the view holds an entry of these parts
         self.names: list[str] = []
+        self.disk: list[str] = []  # the same folders' names in DEST (escaped where it refused one)
         self.fds: list[int | None] = []  # None: closed to stay within MAX_OPEN
         self.blocked: set[tuple[str, ...]] = set()
 
@@ -127,13 +212,44 @@ class _Folders:
             parent = self._deepest()
             if parent is None:
                 return None
-            fd = self._open_one(parent, here, create)
-            if fd is None:
+            opened = self._open_one(parent, here, create)
+            if opened is None:
                 return None
             self.names.append(here[-1])
-            self.fds.append(fd)
+            self.disk.append(opened[1])
+            self.fds.append(opened[0])
             self._limit()
         return self._deepest()
+
+    def written(self, name: str) -> str:
+        """The path, relative to DEST, of ``name`` (as written) in the folder last opened."""
+        return "/".join((*self.disk, name))
+
+    def alt(self, parts: Sequence[str]) -> str | None:
+        """The escaped name under which the entry ``parts`` (in the folder last opened, which
+        is ``parts[:-1]``) was written, if it was."""
+        alt = portable_name(parts[-1])
+        return self.escapes.alt("/".join(parts), self.written(alt)) if alt != parts[-1] else None
+
+    def find(self, dir_fd: int, parts: Sequence[str]) -> tuple[str, os.stat_result | None]:
+        """``_lookup`` of the entry ``parts`` in its open folder ``dir_fd``."""
+        return _lookup(dir_fd, parts[-1], self.alt(parts))
+
+    def portable(self, parts: Sequence[str]) -> str:
+        """The name to write the entry ``parts`` under where DEST refuses its own: its
+        ``portable_name``, unless that is the name of another entry of the same folder in the
+        view (then its own again: nothing can be written for it, and it is reported)."""
+        alt = portable_name(parts[-1])
+        return parts[-1] if alt == parts[-1] or self.in_view((*parts[:-1], alt)) else alt
+
+    def escaper(self, parts: Sequence[str]) -> Callable[[], str]:
+        """``portable`` for a file, listed (``_Escapes.record``) before it is made."""
+        def escaped() -> str:
+            alt = self.portable(parts)
+            if alt != parts[-1]:
+                self.escapes.record("/".join(parts), self.written(alt))
+            return alt
+        return escaped
 
     def _deepest(self) -> int | None:
         """The descriptor of the folder at the end of the stack, opened again if it was closed
@@ -146,8 +262,12 @@ class _Folders:
         parent = self.root_fd if start < 0 else self.fds[start]
         for i in range(start + 1, len(self.fds)):
             assert parent is not None
-            fd = self._open_one(parent, tuple(self.names[: i + 1]), False)
-            if fd is None:
+            try:  # by the name it was found under: it is there, unless someone moved it
+                fd = os.open(self.disk[i], _DIR_FLAGS, dir_fd=parent)
+            except OSError as e:
+                if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS, errno.ENOENT):
+                    raise
+                self._in_the_way(tuple(self.names[: i + 1]))
                 self._close_from(i)
                 return None
             self.fds[i] = parent = fd
@@ -165,34 +285,51 @@ class _Folders:
     def path(self, parts: Sequence[str]) -> str:
         return os.path.join(self.root, *parts)
 
-    def _open_one(self, parent: int, here: tuple[str, ...], create: bool) -> int | None:
+    def _open_one(self, parent: int, here: tuple[str, ...], create: bool) -> tuple[int, str] | None:
+        """The folder ``here`` (opened, and its name in DEST), made first with ``create``."""
         name = here[-1]
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            if not create:
+        known = self.alt(here)
+        for candidate in (name, known) if known else (name,):
+            try:
+                return self._opened(os.open(candidate, _DIR_FLAGS, dir_fd=parent), here, candidate)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno in fsutil.REFUSED_NAME:
+                    continue  # a name DEST refuses is not there
+                if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS):
+                    raise
+                self._in_the_way(here)
                 return None
-        except OSError as e:
-            if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS):
-                raise
-            self._in_the_way(here)
+        if not create:
             return None
-        try:
-            os.mkdir(name, dir_fd=parent)
-        except FileExistsError:  # made meanwhile: opening it decides
-            pass
-        except OSError as e:
-            if e.errno not in _NOT_OURS:
-                raise
-            self._in_the_way(here)
-            return None
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except OSError as e:
-            if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS, errno.ENOENT):  # ENOENT: removed meanwhile
-                raise
-            self._in_the_way(here)
-            return None
+        alt = self.portable(here)
+        names = (name, alt) if alt != name else (name,)
+        for candidate in names:
+            try:
+                os.mkdir(candidate, dir_fd=parent)
+            except FileExistsError:  # made meanwhile: opening it decides
+                pass
+            except OSError as e:
+                if candidate == name and len(names) > 1 and e.errno in _REFUSED:
+                    continue  # DEST refuses the name: the escaped one, then
+                if e.errno not in (*_NOT_OURS, *fsutil.REFUSED_NAME):
+                    raise
+                self._in_the_way(here)
+                return None
+            try:
+                return self._opened(os.open(candidate, _DIR_FLAGS, dir_fd=parent), here, candidate)
+            except OSError as e:
+                if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS, errno.ENOENT):  # ENOENT: removed meanwhile
+                    raise
+                self._in_the_way(here)
+                return None
+        return None  # not reached: the last candidate returns or reports
+
+    def _opened(self, fd: int, here: tuple[str, ...], on_disk: str) -> tuple[int, str]:
+        if on_disk != here[-1]:  # made (or found made by a run that stopped) under the escaped name
+            self.escapes.record("/".join(here), self.written(on_disk))
+        return fd, on_disk
 
     def _in_the_way(self, here: tuple[str, ...]) -> None:
         self.blocked.add(here)
@@ -204,6 +341,7 @@ class _Folders:
             if fd is not None:
                 os.close(fd)
             self.names.pop()
+            self.disk.pop()
 
     def close(self) -> None:
         self._close_from(0)
@@ -224,7 +362,7 @@ def _owned(st: os.stat_result | None, version_files: Collection[Identity]) -> bo
     return st is not None and stat.S_ISREG(st.st_mode) and _identity(st) in version_files
 
 
-def _move_aside(dir_fd: int, name: str, aside: str) -> bool:
+def _move_aside(folders: _Folders, dir_fd: int, parts: Sequence[str]) -> bool:
     """Move the export's own current/ entry ``name`` to ``aside`` in the same open folder,
     never overwriting.
 
@@ -234,17 +372,21 @@ def _move_aside(dir_fd: int, name: str, aside: str) -> bool:
     ``aside`` that is already the same file (a run that stopped half-way) is kept, and the
     extra link dropped; anything else at ``aside`` leaves ``name`` where it is (False).
     """
-    st, at = fsutil.lstat_at(dir_fd, name), fsutil.lstat_at(dir_fd, aside)
+    aside = (*parts[:-1], parts[-1] + CONFLICT_SUFFIX)
+    (name, st), (_, at) = folders.find(dir_fd, parts), folders.find(dir_fd, aside)
     if st is None or (at is not None and _identity(at) != _identity(st)):
         return False
-    fsutil.link_new(name, aside, dir_fd=dir_fd)  # links (or renames), then drops the name ``name``
+    # links (or renames), then drops the name ``name``
+    fsutil.link_new(name, aside[-1], dir_fd=dir_fd, alt=folders.escaper(aside))
     return True
 
 
-def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str) -> bool:
+def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str,
+                  alt: Callable[[], str] | None = None) -> bool:
     """Make ``dst`` (in ``dst_fd``) a hard link to the version file ``src`` (in ``src_fd``),
-    never overwriting, or a copy of it where hard links fail. False, with nothing made, if
-    ``src`` is no longer the file ``ident`` it was (someone swapped it)."""
+    never overwriting, or a copy of it where hard links fail; where the destination refuses
+    the name ``dst``, under the name ``alt()`` gives. False, with nothing made, if ``src`` is
+    no longer the file ``ident`` it was (someone swapped it)."""
     st = fsutil.lstat_at(src_fd, src)
     if st is None or not stat.S_ISREG(st.st_mode) or _identity(st) != ident:
         return False
@@ -253,13 +395,16 @@ def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str)
         return True
     except FileExistsError:
         raise
-    except OSError:
-        pass
+    except OSError as e:
+        if alt is not None and e.errno in fsutil.REFUSED_NAME and (other := alt()) != dst:
+            with contextlib.suppress(OSError):
+                os.link(src, other, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                return True
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=src_fd)
     with os.fdopen(fd, "rb") as fi:
         if _identity(os.fstat(fd)) != ident:
             return False
-        with fsutil.new_file_at(dst_fd, dst, mode=FILE_MODE) as fo:
+        with fsutil.new_file_at(dst_fd, dst, mode=FILE_MODE, alt=alt) as fo:
             while chunk := fi.read(1 << 20):
                 fo.write(chunk)
     return True
@@ -292,16 +437,32 @@ def export_study(store: Store, study: str, dest: str,
                              "without following symlinks (openat, O_NOFOLLOW)")
     view = StudyView(store, study)
     summary = ExportSummary()
+    if os.name == "posix" and sys.getfilesystemencoding().replace("-", "").lower() != "utf8":
+        raise DittoheadError(  # names would not be written as their bytes
+            f"export writes every name as its bytes and needs Python's UTF-8 mode where the locale's "
+            f"encoding is {sys.getfilesystemencoding()}: set PYTHONUTF8=1")
     dest = os.path.abspath(dest)
     os.makedirs(dest, exist_ok=True)
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)  # DEST itself: the admin's path
-    folders = _Folders(root_fd, dest, summary)  # where the export writes
-    sources = _Folders(root_fd, dest, summary)  # versions/, where links are made from
     try:
-        _export(store, view, folders, sources, summary, progress)
+        escapes = _Escapes(root_fd)
+
+        def in_view(parts: Sequence[str]) -> bool:
+            try:
+                view.lookup("/".join(parts))
+                return True
+            except NotFound:
+                return False
+
+        folders = _Folders(root_fd, dest, summary, escapes, in_view)  # where the export writes
+        sources = _Folders(root_fd, dest, summary, escapes, in_view)  # versions/, where links are made from
+        try:
+            _export(store, view, folders, sources, summary, progress)
+        finally:
+            folders.close()
+            sources.close()
+            summary.escaped_new = escapes.added
     finally:
-        folders.close()
-        sources.close()
         fsutil.fsync_dir_fd(root_fd)
         os.close(root_fd)
     return summary
@@ -330,7 +491,7 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
         dir_fd = folders.open(parent, create=True)
         if dir_fd is None:
             continue  # something not a folder in the way: reported
-        st = fsutil.lstat_at(dir_fd, name)
+        st = folders.find(dir_fd, version_file(v))[1]
         if st is not None:
             # An earlier export's: a regular file of the version's size, owned by the account
             # that exports (no other account can make one it owns), never writable.
@@ -343,7 +504,8 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
             continue
         t = version_os_mtime(v)
         try:
-            with fsutil.new_file_at(dir_fd, name, mode=FILE_MODE, times=(t, t)) as f:
+            with fsutil.new_file_at(dir_fd, name, mode=FILE_MODE, times=(t, t),
+                                    alt=folders.escaper(version_file(v))) as f:
                 write_version(store, v, f)
         except IntegrityError as e:  # no part of it stays (new_file_at); the rest goes on
             summary.damaged.append(f"{v.path} v{v.n}: {e}")
@@ -352,11 +514,12 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
             summary.in_the_way(folders.path([*parent, name]))
             continue
         except OSError as e:
-            if e.errno not in _NOT_OURS:
+            if e.errno not in _REFUSED:
                 raise
-            summary.in_the_way(folders.path([*parent, name]))  # a folder not ours to write in
+            # a folder not ours to write in, or a name DEST refuses with no free escaped name
+            summary.in_the_way(folders.path([*parent, name]))
             continue
-        st = fsutil.lstat_at(dir_fd, name)
+        st = folders.find(dir_fd, version_file(v))[1]
         if st is not None:
             keep(v, st)
         summary.written += 1
@@ -372,10 +535,10 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
                 # current/PATH/ is a folder now; an old entry of ours for the file PATH moves
                 # to PATH~file, where the view shows that file (see export_study).
                 dir_fd = folders.open(parent, create=False) if top == "current" else None
+                here = vpath.split("/")
                 if (dir_fd is not None
-                        and _owned(fsutil.lstat_at(dir_fd, name),
-                                   ours.get(vpath[len("current/"):], set()))
-                        and _move_aside(dir_fd, name, name + CONFLICT_SUFFIX)):
+                        and _owned(folders.find(dir_fd, here)[1], ours.get(vpath[len("current/"):], set()))
+                        and _move_aside(folders, dir_fd, here)):
                     summary.current_updated += 1
                 # A folder in the view: a symlink or a file in its place is reported even
                 # where nothing is left to write beneath it.
@@ -389,17 +552,18 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
             dir_fd = folders.open(parent, create=True)
             if dir_fd is None:
                 continue
-            st = fsutil.lstat_at(dir_fd, name)
+            on_disk, st = folders.find(dir_fd, vpath.split("/"))
             if st is not None and _identity(st) == ident:
                 summary.unchanged += 1
                 continue
             src_fd = sources.open(src_parent, create=False)
             if src_fd is None:
                 continue
+            src = sources.find(src_fd, version_file(v))[0]
             try:
                 if st is None:
                     try:
-                        if _link_or_copy(src_fd, src, ident, dir_fd, name):
+                        if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(vpath.split("/"))):
                             summary.linked += 1
                         else:  # the version file was swapped since step 1
                             summary.in_the_way(folders.path(version_file(v)))
@@ -408,13 +572,14 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
                 elif top == "current" and _owned(st, ours.get(v.path, set())):
                     tmp = fsutil.tmp_basename()
                     if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
-                        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                        os.replace(tmp, on_disk, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                         summary.current_updated += 1
                     else:
                         summary.in_the_way(folders.path(version_file(v)))
                 else:
                     summary.in_the_way(folders.path(vpath.split("/")))
             except OSError as e:
-                if e.errno not in _NOT_OURS:
+                if e.errno not in _REFUSED:
                     raise
-                summary.in_the_way(folders.path(vpath.split("/")))  # a folder not ours to write in
+                # a folder not ours to write in, or a name DEST refuses with no free escaped name
+                summary.in_the_way(folders.path(vpath.split("/")))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 
@@ -32,39 +32,56 @@ def tmp_name(directory: str | os.PathLike[str], hint: str = "") -> str:
     return os.path.join(directory, f".tmp-{hint}{os.urandom(8).hex()}")
 
 
-def link_new(tmp: str, dest: str, *, dir_fd: int | None = None) -> bool:
+# What creating a name gives where the filesystem will not hold that name (an SMB share, a FAT
+# disk: a ':' or a trailing dot; any filesystem: a name too long); EPERM and EACCES too on some.
+REFUSED_NAME = (errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG)
+
+
+def link_new(tmp: str, dest: str, *, dir_fd: int | None = None, alt: Callable[[], str] | None = None) -> bool:
     """Put the finished file ``tmp`` at ``dest`` without overwriting; remove ``tmp``. With
     ``dir_fd``, both are names in that open folder (``tmp_basename``), and no symlink in them is
-    followed.
+    followed. Where the filesystem refuses the name ``dest`` (``tmp`` beside it was made, so it
+    is the name), ``alt()`` gives the name to use instead, if ``alt`` is given.
 
-    Returns True if ``dest`` was created, False if it existed already (the caller decides
-    whether an existing file is acceptable: for content-addressed names it is).
+    Returns True if the file was put in place, False if its name existed already (the caller
+    decides whether an existing file is acceptable: for content-addressed names it is).
     """
-    def sync() -> None:
-        if dir_fd is None:
-            fsync_dir(os.path.dirname(dest))
-        else:
-            fsync_dir_fd(dir_fd)
+    try:
+        placed = _place(tmp, dest, dir_fd)
+    except OSError as e:
+        if alt is None or e.errno not in (*REFUSED_NAME, errno.EPERM, errno.EACCES):
+            raise
+        other = alt()
+        if other == dest:
+            raise
+        placed = _place(tmp, other, dir_fd)
+    if placed is not None:  # linked, or the name was taken: tmp is still there
+        os.unlink(tmp, dir_fd=dir_fd)
+    if dir_fd is None:
+        fsync_dir(os.path.dirname(dest))
+    else:
+        fsync_dir_fd(dir_fd)
+    return placed is not False
 
+
+def _place(tmp: str, dest: str, dir_fd: int | None) -> bool | None:
+    """Link ``tmp`` to ``dest`` (True), or find ``dest`` taken (False); on a filesystem without
+    hard links, rename ``tmp`` to a free ``dest`` (None: ``tmp`` is gone)."""
     try:
         os.link(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        created = True
+        return True
     except FileExistsError:
-        created = False
+        return False
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise
-        # A filesystem without hard links: rename, after checking (single writer, under lock).
-        try:
-            os.stat(dest, dir_fd=dir_fd, follow_symlinks=False)
-            created = False
-        except FileNotFoundError:
-            os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            sync()
-            return True
-    os.unlink(tmp, dir_fd=dir_fd)
-    sync()
-    return created
+    # A filesystem without hard links: rename, after checking (single writer, under lock).
+    try:
+        os.stat(dest, dir_fd=dir_fd, follow_symlinks=False)
+        return False
+    except FileNotFoundError:
+        os.rename(tmp, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return None
 
 
 @contextlib.contextmanager
@@ -142,10 +159,11 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
 
 
 @contextlib.contextmanager
-def new_file_at(dir_fd: int, name: str, *, mode: int = 0o644,
-                times: tuple[float, float] | None = None) -> Iterator[BinaryIO]:
+def new_file_at(dir_fd: int, name: str, *, mode: int = 0o644, times: tuple[float, float] | None = None,
+                alt: Callable[[], str] | None = None) -> Iterator[BinaryIO]:
     """``new_file`` inside one open folder: yields a file; on clean exit, sets its (atime,
-    mtime) to ``times`` if given, fsyncs it and links it to ``name`` in ``dir_fd``.
+    mtime) to ``times`` if given, fsyncs it and links it to ``name`` in ``dir_fd`` (or to
+    ``alt()`` where the filesystem refuses ``name``: ``link_new``).
 
     The temporary file is created there with O_EXCL|O_NOFOLLOW. Raises FileExistsError if
     ``name`` exists (checked at the link); on any error the temporary file is removed.
@@ -160,7 +178,7 @@ def new_file_at(dir_fd: int, name: str, *, mode: int = 0o644,
             if times is not None:
                 os.utime(f.fileno(), times)
             os.fsync(f.fileno())
-        if not link_new(tmp, name, dir_fd=dir_fd):
+        if not link_new(tmp, name, dir_fd=dir_fd, alt=alt):
             raise FileExistsError(errno.EEXIST, "file exists", name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

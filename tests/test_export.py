@@ -652,3 +652,92 @@ def _export_deep_and_check(export, tmp_path: Path, deep: str) -> None:
     os.close(fd)
     again = export()
     assert again.returncode == 0 and "0 version files written" in again.stdout, again.stdout + again.stderr
+
+
+def _commit_by_hand(server: Server, files: dict[bytes, bytes], name: str = "by-hand-1") -> None:
+    """A submission as a client of another system would send it: names as given, which this
+    filesystem could not hold as source files (a Windows name may be 765 bytes)."""
+    import io
+
+    from dittohead import format as fmt
+    from dittohead import manifest as mf
+    from dittohead import pack as pk
+    from dittohead import paths
+    from dittohead.chunking import Chunker
+    from dittohead.hashing import digest
+
+    buf = io.BytesIO()
+    w = pk.PackWriter(buf)
+    entries, added = [], set()
+    for raw, data in files.items():
+        chunks = [(c.id, bytes(c.data)) for c in Chunker().cut_bytes(data)]
+        for cid, chunk in chunks:
+            if cid not in added:
+                w.add(cid, chunk)
+                added.add(cid)
+        entries.append(mf.Entry(paths.from_bytes(raw), len(data), 1_700_000_000_000_000_000, 0o644, digest(data),
+                                tuple((cid, len(c)) for cid, c in chunks)))
+    pid, _ = w.finish()
+    staging = server.dropbox("inbox") / ("." + name)
+    staging.mkdir()
+    (staging / (pid.hex() + fmt.PACK_SUFFIX)).write_bytes(buf.getvalue())
+    (staging / fmt.MANIFEST_NAME).write_bytes(mf.encode(mf.Manifest(server.study, "win-pc", "ra", "pc", 0,
+                                                                     tuple(entries))))
+    staging.rename(server.dropbox("inbox") / name)
+
+
+def test_a_name_the_destination_cannot_hold_is_written_escaped_and_listed(server: Server, tmp_path: Path) -> None:
+    """A name of 300 bytes (a Windows name is up to 765) is more than ext4 holds: the export
+    writes it escaped and cut (display.portable_name), says so in its summary line, and lists it
+    in DEST/escaped-names.tsv, which gives back the view's path; every other name is written
+    as it is, and a second export finds the escaped names again and writes nothing."""
+    from dittohead.display import portable_name, unescape
+
+    long_dir = "d" * 300
+    long_file = "\u00e9" * 150 + ".csv"  # 304 bytes
+    files = {f"{long_dir}/inside.txt".encode(): b"in a folder with a long name\n",
+             f"short/{long_file}".encode(): b"a file with a long name\n",
+             b"short/plain.txt": b"plain\n"}
+    _commit_by_hand(server, files)
+    server.ingest()
+    dest = tmp_path / "out"
+    res = export(server, dest)
+    assert "6 names this destination refuses written escaped" in res.stdout, res.output
+    written = {"current/" + portable_name(long_dir) + "/inside.txt": files[f"{long_dir}/inside.txt".encode()],
+               "current/short/" + portable_name(long_file): files[f"short/{long_file}".encode()],
+               "current/short/plain.txt": b"plain\n"}
+    for rel, data in written.items():
+        assert (dest / rel).read_bytes() == data, rel
+    lines = (dest / "escaped-names.tsv").read_text(encoding="utf-8").splitlines()
+    mapping = {unescape(view).decode(): unescape(w).decode()
+               for w, view in (ln.split("\t") for ln in lines if not ln.startswith("#"))}
+    # each refused name once, in each of the three trees: the long folder, and the long file
+    # (its version files' names are the view's own: NNNN_STAMP_SITE.csv)
+    sub = next(p for p in os.listdir(dest / "submissions"))
+    assert mapping == {f"{top}/{long_dir}": f"{top}/{portable_name(long_dir)}"
+                       for top in ("current", "versions", f"submissions/{sub}")} | {
+        f"{top}/short/{long_file}": f"{top}/short/{portable_name(long_file)}"
+        for top in ("current", "versions", f"submissions/{sub}")}
+    before = snapshot(dest)
+    again = export(server, dest)
+    assert "written escaped" not in again.stdout and "0 version files written" in again.stdout, again.output
+    assert snapshot(dest) == before
+
+
+def test_an_escaped_name_never_stands_for_another_path(server: Server, tmp_path: Path) -> None:
+    """A study may hold a name the destination refuses and, as another file, the very name it
+    would be escaped to: the other file keeps its name, and the refused one is reported in the
+    way, never written over it or mistaken for it, in this export and the next."""
+    from dittohead.display import escape, portable_name
+
+    refused = "x" * 300
+    taken = portable_name(refused)
+    _commit_by_hand(server, {taken.encode(): b"the file whose own name this is\n",
+                             refused.encode(): b"the file this destination cannot name\n"})
+    server.ingest()
+    dest = tmp_path / "out"
+    for _ in range(2):
+        res = export(server, dest)
+        assert (dest / "current" / taken).read_bytes() == b"the file whose own name this is\n"
+        assert escape(str(dest / "versions" / refused)) in res.stderr, res.output  # where it stops
+    assert not (dest / "escaped-names.tsv").exists() or refused not in (dest / "escaped-names.tsv").read_text()
