@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import unicodedata
 
 from hypothesis import given
@@ -63,3 +64,22 @@ def test_a_path_is_taken_as_stored_or_as_printed_and_after_dashdash(server, sync
     assert res.exit_code == 0 and res.stdout_bytes == b"dash\n", res.output
     res = run("cat", "--store", server.root, "--study", server.study, "no\u202eth")
     assert res.exit_code == 1 and "no file 'no\\u202eth'" in res.output and "\u202e" not in res.output
+
+
+def test_a_path_that_names_two_files_is_refused_with_how_to_name_each(server, ingest, run, tmp_path) -> None:
+    """A file literally named 'a\\xfc.txt' (a backslash, then x, f, c) beside the Latin-1 file
+    b'a\\xfc.txt', which dittohead prints as 'a\\xfc.txt': typed that way, the argument names
+    both; neither is guessed, and each can still be named without doubt."""
+    from dittohead import format as fmt
+    from test_export import _commit_by_hand
+
+    literal, latin = b"a\\xfc.txt", b"a\xfc.txt"
+    _commit_by_hand(server, {literal: b"literal\n", latin: b"latin-1\n"})
+    ingest()
+    assert fmt.FORMAT_VERSION == 2
+    res = run("cat", "--store", server.root, "--study", server.study, "a\\xfc.txt")
+    assert res.exit_code == 2 and "names two files" in res.output and "a\\\\xfc.txt" in res.output, res.output
+    res = run("cat", "--store", server.root, "--study", server.study, "a\\\\xfc.txt")  # the literal one, as printed
+    assert res.exit_code == 0 and res.stdout_bytes == b"literal\n", res.output
+    res = run("cat", "--store", server.root, "--study", server.study, os.fsdecode(latin))  # by its bytes
+    assert res.exit_code == 0 and res.stdout_bytes == b"latin-1\n", res.output

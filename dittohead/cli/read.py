@@ -18,7 +18,7 @@ from dittohead.cli.base import (
     study_option,
 )
 from dittohead.display import escape, unescape
-from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
+from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound, UsageError
 from dittohead.export import export_study
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, utc_iso
@@ -33,17 +33,22 @@ def _open(store: str, study: str) -> Store:
 
 def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
     """The study path a command-line PATH names, and its versions: the path as typed (its bytes,
-    exactly), or, if no file has that name, the escaped form that dittohead prints
-    (``display.escape``), undone."""
+    exactly), or the escaped form that dittohead prints (``display.escape``), undone. Where the
+    two name two different files, neither is guessed: UsageError says how to name each."""
     sp = paths.as_typed(paths.from_os_name(typed))
     vs = st.index.versions(study, sp)
-    if not vs and "\\" in typed:
+    if "\\" in typed:
         try:
-            unescaped = paths.as_typed(paths.from_bytes(unescape(typed)))
+            printed = paths.as_typed(paths.from_bytes(unescape(typed)))
         except ValueError:
-            unescaped = None
-        if unescaped:
-            sp, vs = unescaped, st.index.versions(study, unescaped)
+            printed = ""
+        pvs = st.index.versions(study, printed) if printed and printed != sp else []
+        if vs and pvs:
+            raise UsageError(f"{study}: '{escape(typed)}' names two files: one whose name it is, and "
+                             f"'{escape(printed)}' as dittohead prints it; give the first as printed "
+                             f"('{escape(sp)}') or the second by its own bytes")
+        if pvs:
+            sp, vs = printed, pvs
     if not vs:
         raise NotFound(f"{study}: no file '{escape(typed)}'")
     return sp, vs
