@@ -89,3 +89,19 @@ def portable_name(name: str) -> str:
 
         out = out[: PORTABLE_NAME_MAX - 17] + "~" + blake3(raw).hexdigest()[:16]
     return out
+
+
+def json_path(path: str, key: str = "path") -> dict[str, str]:
+    """A study path in a JSON document: ``key`` holds its text (a byte that is not UTF-8 is
+    written as a lone surrogate, \\udc80-\\udcff, as Python and borg write it), and, only
+    for such a path, ``key + "_b64"`` its exact bytes in base64, for scripts in any language
+    (docs/view.md, "Paths as printed, and as typed")."""
+    out = {key: path}
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            import base64
+
+            out[key + "_b64"] = base64.b64encode(path.encode("utf-8", "surrogateescape")).decode("ascii")
+    return out

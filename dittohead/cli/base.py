@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dittohead import __version__, paths
+from dittohead import __version__
 from dittohead.display import escape
 from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
 
@@ -124,22 +124,6 @@ def echo_export_problems(study: str, summary: ExportSummary) -> bool:
 def print_json(doc: Any) -> None:
     """One JSON document, in ASCII: whatever a name holds reaches a terminal escaped."""
     click.echo(json.dumps(doc, indent=2))
-
-
-def json_path(path: str, key: str = "path") -> dict[str, str]:
-    """A study path in a JSON document: ``key`` holds its text (a byte that is not UTF-8 is
-    written as a lone surrogate, \\udc80-\\udcff, as Python and borg write it), and, only
-    for such a path, ``key + "_b64"`` its exact bytes in base64, for scripts in any language
-    (docs/view.md, "Paths")."""
-    out = {key: path}
-    if not path.isascii():
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            import base64
-
-            out[key + "_b64"] = base64.b64encode(paths.to_bytes(path)).decode("ascii")
-    return out
 
 
 def progress_enabled() -> bool:

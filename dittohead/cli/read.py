@@ -10,14 +10,13 @@ from dittohead import paths
 from dittohead.cli.base import (
     echo_export_problems,
     json_option,
-    json_path,
     open_store,
     print_json,
     progress_enabled,
     store_option,
     study_option,
 )
-from dittohead.display import escape, unescape
+from dittohead.display import escape, json_path, unescape
 from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound, UsageError
 from dittohead.export import export_study
 from dittohead.store.repo import Store

@@ -25,6 +25,7 @@ from typing import Callable
 from dittohead import directio, fsutil, pack, records
 from dittohead import format as fmt
 from dittohead import manifest as mf
+from dittohead.display import escape, json_path
 from dittohead.errors import FormatError
 from dittohead.hashing import blake3
 from dittohead.store.index import DERIVED_TABLES, Index
@@ -51,12 +52,14 @@ class Finding:
     affects: list[Affected] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        doc = asdict(self)
+        doc["affects"] = [{**a, **json_path(a["path"])} for a in doc["affects"]]
+        return doc
 
     def line(self) -> str:
         s = f"{self.severity}: {self.kind} {self.object}: {self.message}"
         if self.affects:
-            shown = ", ".join(f"{a.study}:{a.path} v{a.version}" for a in self.affects[:5])
+            shown = ", ".join(f"{a.study}:{escape(a.path)} v{a.version}" for a in self.affects[:5])
             more = f" and {len(self.affects) - 5} more" if len(self.affects) > 5 else ""
             s += f" (affects {shown}{more})"
         return s
