@@ -36,20 +36,20 @@ def from_bytes(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-if os.name == "nt":
+def from_windows_name(name: str) -> str:
+    """A name as Windows lists it (or a command-line argument: UTF-16, unpaired surrogates
+    included) in its WTF-8 form: UTF-8, with an unpaired surrogate encoded as if it were a
+    character (3 bytes). ``to_bytes(...).decode("utf-8", "surrogatepass")`` gives it back."""
+    return name if name.isascii() else from_bytes(name.encode("utf-8", "surrogatepass"))
 
-    def from_os_name(name: str) -> str:
-        """A name as Windows lists it (or a command-line argument: UTF-16, unpaired surrogates
-        included) in its WTF-8 form: UTF-8, with an unpaired surrogate encoded as if it were a
-        character (3 bytes)."""
-        return name if name.isascii() else from_bytes(name.encode("utf-8", "surrogatepass"))
 
-else:
+def from_posix_name(name: str) -> str:
+    """A name as a POSIX system lists it (or a command-line argument): its bytes, exactly,
+    whatever the locale."""
+    return name if name.isascii() else from_bytes(os.fsencode(name))
 
-    def from_os_name(name: str) -> str:
-        """A name as this system lists it (or a command-line argument): its bytes, exactly,
-        whatever the locale."""
-        return name if name.isascii() else from_bytes(os.fsencode(name))
+
+from_os_name = from_windows_name if os.name == "nt" else from_posix_name
 
 
 def check(path: object) -> str:

@@ -660,3 +660,16 @@ def test_have_round_trip(ids: list[bytes]) -> None:
                  new_versions=st.integers(0, 2**63 - 1), new_chunk_bytes=st.integers(0, 2**63 - 1)))
 def test_receipt_round_trip(r: records.Receipt) -> None:
     assert records.decode_receipt(records.encode_receipt(r)) == r
+
+
+@FAST
+@given(st.lists(st.one_of(st.characters(codec="utf-8"), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)),
+                min_size=1, max_size=12).map("".join))
+def test_a_windows_name_has_one_wtf8_form_that_gives_it_back(name: str) -> None:
+    """A Windows name (UTF-16, unpaired surrogates allowed, as Python lists it) is stored as
+    WTF-8 and comes back unchanged; every name has exactly one form (no two names share it)."""
+    from dittohead import paths
+
+    stored = paths.to_bytes(paths.from_windows_name(name))
+    assert stored.decode("utf-8", "surrogatepass") == name
+    assert paths.from_bytes(stored) == paths.from_windows_name(name)
