@@ -66,20 +66,20 @@ def test_a_path_is_taken_as_stored_or_as_printed_and_after_dashdash(server, sync
     assert res.exit_code == 1 and "no file 'no\\u202eth'" in res.output and "\u202e" not in res.output
 
 
-def test_a_path_that_names_two_files_is_refused_with_how_to_name_each(server, ingest, run, tmp_path) -> None:
+def test_a_path_that_names_two_files_takes_the_one_typed_and_says_so(server, ingest, run, tmp_path) -> None:
     """A file literally named 'a\\xfc.txt' (a backslash, then x, f, c) beside the Latin-1 file
-    b'a\\xfc.txt', which dittohead prints as 'a\\xfc.txt': typed that way, the argument names
-    both; neither is guessed, and each can still be named without doubt."""
-    from dittohead import format as fmt
+    b'a\\xfc.txt', which dittohead prints as 'a\\xfc.txt': typed that way, the argument is the
+    first one's name, which is taken (a script that passes names as they are gets its file), and
+    stderr names the other; each can be named without doubt."""
     from test_export import _commit_by_hand
 
     literal, latin = b"a\\xfc.txt", b"a\xfc.txt"
     _commit_by_hand(server, {literal: b"literal\n", latin: b"latin-1\n"})
     ingest()
-    assert fmt.FORMAT_VERSION == 2
     res = run("cat", "--store", server.root, "--study", server.study, "a\\xfc.txt")
-    assert res.exit_code == 2 and "names two files" in res.output and "a\\\\xfc.txt" in res.output, res.output
-    res = run("cat", "--store", server.root, "--study", server.study, "a\\\\xfc.txt")  # the literal one, as printed
     assert res.exit_code == 0 and res.stdout_bytes == b"literal\n", res.output
+    assert "note: 'a\\\\xfc.txt' is also how dittohead prints the file 'a\\xfc.txt'" in res.stderr, res.stderr
+    res = run("cat", "--store", server.root, "--study", server.study, "a\\\\xfc.txt")  # the literal one, as printed
+    assert res.exit_code == 0 and res.stdout_bytes == b"literal\n" and "note" not in res.stderr, res.output
     res = run("cat", "--store", server.root, "--study", server.study, os.fsdecode(latin))  # by its bytes
-    assert res.exit_code == 0 and res.stdout_bytes == b"latin-1\n", res.output
+    assert res.exit_code == 0 and res.stdout_bytes == b"latin-1\n" and "note" not in res.stderr, res.output

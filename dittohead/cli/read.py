@@ -17,7 +17,7 @@ from dittohead.cli.base import (
     study_option,
 )
 from dittohead.display import escape, json_path, unescape
-from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound, UsageError
+from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
 from dittohead.export import export_study
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, utc_iso
@@ -32,8 +32,9 @@ def _open(store: str, study: str) -> Store:
 
 def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
     """The study path a command-line PATH names, and its versions: the path as typed (its bytes,
-    exactly), or the escaped form that dittohead prints (``display.escape``), undone. Where the
-    two name two different files, neither is guessed: UsageError says how to name each."""
+    exactly), or else the escaped form that dittohead prints (``display.escape``), undone.
+    Where both name a file, the one typed wins (a script passing names as they are always gets
+    its file), and stderr says which other file the argument would name as printed."""
     sp = paths.as_typed(paths.from_os_name(typed))
     vs = st.index.versions(study, sp)
     if "\\" in typed:
@@ -43,10 +44,9 @@ def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
             printed = ""
         pvs = st.index.versions(study, printed) if printed and printed != sp else []
         if vs and pvs:
-            raise UsageError(f"{study}: '{escape(typed)}' names two files: one whose name it is, and "
-                             f"'{escape(printed)}' as dittohead prints it; give the first as printed "
-                             f"('{escape(sp)}') or the second by its own bytes")
-        if pvs:
+            click.echo(f"note: '{escape(sp)}' is also how dittohead prints the file '{escape(printed)}', "
+                       f"which was not taken (give that one by its own bytes)", err=True)
+        elif pvs:
             sp, vs = printed, pvs
     if not vs:
         raise NotFound(f"{study}: no file '{escape(typed)}'")
