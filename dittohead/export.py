@@ -61,8 +61,9 @@ _NOT_A_FOLDER = (errno.ENOTDIR, errno.ELOOP, errno.EMLINK)
 # A folder below DEST that the exporting account may not open or write in: someone else's, in a
 # shared destination. In the way, like a file there; never a reason to stop the whole export.
 _NOT_OURS = (errno.EACCES, errno.EPERM)
-# What making a name gives where DEST will not hold that name: made again as portable_name's.
-_REFUSED = (*fsutil.REFUSED_NAME, *_NOT_OURS)
+# What making a name gives where DEST will not hold that name: made again as portable_name's
+# (in a folder that is there: if it was not, or not ours, making that fails too, and says so).
+_REFUSED = (*fsutil.REFUSED_NAME, *fsutil.REFUSED_NAME_TOO)
 NAMES_FILE = "escaped-names.tsv"
 NAMES_HEADER = ("# dittohead export: names this destination refused, written escaped instead (docs/view.md).\n"
                 "# One line each: the path as written<TAB>the path in the view; both relative to this folder,\n"
@@ -313,7 +314,7 @@ class _Folders:
             except OSError as e:
                 if candidate == name and len(names) > 1 and e.errno in _REFUSED:
                     continue  # DEST refuses the name: the escaped one, then
-                if e.errno not in (*_NOT_OURS, *fsutil.REFUSED_NAME):
+                if e.errno not in _REFUSED:
                     raise
                 self._in_the_way(here)
                 return None
@@ -396,7 +397,7 @@ def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str,
     except FileExistsError:
         raise
     except OSError as e:
-        if alt is not None and e.errno in fsutil.REFUSED_NAME and (other := alt()) != dst:
+        if alt is not None and e.errno in (*fsutil.REFUSED_NAME, errno.ENOENT) and (other := alt()) != dst:
             with contextlib.suppress(OSError):
                 os.link(src, other, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
                 return True

@@ -33,8 +33,11 @@ def tmp_name(directory: str | os.PathLike[str], hint: str = "") -> str:
 
 
 # What creating a name gives where the filesystem will not hold that name (an SMB share, a FAT
-# disk: a ':' or a trailing dot; any filesystem: a name too long); EPERM and EACCES too on some.
+# disk: a ':' or a trailing dot; any filesystem: a name too long)...
 REFUSED_NAME = (errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG)
+# ...and what it may give instead, in a folder known to be there and writable: EPERM (a FAT
+# disk), EACCES, ENOENT (Linux's SMB client, for the server's STATUS_OBJECT_NAME_INVALID).
+REFUSED_NAME_TOO = (errno.EPERM, errno.EACCES, errno.ENOENT)
 
 
 def link_new(tmp: str, dest: str, *, dir_fd: int | None = None, alt: Callable[[], str] | None = None) -> bool:
@@ -49,7 +52,7 @@ def link_new(tmp: str, dest: str, *, dir_fd: int | None = None, alt: Callable[[]
     try:
         placed = _place(tmp, dest, dir_fd)
     except OSError as e:
-        if alt is None or e.errno not in (*REFUSED_NAME, errno.EPERM, errno.EACCES):
+        if alt is None or e.errno not in (*REFUSED_NAME, *REFUSED_NAME_TOO):
             raise
         other = alt()
         if other == dest:
