@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,7 @@ class DittoheadGroup(click.Group):
         except BrokenPipeError:
             ctx.exit(EXIT_FAILURE)
         except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
+            where = f"{escape(os.fspath(e.filename))}: " if e.filename else ""  # may be a client's name
             click.echo(f"dittohead: {where}{e.strerror or e}", err=True)
             ctx.exit(EXIT_FAILURE)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
