@@ -13,6 +13,8 @@ EXIT_USAGE = 2
 EXIT_DAMAGE = 3
 EXIT_LOCKED = 4
 EXIT_UNSUPPORTED = 5
+EXIT_NO_STUDY = 6  # the study named is not in the server root (every command that takes one)
+EXIT_EXISTS = 7  # what the command would create is there already (init, study add)
 EXIT_INTERRUPTED = 130
 
 
@@ -61,4 +63,17 @@ class TransportError(DittoheadError):
 
 
 class NotFound(DittoheadError):
-    """A study, path or version that does not exist."""
+    """A path or version that does not exist (exit 1); a study that does not exist is
+    ``NoSuchStudy``."""
+
+
+class NoSuchStudy(NotFound):
+    """The study named is not in the server root: the same code whichever command was asked."""
+
+    exit_code = EXIT_NO_STUDY
+
+
+class AlreadyExists(DittoheadError):
+    """What the command would create is there already (a server root, a study): nothing changed."""
+
+    exit_code = EXIT_EXISTS

@@ -173,7 +173,7 @@ def test_cat_of_missing_path_or_version_fails_in_one_line(server: Server, synced
         server.proc("cat", "--store", server.root, "--study", "s", "a.txt", "--version", "2")
     )
     assert_one_line_failure(
-        server.proc("cat", "--store", server.root, "--study", "nostudy", "a.txt")
+        server.proc("cat", "--store", server.root, "--study", "nostudy", "a.txt"), errors.EXIT_NO_STUDY
     )
     assert_one_line_failure(
         server.proc("versions", "--store", server.root, "--study", "s", "nope.txt", "--json")
@@ -241,7 +241,9 @@ def test_sync_of_a_missing_source_or_study_fails_in_one_line(
     assert_usage_error(
         server.proc("sync", tmp_path / "nonexistent", "--study", "s", "--to", server.root)
     )
-    assert_one_line_failure(server.proc("sync", src, "--study", "nostudy", "--to", server.root))
+    assert_one_line_failure(
+        server.proc("sync", src, "--study", "nostudy", "--to", server.root), errors.EXIT_NO_STUDY
+    )
     assert server.inbox_entries() == []
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from dittohead import format as fmt
 from dittohead import fsutil
-from dittohead.errors import NotFound, StoreError, UsageError
+from dittohead.errors import AlreadyExists, NoSuchStudy, StoreError, UsageError
 from dittohead.store.config import StoreConfig
 
 ROOT_MODE = 0o755
@@ -179,7 +179,7 @@ class ServerRoot:
     def require_study(self, study: str) -> StudyDropbox:
         box = self.dropbox(study)
         if not os.path.isdir(box.path):
-            raise NotFound(f"no study {study!r} in {self.path} (add it with 'dittohead study add')")
+            raise NoSuchStudy(f"no study {study!r} in {self.path} (add it with 'dittohead study add')")
         return box
 
     def study_settings(self, study: str) -> StudySettings:
@@ -195,7 +195,7 @@ class ServerRoot:
     # -- creating
     def init(self) -> StoreConfig:
         if self.is_initialised():
-            raise UsageError(f"{self.path}: already a dittohead server root")
+            raise AlreadyExists(f"{self.path}: already a dittohead server root")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path}: exists and is not a folder")
         if os.path.isdir(self.path) and os.listdir(self.path):
@@ -224,7 +224,7 @@ class ServerRoot:
         self.config()
         box = self.dropbox(settings.name)
         if os.path.exists(box.path):
-            raise UsageError(f"study {settings.name!r} exists already")
+            raise AlreadyExists(f"study {settings.name!r} exists already")
         gid = group_id(settings.uploaders) if settings.uploaders else None
         folders = box.folders(uploaders=gid is not None)
         _mkdir(box.path, 0o700)  # closed until it has its group
