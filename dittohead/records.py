@@ -2,7 +2,9 @@
 
 Have-segment (``dropbox/NAME/have/SEQ.have``): HEADER (magic, version), the 32-byte ids of the
 chunks the study gained in submission SEQ, then the BLAKE3-256 of all bytes before it. Clients
-skip uploading chunks listed in any segment of their study.
+skip uploading chunks listed in any segment of their study. A segment is at most
+``HAVE_MAX_SIZE``: ids that do not fit in one go on in ``SEQ.2.have``, ``SEQ.3.have``...
+(``have_segments``), so no reader ever meets a larger one.
 
 Receipt (``dropbox/NAME/receipts/SUBMISSION``): a msgpack map telling the client that its
 submission was ingested, under which sequence number, and what it added.
@@ -18,13 +20,31 @@ from dittohead.errors import FormatError, UnsupportedFormat
 from dittohead.hashing import digest
 
 
-def have_name(seq: int) -> str:
-    return f"{seq:010d}{fmt.HAVE_SUFFIX}"
+def have_name(seq: int, part: int = 1) -> str:
+    """``SEQ.have`` (10 digits), and ``SEQ.PART.have`` for the further parts of one submission's
+    segment; a client reads every ``*.have`` in the folder, whatever its name."""
+    return f"{seq:010d}{'' if part == 1 else f'.{part}'}{fmt.HAVE_SUFFIX}"
+
+
+def have_ids_max() -> int:
+    """How many chunk ids one segment holds within ``HAVE_MAX_SIZE``."""
+    return (fmt.HAVE_MAX_SIZE - fmt.HAVE_HEADER.size - fmt.HASH_SIZE) // fmt.HASH_SIZE
 
 
 def encode_have(ids: list[bytes]) -> bytes:
+    """One segment; more ids than one may hold are refused (split them with ``have_segments``)."""
+    if len(ids) > have_ids_max():
+        raise ValueError(f"{len(ids)} chunk ids do not fit in one have-segment of at most "
+                         f"{fmt.HAVE_MAX_SIZE} bytes (use have_segments)")
     body = fmt.HAVE_HEADER.pack(fmt.HAVE_MAGIC, fmt.FORMAT_VERSION) + b"".join(ids)
     return body + digest(body)
+
+
+def have_segments(seq: int, ids: list[bytes]) -> list[tuple[str, bytes]]:
+    """The segments publishing the chunks submission ``seq`` brought, as (file name, bytes):
+    none for no ids, else ``SEQ.have`` and as many further parts as the size limit needs."""
+    per = have_ids_max()
+    return [(have_name(seq, i // per + 1), encode_have(ids[i : i + per])) for i in range(0, len(ids), per)]
 
 
 def decode_have(data: bytes, *, what: str = "have-segment") -> list[bytes]:
