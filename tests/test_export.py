@@ -228,6 +228,16 @@ def content(top: Path) -> dict[str, bytes]:
     return {rel: data for rel, (_i, _m, data) in snapshot(top).items()}
 
 
+def untouched(path: Path) -> tuple[int, ...]:
+    """What a file the export leaves alone keeps: the same file (device, inode), no link added or
+    removed, the same owner, mode and size, and no write or change of its metadata (mtime and
+    ctime, in ns). Not its access time: whether a read updates that depends on the mount
+    (relatime, noatime, strictatime, a FUSE or network filesystem), and any process may read it."""
+    st = os.lstat(path)
+    return (st.st_dev, st.st_ino, st.st_nlink, st.st_uid, st.st_gid, st.st_mode, st.st_size,
+            st.st_mtime_ns, st.st_ctime_ns)
+
+
 def warned(result: Result) -> str:
     return "".join(
         line for line in result.stderr.splitlines(keepends=True) if "left untouched" in line
@@ -256,12 +266,12 @@ def test_a_file_in_current_that_the_export_did_not_write_is_left_alone(
     # The user replaces an entry the export wrote by a file of their own; then a new version.
     (dest / "current/a.txt").unlink()
     (dest / "current/a.txt").write_bytes(b"my own a\n")
-    mine = os.stat(dest / "current/a.txt")
+    mine = untouched(dest / "current/a.txt")
     write_file(src / "a.txt", b"a2\n")
     write_file(src / "b.txt", b"b2\n")
     sync_round(server, src, model, site="labA")
     result = export(server, dest)
-    assert os.stat(dest / "current/a.txt")[1:] == mine[1:]  # inode, size, times: untouched
+    assert untouched(dest / "current/a.txt") == mine
     assert (dest / "current/a.txt").read_bytes() == b"my own a\n"
     assert (dest / "current/empty.dat").read_bytes() == b"junk\n"
     assert str(dest / "current/a.txt") in warned(result), result.stderr
@@ -294,8 +304,8 @@ def test_without_hard_links_copies_in_current_are_left_at_their_version(
     with monkeypatch.context() as m:
         m.setattr(os, "link", no_links)
         export(server, dest)
-    copy = os.stat(dest / "current/a.txt")
-    assert copy.st_nlink == 1  # a copy
+    assert os.stat(dest / "current/a.txt").st_nlink == 1  # a copy
+    copy = untouched(dest / "current/a.txt")
     (dest / "current/b.txt").unlink()
     (dest / "current/b.txt").write_bytes(b"my own b\n")
     write_file(src / "a.txt", b"a2\n")
@@ -304,7 +314,7 @@ def test_without_hard_links_copies_in_current_are_left_at_their_version(
     with monkeypatch.context() as m:
         m.setattr(os, "link", no_links)
         result = export(server, dest)
-    assert os.stat(dest / "current/a.txt")[1:] == copy[1:]  # inode, size, times: untouched
+    assert untouched(dest / "current/a.txt") == copy
     assert (dest / "current/a.txt").read_bytes() == b"a1\n"
     assert str(dest / "current/a.txt") in warned(result), result.stderr
     assert (dest / "current/b.txt").read_bytes() == b"my own b\n"
@@ -588,12 +598,12 @@ def test_a_file_with_an_older_versions_bytes_is_not_the_exports_own(
     export(server, dest)
     (dest / "current/a.txt").unlink()
     (dest / "current/a.txt").write_bytes(b"a1\n")
-    mine = os.stat(dest / "current/a.txt")
+    mine = untouched(dest / "current/a.txt")
 
     write_file(src / "a.txt", b"a2\n")
     sync_round(server, src, model, site="labA")
     result = export(server, dest)
-    assert os.stat(dest / "current/a.txt")[1:] == mine[1:]  # inode, size, times: untouched
+    assert untouched(dest / "current/a.txt") == mine
     assert (dest / "current/a.txt").read_bytes() == b"a1\n"
     assert str(dest / "current/a.txt") in warned(result), result.stderr
     assert "1 files in the way left untouched" in result.stdout
