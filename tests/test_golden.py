@@ -125,11 +125,15 @@ def test_log_and_versions(golden: Path) -> None:
 
 
 def test_without_the_index(golden: Path) -> None:
-    """index.sqlite is derived: deleted, it is rebuilt from packs, manifests and logs."""
+    """index.sqlite is derived: deleted, readers answer from packs, manifests and logs (an index
+    of their own, outside the store: they never write under store/), and the one writer (fsck,
+    here, holding the lock) rebuilds it."""
     (golden / "store" / "index.sqlite").unlink()
     check_history(golden)
     check_reads(golden)
-    assert (golden / "store" / "index.sqlite").exists()
+    assert not (golden / "store" / "index.sqlite").exists()
+    res = invoke("fsck", "--store", golden, "--json")
+    assert res.exit_code == 0 and (golden / "store" / "index.sqlite").exists(), res.output
     check_fsck_clean(golden)
 
 

@@ -28,6 +28,7 @@ from dittohead import manifest as mf
 from dittohead.display import escape, json_path
 from dittohead.errors import FormatError
 from dittohead.hashing import blake3
+from dittohead.lock import FileLock, Held
 from dittohead.store.index import DERIVED_TABLES, Index
 from dittohead.store.repo import Store, manifest_key
 
@@ -162,6 +163,7 @@ class Checker:
         self._refs: dict[bytes, list[Affected]] | None = None
         self.data_jobs: list[DataJob] = []
         self.index_outdated = False  # the live index is of an earlier schema (rebuilt, not a finding)
+        self.index_unreadable = False  # the live index cannot be read as one (rebuilt: repaired)
         self._pool: ProcessPoolExecutor | None = None
         self.sound_packs: set[bytes] = set()
         self.damaged_packs: set[bytes] = set()
@@ -331,6 +333,9 @@ class Checker:
                 yield Finding(DAMAGE, "log", study, str(e))
                 continue
             known, source = self.store.committed_seq(study)
+            if known > len(parsed.records):  # or an ingest committed since the log was read:
+                with contextlib.suppress(FormatError):  # what it writes after its commit point
+                    parsed = self.store.read_log(study)  # is in the log when read again
             if known > len(parsed.records):
                 yield Finding(DAMAGE, "log", study,
                               f"holds {len(parsed.records)} records, but {source} shows submission #{known} "
@@ -404,16 +409,20 @@ class Checker:
 
     # -- layer 4
     def compare_index(self) -> list[str]:
-        """Which tables of the live index disagree with the fresh one ([] if none)."""
+        """Which tables of the live index disagree with the fresh one ([] if none), read as any
+        reader reads it: never written here (see ``repair_index``)."""
         path = self.store.root.index_path
+        if not os.path.exists(path):
+            return ["missing"]
         try:
-            live = Index(path)  # opened as any command opens it (a missing table is made, empty)
+            live = Index(path, readonly=True)
             self.index_outdated = not live.schema_ok
             live.close()
-            if self.index_outdated:  # an earlier dittohead's: rebuilt as any command would, no finding
+            if self.index_outdated:  # an earlier dittohead's: rebuilt as the ingest would, no finding
                 return []
             return self.fresh.differs_from(path)
         except sqlite3.DatabaseError:  # a damaged SQLite file: rebuild it
+            self.index_unreadable = True
             return sorted([*DERIVED_TABLES, "error"])
 
     def check_index(self, history_ok: bool, packs_ok: bool, differs: list[str] | None) -> Iterator[Finding]:
@@ -426,12 +435,52 @@ class Checker:
             yield Finding(WARNING, "index", "index.sqlite", "not compared or rebuilt while packs are damaged")
             return
         assert differs is not None  # compared: no pack was damaged before the data check either
-        if self.index_outdated:
-            self.store.rebuild_index()
-        elif differs:
-            self.store.rebuild_index()
+        if self.index_outdated or differs:
+            yield from self.repair_index()
+
+    def repair_index(self) -> Iterator[Finding]:
+        """Compare again, and rebuild the index if it still disagrees, holding the store's lock
+        (the one writer's): without it, the difference may be an ingest's work since this pass
+        read the logs, or the submission it is committing now, and is not reported."""
+        lock = FileLock(self.store.root.lock_path)
+        try:
+            lock.acquire()
+        except Held:
+            if not self.index_outdated:
+                yield Finding(WARNING, "index", "index.sqlite",
+                              "not compared: an ingest is running (run fsck again when it is idle)")
+            return
+        try:
+            with self.store.writing():
+                if self.index_outdated:  # an earlier dittohead's: no finding
+                    self.store.rebuild_index()
+                    return
+                if self.index_unreadable or not os.path.exists(self.store.root.index_path):
+                    self.store.rebuild_index()
+                    what = "could not be read" if self.index_unreadable else "was missing"
+                    yield Finding(REPAIRED, "index", "index.sqlite", f"{what}; rebuilt from packs, "
+                                  "manifests and logs")
+                    return
+                for study in self.store.log_studies():  # what was committed since the logs were read
+                    for rec in self.store.read_log(study).records[self.fresh.last_seq(study):]:
+                        self.store.apply_record(self.fresh, study, rec)
+                live = Index(self.store.root.index_path)
+                try:
+                    self.store.catch_up(live)  # what the ingest does after a crash past a commit point
+                finally:
+                    live.close()
+                differs = self.fresh.differs_from(self.store.root.index_path)
+                if differs:
+                    self.store.rebuild_index()
+                    yield Finding(REPAIRED, "index", "index.sqlite", f"disagreed with the store "
+                                  f"({', '.join(differs)}); rebuilt from packs, manifests and logs")
+        except sqlite3.DatabaseError:  # damaged beyond opening: rebuilt
+            with self.store.writing():
+                self.store.rebuild_index()
             yield Finding(REPAIRED, "index", "index.sqlite",
-                          f"disagreed with the store ({', '.join(differs)}); rebuilt from packs, manifests and logs")
+                          "could not be read; rebuilt from packs, manifests and logs")
+        finally:
+            lock.release()
 
 
 def check(store: Store, *, read_data: bool = False,

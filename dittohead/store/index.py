@@ -10,7 +10,10 @@ index is always exactly "the log up to last_seq". Paths are kept as BLOBs of the
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -102,10 +105,57 @@ def _version(row: tuple) -> Version:
     return Version(row[0], from_bytes(row[1]), *row[2:])
 
 
+def sqlite_uri(path: str, mode: str = "rwc") -> str:
+    """An SQLite URI for ``path`` (``:memory:`` stays a private in-memory database) opened with
+    ``mode``: ``rwc``, ``ro``, or ``immutable`` (read-only, with no locks and no -shm: only for a
+    file no writer is using)."""
+    if path == ":memory:":
+        return "file::memory:"
+    query = "immutable=1" if mode == "immutable" else f"mode={mode}"
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?{query}"
+
+
+def connect_readonly(path: str) -> sqlite3.Connection:
+    """A read-only connection to the index file ``path``, for any account that may read it.
+
+    With a writer at work (its -wal and -shm files there), it reads through them, as SQLite's
+    readers do. With none, the account that owns the index opens it the same way (SQLite may
+    leave its empty -wal and -shm files, the account's own, beside it); any other account must
+    not make files there, the writer's to use later, and reads the file alone as the whole
+    database (``immutable``: what the last writer left; docs/server-root.md). Raises
+    sqlite3.Error as ``connect`` does."""
+    if not os.path.exists(path + "-wal") and hasattr(os, "geteuid") and os.stat(path).st_uid != os.geteuid():
+        return sqlite3.connect(sqlite_uri(path, "immutable"), uri=True, isolation_level=None,
+                               check_same_thread=False)
+    db = sqlite3.connect(sqlite_uri(path, "ro"), uri=True, isolation_level=None, timeout=60,
+                         check_same_thread=False)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        if os.path.exists(path + "-wal"):  # a writer's log we may not read without its -shm
+            raise
+    return sqlite3.connect(sqlite_uri(path, "immutable"), uri=True, isolation_level=None,
+                           check_same_thread=False)
+
+
 class Index:
-    def __init__(self, path: str) -> None:
+    """The index file, opened by the ingest (``readonly`` False: the one writer, under the
+    store's lock) or by a reader (``readonly``: nothing is ever written, not even the schema)."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=60)
+        self.readonly = readonly
+        if readonly:
+            self.db = connect_readonly(path)
+            try:
+                row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            except sqlite3.OperationalError as e:  # no meta table: empty, or not an index of ours
+                raise sqlite3.DatabaseError(f"not an index: {e}") from e
+            self.schema_ok = row is not None and row[0] == SCHEMA_VERSION
+            return
+        self.db = sqlite3.connect(sqlite_uri(path), uri=True, isolation_level=None, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -282,7 +332,15 @@ class Index:
         sqlite3.DatabaseError as dump() would on a damaged file.
         """
         q = self.db.execute
-        q("ATTACH DATABASE ? AS other", (path,))
+        try:
+            q("ATTACH DATABASE ? AS other", (sqlite_uri(path, "ro"),))
+            q("SELECT 1 FROM other.sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:  # as connect_readonly: no writer, and no -shm we may make
+            with contextlib.suppress(sqlite3.OperationalError):
+                q("DETACH DATABASE other")
+            if os.path.exists(path + "-wal"):
+                raise
+            q("ATTACH DATABASE ? AS other", (sqlite_uri(path, "immutable"),))
         try:
             out = []
             for table, cols, _ in _DERIVED:

@@ -288,7 +288,8 @@ class Ingestor:
         except Held:
             raise LockedError(f"{self.root.path}: another ingest is running (lock {self.root.lock_path})") from None
         try:
-            yield
+            with self.store.writing():  # the one writer: only under the lock
+                yield
         finally:
             lock.release()
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
 
 from dittohead import format as fmt
 from dittohead import fsutil, pack, records, studylog
@@ -89,13 +93,26 @@ def _sqlite_reason(e: sqlite3.Error, where: str) -> str:
 
 
 class Store:
-    """A server root's store, opened for reading and (under the ingest lock) writing."""
+    """A server root's store, opened for reading, and for writing only by the ingest that holds
+    the store's lock (``writing``): one writer, many readers (docs/server-root.md).
+
+    A reader never changes anything under store/, the index included: each thread reads the
+    index through a read-only connection of its own, as it is (an index that lags the log by a
+    submission being committed answers without it). Where the index cannot be used (missing,
+    unreadable, or of an earlier dittohead), a reader builds one of its own from the store in a
+    temporary file outside it, for as long as the Store is open; the ingest rebuilds the real one.
+    """
 
     def __init__(self, root: ServerRoot, objects: ObjectStore | None = None) -> None:
         self.root = root
         self.config = root.config()
         self.objects: ObjectStore = objects or LocalObjectStore(root.store)
-        self._index: Index | None = None
+        self.writer = False
+        self._index: Index | None = None  # the writer's
+        self._local = threading.local()  # a reader thread's, as .index
+        self._readers: list[Index] = []
+        self._readers_lock = threading.Lock()
+        self._private: str | None = None  # the folder of a reader's own index, if it needed one
 
     @classmethod
     def open(cls, path: str) -> Store:
@@ -105,6 +122,31 @@ class Store:
         if self._index is not None:
             self._index.close()
             self._index = None
+        self._close_readers()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+    def _close_readers(self) -> None:
+        with self._readers_lock:
+            for idx in self._readers:
+                idx.close()
+            self._readers.clear()
+            self._local = threading.local()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Store]:
+        """Use this store as its one writer, for the ingest that holds the store's lock: the
+        index is opened for writing, rebuilt if it must be, and caught up with the logs."""
+        self._close_readers()
+        self.writer = True
+        try:
+            yield self
+        finally:
+            self.writer = False
+            if self._index is not None:
+                self._index.close()
+                self._index = None
 
     def __enter__(self) -> Store:  # noqa: PYI034
         return self
@@ -112,9 +154,16 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the index, always caught up with the logs
+    # -- the index: the writer's, caught up with the logs; or a reader thread's, read-only
     @property
     def index(self) -> Index:
+        if not self.writer:
+            mine: Index | None = getattr(self._local, "index", None)
+            if mine is None:
+                mine = self._local.index = self._open_reader()
+                with self._readers_lock:
+                    self._readers.append(mine)
+            return mine
         if self._index is None:
             idx: Index | None = None
             try:
@@ -136,6 +185,39 @@ class Store:
             self.catch_up()
         assert self._index is not None
         return self._index
+
+    def _open_reader(self) -> Index:
+        """A read-only connection to the index, or to a reader's own where it cannot be used."""
+        path = self.root.index_path
+        with self._readers_lock:
+            if self._private is not None:
+                return Index(os.path.join(self._private, "index.sqlite"), readonly=True)
+            why = ""
+            try:
+                if not os.path.exists(path):
+                    why = "missing"
+                elif not _sqlite_file_intact(path):
+                    why = "damaged"
+                else:
+                    idx = Index(path, readonly=True)
+                    if idx.schema_ok:
+                        return idx
+                    idx.close()
+                    why = "of an earlier dittohead"
+            except sqlite3.DatabaseError as e:
+                if not _is_damage(e):
+                    raise StoreError(f"{path}: cannot read the index: {e}") from e
+                why = f"unreadable ({e})"
+            log.warning("the index %s is %s: reading from one built from the store for this command "
+                        "(the next ingest, or 'dittohead fsck', rebuilds it)", path, why)
+            private = tempfile.mkdtemp(prefix="dittohead-index-")
+            try:
+                self.rebuild_index(os.path.join(private, "index.sqlite")).close()
+            except BaseException:
+                shutil.rmtree(private, ignore_errors=True)
+                raise
+            self._private = private
+            return Index(os.path.join(private, "index.sqlite"), readonly=True)
 
     def log_studies(self) -> list[str]:
         out = []
@@ -200,7 +282,10 @@ class Store:
             return pack.read_entries(f, what=f"pack {pid.hex()}")
 
     def catch_up(self, idx: Index | None = None) -> int:
-        """Apply log records the index has not seen (after a crash past the commit point)."""
+        """Apply log records the index has not seen (after a crash past the commit point): by
+        the writer, to its index, or to an index of the caller's own (``idx``)."""
+        if idx is None and not self.writer:
+            raise StoreError("only the ingest that holds the lock catches the index up")
         idx = idx or self.index
         applied = 0
         for study in self.log_studies():
@@ -225,9 +310,12 @@ class Store:
         return idx.apply(study, rec, m, rows)
 
     def rebuild_index(self, path: str | None = None) -> Index:
-        """Build an index from packs, manifests and logs only (at ``path``, or in place)."""
+        """Build an index from packs, manifests and logs only (at ``path``, or in place: only
+        by the writer)."""
         target = path or self.root.index_path
         if path is None:
+            if not self.writer:
+                raise StoreError("the index is rebuilt in place only by the ingest that holds the lock")
             self.close()
             for suffix in ("", "-wal", "-shm"):
                 try:

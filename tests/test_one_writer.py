@@ -1,0 +1,132 @@
+"""One writer, many readers: only the ingest that holds the store's lock changes anything under
+store/, the index included; readers (log, versions, cat, export, fsck's checks) read it as it is.
+
+The two interleavings that broke it (issue 10) are forced here, deterministically, with real
+processes: an ingest is stopped between its commit point (the study-log record, appended and
+fsynced) and its index update, and a reader runs in that gap. A reader used to catch the index up
+itself (and the ingest then failed: "index already holds ... seq N"), and fsck used to take the
+gap for a disagreement, report it repaired and rebuild the index under the ingest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Server, describe, store_snapshot, write_file
+
+# A child process that ingests with Index.apply paused: it writes PAUSED once the study-log
+# record is appended (the commit point) and waits for GO before it updates the index.
+PAUSED_INGEST = r"""
+import os, sys, time
+from dittohead.store import index as index_mod
+from dittohead.store.ingest import Ingestor
+from dittohead.store.repo import Store
+
+flag_dir, root = sys.argv[1], sys.argv[2]
+real_apply = index_mod.Index.apply
+
+def paused_apply(self, *args, **kwargs):
+    open(os.path.join(flag_dir, "PAUSED"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(flag_dir, "GO")):
+        if time.monotonic() > deadline:
+            sys.exit("never told to go on")
+        time.sleep(0.01)
+    return real_apply(self, *args, **kwargs)
+
+index_mod.Index.apply = paused_apply
+store = Store.open(root)
+results = Ingestor(store).run_once()
+store.close()
+print(" ".join(f"{r.study}/{r.submission}:{'ok' if r.ok else r.reason}" for r in results))
+sys.exit(0 if results and all(r.ok for r in results) else 1)
+"""
+
+
+def _start_paused_ingest(server: Server, flags: Path) -> subprocess.Popen:
+    flags.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_INGEST, str(flags), str(server.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not (flags / "PAUSED").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"the ingest never reached its index update: {proc.returncode}\n{out}\n{err}")
+        time.sleep(0.01)
+    return proc
+
+
+def _finish(proc: subprocess.Popen, flags: Path) -> str:
+    (flags / "GO").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"the ingest failed ({proc.returncode}):\n{out}\n{err}"
+    return out
+
+
+@pytest.fixture
+def two_submissions(server: Server, tmp_path: Path) -> Path:
+    """Study s with one submission ingested and a second one committed, not yet ingested."""
+    src = tmp_path / "src"
+    write_file(src / "a.txt", b"first\n")
+    server.sync(src)
+    server.ingest()
+    write_file(src / "b.txt", b"second\n")
+    server.sync(src)
+    return src
+
+
+def test_a_reader_in_the_gap_after_the_commit_point_leaves_the_ingest_alone(
+        server: Server, two_submissions: Path, tmp_path: Path) -> None:
+    flags = tmp_path / "flags"
+    proc = _start_paused_ingest(server, flags)
+    try:
+        index_files = {p: p.stat().st_mtime_ns for p in (server.root / "store").glob("index.sqlite*")}
+        # the reader answers from the index as it is: the submission in flight is not there yet
+        res = server.run("log", "--store", server.root, "--study", "s", "--json")
+        assert res.exit_code == 0, describe(res)
+        assert [s["seq"] for s in json.loads(res.stdout)["submissions"]] == [1]
+        assert server.run("versions", "--store", server.root, "--study", "s", "b.txt").exit_code == 1  # not yet
+        assert server.cat("a.txt") == b"first\n"
+        assert {p: p.stat().st_mtime_ns for p in (server.root / "store").glob("index.sqlite*")} == index_files
+    finally:
+        out = _finish(proc, flags)
+    assert "s/" in out
+    assert [s["seq"] for s in server.log()] == [1, 2]
+    assert server.cat("b.txt") == b"second\n"
+
+
+def test_fsck_in_the_gap_reports_nothing_that_is_not_there(server: Server, two_submissions: Path,
+                                                           tmp_path: Path) -> None:
+    flags = tmp_path / "flags"
+    proc = _start_paused_ingest(server, flags)
+    try:
+        before = store_snapshot(server.root)
+        res = server.run("fsck", "--store", server.root, "--json")
+        doc = json.loads(res.stdout)
+        assert res.exit_code == 0, describe(res)
+        # the index lags the log by the submission in flight: not a disagreement, not repaired
+        assert [f for f in doc["findings"] if f["severity"] != "warning"] == [], doc["findings"]
+        assert store_snapshot(server.root) == before  # fsck changed nothing under the ingest
+    finally:
+        _finish(proc, flags)
+    res = server.run("fsck", "--store", server.root, "--read-data", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == [], describe(res)
+
+
+def test_readers_never_write_under_store(server: Server, two_submissions: Path) -> None:
+    """Every read command, and fsck with nothing to repair, leaves store/ byte for byte as it
+    was, the index's files included, with a submission committed and not yet ingested."""
+    server.ingest()
+    before = store_snapshot(server.root)
+    for args in (["log", "--study", "s"], ["versions", "--study", "s", "a.txt"], ["cat", "--study", "s", "b.txt"],
+                 ["fsck", "--read-data"]):
+        res = server.run(args[0], "--store", server.root, *args[1:])
+        assert res.exit_code == 0, describe(res)
+    assert store_snapshot(server.root) == before
