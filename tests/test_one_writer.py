@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, describe, store_snapshot, write_file
+from conftest import Server, describe, store_snapshot, tree_snapshot, write_file
 
 # A child process that ingests with Index.apply paused: it writes PAUSED once the study-log
 # record is appended (the commit point) and waits for GO before it updates the index.
@@ -120,13 +120,28 @@ def test_fsck_in_the_gap_reports_nothing_that_is_not_there(server: Server, two_s
     assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == [], describe(res)
 
 
-def test_readers_never_write_under_store(server: Server, two_submissions: Path) -> None:
-    """Every read command, and fsck with nothing to repair, leaves store/ byte for byte as it
-    was, the index's files included, with a submission committed and not yet ingested."""
-    server.ingest()
-    before = store_snapshot(server.root)
-    for args in (["log", "--study", "s"], ["versions", "--study", "s", "a.txt"], ["cat", "--study", "s", "b.txt"],
-                 ["fsck", "--read-data"]):
+def test_readers_never_write_under_store(server: Server, two_submissions: Path, tmp_path: Path) -> None:
+    """An ingest killed past its commit point leaves the index a submission behind the log.
+    Every read command, and fsck's checks, then leave store/ byte for byte as it was, the index
+    included (SQLite's -wal and -shm coordination files aside); the next ingest catches up."""
+    flags = tmp_path / "flags"
+    proc = _start_paused_ingest(server, flags)
+    proc.kill()
+    proc.communicate(timeout=30)
+    coordination = ("lock", "index.sqlite-wal", "index.sqlite-shm")
+
+    def snapshot() -> dict:
+        return {k: v for k, v in tree_snapshot(server.root / "store").items() if k not in coordination}
+
+    before = snapshot()
+    for args in (["log", "--study", "s"], ["versions", "--study", "s", "a.txt"], ["cat", "--study", "s", "a.txt"],
+                 ["export", "--study", "s", str(tmp_path / "out")]):
         res = server.run(args[0], "--store", server.root, *args[1:])
         assert res.exit_code == 0, describe(res)
-    assert store_snapshot(server.root) == before
+    assert snapshot() == before
+    assert server.run("versions", "--store", server.root, "--study", "s", "b.txt").exit_code == 1  # not yet
+    # fsck: no damage; holding the lock, it catches the index up as the ingest would (no finding)
+    res = server.run("fsck", "--store", server.root, "--read-data", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == [], describe(res)
+    server.ingest()
+    assert server.cat("b.txt") == b"second\n"
