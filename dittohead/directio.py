@@ -2,15 +2,14 @@
 
 dittohead moves each byte of a study once: from a source file into a pack, and on the server
 from an uploaded pack into a store pack. Through the page cache, that costs the kernel more CPU
-than chunking and hashing cost dittohead: on the benchmark machine (a VM, ext4) a buffered write
-of 1.2 GB took 3.4 s of kernel time and an O_DIRECT one 0.25 s; a cold buffered read 2.1 s
-against 0.07 s. Bulk data read once has nothing to gain from the cache, and a collector's
+than chunking and hashing cost dittohead (the figures: benchmarks/README.md, "Figures behind the
+code's choices"). Bulk data read once has nothing to gain from the cache, and a collector's
 machine keeps its cache for the programs it runs.
 
 The server reads its packs (ingest's uploads, fsck's store) the other way: through the cache,
 told that the read is sequential (``advise``), and dropping them after. There the kernel's
-read-ahead keeps more of the disk busy than direct reads, a pack at a time, do: 20 to 25% off
-the ingest and fsck of the benchmark store, for some kernel time the server can spare.
+read-ahead keeps more of the disk busy than direct reads, a pack at a time, do: faster on the
+benchmark store, for some kernel time the server can spare (same place).
 
 Everything here falls back to ordinary buffered I/O, silently and per file: where O_DIRECT does
 not exist (Windows, macOS), where a filesystem refuses it (tmpfs on older kernels, some network

@@ -4,9 +4,10 @@ Two runs that must not overlap (two syncs of one study to one destination; two i
 store) each take the lock on one file. The operating system drops the lock when its holder
 ends in any way, kill -9 and a power cut included, so a stale lock never needs clearing by hand.
 
-- POSIX: ``flock(2)`` on the open file. Five lines, and importing nothing: the no-change sync,
-  which takes this lock first, spends 0.7 s in all, and importing filelock (which pulls in
-  logging, inspect, decimal and OpenSSL) cost 30-90 ms of it with a cold cache.
+- POSIX: ``flock(2)`` on the open file. Five lines, and importing nothing: the no-change sync
+  takes this lock first, and importing filelock (which pulls in logging, inspect, decimal and
+  OpenSSL) added to its time, measurably, with a cold cache (benchmarks/README.md, "Figures
+  behind the code's choices").
 - Windows: filelock (``msvcrt.locking``), the well-kept cross-platform library, imported only
   there. The tests run the same contract against both backends on Linux.
 

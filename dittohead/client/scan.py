@@ -109,10 +109,10 @@ class _Prefetch:
 
     Only the side effect counts. On a cold cache most of a scan is waiting for directory
     blocks, one at a time, and the disk answers a queue of reads faster; the scanning thread
-    then finds them cached (on a 20,000-file study here: 0.43 s down to 0.31 s). Nothing is
-    stat'ed: a file's inode is read with its neighbours' when the scan stats the first of them.
-    When the tree turns out to be cached, the threads stop: their listings would only take the
-    interpreter lock from the scanning thread (0.13 s up to 0.18 s on a cached study).
+    then finds them cached. Nothing is stat'ed: a file's inode is read with its neighbours'
+    when the scan stats the first of them. When the tree turns out to be cached, the threads
+    stop: their listings would only take the interpreter lock from the scanning thread.
+    The figures: benchmarks/README.md, "Figures behind the code's choices".
     Nothing is kept but the queue of folders still to list.
     """
 
