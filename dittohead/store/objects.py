@@ -1,9 +1,14 @@
 """The small object-storage interface behind the store, and its local-directory backend.
 
-The store keeps packs, manifests and study logs as named objects ("packs/ab/ID.pack",
-"manifests/ab/ID", "studies/NAME.log"). Objects are created once and never overwritten; the only
-growing objects are study logs, appended to. An S3-compatible backend implements the same
-``ObjectStore`` protocol (logs there become one object per record; see docs/format.md).
+The store keeps packs, manifests and study logs as named objects: ``packs/AB/ID.pack``,
+``manifests/AB/ID`` (AB: the id's first two hex digits) and ``studies/NAME.log``, laid out as
+docs/format.md says ("Pack", "Manifest", "Study log"). Packs and manifests are created once and
+never overwritten. A study log is one object per study, its header then one record per ingest:
+the one object that grows (``append``), and the one that may be cut, back to its last good
+record and only to drop a torn tail that was never committed (``truncate_torn``). A backend
+without append (an S3-compatible one) would have to hold a log some other way; docs/format.md
+defines no such layout yet. A study's settings (``studies/NAME.json``) and the index are
+files beside these objects, not objects (``dittohead/store/layout.py``).
 """
 
 from __future__ import annotations
