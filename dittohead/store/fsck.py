@@ -22,7 +22,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from dittohead import directio, fsutil, pack, records
+from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
 from dittohead import manifest as mf
 from dittohead.display import escape, json_path
@@ -177,6 +177,15 @@ class Checker:
     def run(self) -> Iterator[Finding]:
         # The index as it should be, built in memory from what this pass reads (one decode each).
         self.fresh = Index(":memory:")
+        # The history first, then the packs: a record's packs are written before the record
+        # (write ordering), so every pack of the history read here is in the listing made next,
+        # whatever an ingest commits meanwhile (that is not part of this check).
+        self.logs: dict[str, studylog.ParsedLog | FormatError] = {}
+        for study in self.store.log_studies():
+            try:
+                self.logs[study] = self.store.read_log(study)
+            except FormatError as e:
+                self.logs[study] = e
         try:
             yield from self.check_packs()
             history_ok = True
@@ -325,18 +334,17 @@ class Checker:
 
     # -- layers 2 and 3
     def check_history(self) -> Iterator[Finding]:
-        for study in self.store.log_studies():
+        for study, parsed in self.logs.items():
             self.stats.studies += 1
-            try:
-                parsed = self.store.read_log(study)
-            except FormatError as e:
-                yield Finding(DAMAGE, "log", study, str(e))
+            if isinstance(parsed, FormatError):
+                yield Finding(DAMAGE, "log", study, str(parsed))
                 continue
             known, source = self.store.committed_seq(study)
+            now = parsed
             if known > len(parsed.records):  # or an ingest committed since the log was read:
                 with contextlib.suppress(FormatError):  # what it writes after its commit point
-                    parsed = self.store.read_log(study)  # is in the log when read again
-            if known > len(parsed.records):
+                    now = self.store.read_log(study)  # is in the log when read again
+            if known > len(now.records):
                 yield Finding(DAMAGE, "log", study,
                               f"holds {len(parsed.records)} records, but {source} shows submission #{known} "
                               "was committed: committed history is missing or damaged")
@@ -457,9 +465,10 @@ class Checker:
                     return
                 if self.index_unreadable or not os.path.exists(self.store.root.index_path):
                     self.store.rebuild_index()
-                    what = "could not be read" if self.index_unreadable else "was missing"
-                    yield Finding(REPAIRED, "index", "index.sqlite", f"{what}; rebuilt from packs, "
-                                  "manifests and logs")
+                    if self.index_unreadable or self.store.log_studies():  # not a new, empty store
+                        what = "could not be read" if self.index_unreadable else "was missing"
+                        yield Finding(REPAIRED, "index", "index.sqlite", f"{what}; rebuilt from packs, "
+                                      "manifests and logs")
                     return
                 for study in self.store.log_studies():  # what was committed since the logs were read
                     for rec in self.store.read_log(study).records[self.fresh.last_seq(study):]:

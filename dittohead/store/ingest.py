@@ -280,13 +280,23 @@ class Ingestor:
         self.clock = clock
         self.max_attempts = max_attempts
 
+    LOCK_WAIT = 30.0  # seconds: an fsck that repairs the index holds the lock that long at most, mostly
+
     @contextlib.contextmanager
     def locked(self):
+        """Hold the store's lock (the one writer's), waiting up to LOCK_WAIT for it: an fsck
+        repairing the index holds it for a moment; another ingest's pass is refused after that."""
         lock = FileLock(self.root.lock_path)
-        try:
-            lock.acquire()
-        except Held:
-            raise LockedError(f"{self.root.path}: another ingest is running (lock {self.root.lock_path})") from None
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            try:
+                lock.acquire()
+                break
+            except Held:
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"{self.root.path}: another ingest (or an fsck repairing the index) "
+                                      f"is running (lock {self.root.lock_path})") from None
+                time.sleep(0.1)
         try:
             with self.store.writing():  # the one writer: only under the lock
                 yield
