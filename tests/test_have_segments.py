@@ -49,9 +49,6 @@ def test_have_segments_split_at_the_limit(small_limit: int, n: int) -> None:
         records.encode_have(_ids(IDS_PER_SEGMENT + 1))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="store/ingest.py still writes one segment with encode_have; it is to write "
-                          "each of records.have_segments(seq, gained) (reported to the lead)")
 def test_an_ingest_of_many_new_chunks_publishes_segments_within_the_limit(
     server: Server, tmp_path: Path, small_limit: int
 ) -> None:

@@ -14,7 +14,7 @@ from dittohead.client.sync import NoProgress, Progress, SyncOptions
 from dittohead.client.sync import sync as run_sync
 from dittohead.client.transport import open_transport
 from dittohead.display import escape
-from dittohead.errors import LockedError, NoSuchStudy, NotFound, UsageError
+from dittohead.errors import LockedError, UsageError
 from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
 from dittohead.store.layout import check_study_name
@@ -92,8 +92,6 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
         progress: Progress = BarProgress() if progress_enabled() else NoProgress()
         try:
             summary = run_sync(opts, transport, cache, progress)
-        except NotFound as e:  # the one thing a sync can find missing: the study (check_study)
-            raise NoSuchStudy(str(e)) from None
         finally:
             cache.close()
             transport.close()

@@ -172,7 +172,7 @@ def _refresh_have(t: Transport, cache: cc.StateCache, study: str) -> None:
             continue
         try:
             ids = records.decode_have(t.read_have(study, seg), what=f"have-segment {seg}")
-        except FormatError:
+        except (FormatError, ValueError):  # ValueError: larger than the limit
             continue  # a damaged segment only means re-sending chunks the server may have
         cache.add_segment(seg, ids)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from dittohead import directio, fsutil
 from dittohead import format as fmt
-from dittohead.errors import NotFound, TransportError
+from dittohead.errors import NoSuchStudy, TransportError
 
 # A staging folder is made 0750 and gets the inbox's group (the daemon's: the inbox is setgid),
 # and so does every file written into it (0640): the daemon reads them through that group. At the
@@ -117,7 +117,7 @@ class LocalTransport:
         except OSError:
             is_dir = False
         if not is_dir:
-            raise NotFound(f"{self.root}: no study {study!r} (the admin adds it with 'dittohead study add')")
+            raise NoSuchStudy(f"{self.root}: no study {study!r} (the admin adds it with 'dittohead study add')")
 
     def list_have(self, study: str) -> list[str]:
         try:

@@ -630,6 +630,26 @@ class Ingestor:
         written = plan.writer.commit()
         store.objects.put_bytes(manifest_key(plan.mid), plan.data)
         key = log_key(box.name)
+        last = idx.last_seq(box.name)
+        size = store.objects.size(key) if store.objects.exists(key) else 0
+        if not size or idx.log_end(box.name) != (last, size):
+            # The log is read whole only where the index's note of its end does not match it
+            # (a first ingest here, a crash after a commit point): otherwise it ends at the last
+            # record the index holds, and nothing of it need be read.
+            size = self._log_end_checked(box, key)
+        seq = last + 1
+        rec = studylog.LogRecord(seq, name, plan.mid, self.clock(), tuple(pid for pid, _ in written))
+        data = studylog.encode_record(rec)
+        store.objects.append(key, data, create_with=studylog.header())
+        # -- committed. Everything below is derived from the log and redone after a crash.
+        rows = [(pe.id, pid, pe.offset, pe.length) for pid, entries in written for pe in entries]
+        idx.apply(box.name, rec, plan.manifest, rows)
+        idx.set_log_end(box.name, seq, (size or len(studylog.header())) + len(data))
+
+    def _log_end_checked(self, box: StudyDropbox, key: str) -> int:
+        """Read the study log whole: set a torn tail aside, check that it holds what the index
+        holds, and return where it ends (0: no log yet)."""
+        store = self.store
         parsed = store.read_log(box.name)
         if parsed.torn:
             known, source = store.committed_seq(box.name)
@@ -641,21 +661,15 @@ class Ingestor:
             qname = f"{box.name}.log-torn-{self.clock()}"
             fsutil.write_new(os.path.join(self.root.quarantine, qname), tail, mode=0o600, exist_ok=True)
             log.warning("study log %s: a torn record from an interrupted ingest was set aside as %s", box.name, qname)
-        seq = len(parsed.records) + 1
-        if seq != idx.last_seq(box.name) + 1:
+        if len(parsed.records) != store.index.last_seq(box.name):
             raise StoreError(f"study log {box.name} and the index disagree; run 'dittohead fsck'")
-        rec = studylog.LogRecord(seq, name, plan.mid, self.clock(), tuple(pid for pid, _ in written))
-        store.objects.append(key, studylog.encode_record(rec), create_with=studylog.header())
-        # -- committed. Everything below is derived from the log and redone after a crash.
-        rows = [(pe.id, pid, pe.offset, pe.length) for pid, entries in written for pe in entries]
-        idx.apply(box.name, rec, plan.manifest, rows)
+        return parsed.good_size
 
     def _finish(self, box: StudyDropbox, name: str, seq: int) -> None:
         idx = self.store.index
         gained = idx.chunks_gained(box.name, seq)
-        if gained:
-            fsutil.write_new(os.path.join(box.have, records.have_name(seq)), records.encode_have(gained),
-                             mode=0o644, exist_ok=True)
+        for segment, data in records.have_segments(seq, gained):  # each within HAVE_MAX_SIZE
+            fsutil.write_new(os.path.join(box.have, segment), data, mode=0o644, exist_ok=True)
         sub = idx.submission_named(box.name, name)
         assert sub is not None
         receipt = records.Receipt(box.name, name, seq, sub.manifest, sub.ingested_ns, sub.files,
