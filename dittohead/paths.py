@@ -11,6 +11,7 @@ and nowhere else.
 
 from __future__ import annotations
 
+import bisect
 import os
 
 from dittohead import format as fmt
@@ -83,17 +84,20 @@ def check(path: object) -> str:
 def check_tree(paths: list[str]) -> None:
     """No duplicates, and no path that is also a folder of another (a file cannot be both).
 
-    Sorted with ``/`` as the lowest character, a path's descendants come right after it, so
-    only neighbours are compared: the cost follows the paths' bytes, not their depth."""
+    Each path's descendants are found by one bisection of the sorted paths for ``path + "/"``:
+    the cost follows the number of paths and their bytes, not their depth, and nothing but the
+    sorted list of references is made (a manifest may hold 200,000 paths)."""
     seen: set[str] = set()
     for p in paths:
         if p in seen:
             raise BadPath(f"duplicate path: {_q(p)}")
         seen.add(p)
-    ordered = sorted(paths, key=lambda p: p.replace("/", "\x00"))
-    for p, nxt in zip(ordered, ordered[1:]):
-        if nxt.startswith(p) and nxt[len(p) : len(p) + 1] == "/":
-            raise BadPath(f"path {_q(p)} is a file and also a folder of {_q(nxt)}")
+    ordered = sorted(paths)
+    for p in ordered:
+        below = p + "/"
+        i = bisect.bisect_left(ordered, below)
+        if i < len(ordered) and ordered[i].startswith(below):
+            raise BadPath(f"path {_q(p)} is a file and also a folder of {_q(ordered[i])}")
 
 
 def as_typed(path: str) -> str:

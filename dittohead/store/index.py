@@ -132,10 +132,11 @@ def connect_readonly(path: str) -> sqlite3.Connection:
     try:
         db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         return db
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError:  # no -shm could be made (a full disk, a read-only folder)
         db.close()
-        if os.path.exists(path + "-wal"):  # a writer's log we may not read without its -shm
-            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(path + "-wal"):  # a writer's log we cannot read without its -shm
+                raise
     return sqlite3.connect(sqlite_uri(path, "immutable"), uri=True, isolation_level=None,
                            check_same_thread=False)
 
@@ -204,6 +205,20 @@ class Index:
             raise
 
     # -- studies and history
+    def log_end(self, study: str) -> tuple[int, int] | None:
+        """(seq, bytes): where the study's log ended just after record ``seq``, as the ingest
+        noted it (``set_log_end``); a hint, not derived data: the ingest trusts it only where it
+        matches both the index's last seq and the log's size now, and reads the log otherwise."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", ("log_end:" + study,)).fetchone()
+        try:
+            seq, end = (int(x) for x in str(row[0]).split())
+        except (TypeError, ValueError):
+            return None
+        return seq, end
+
+    def set_log_end(self, study: str, seq: int, end: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("log_end:" + study, f"{seq} {end}"))
+
     def last_seq(self, study: str) -> int:
         row = self.db.execute("SELECT last_seq FROM studies WHERE name=?", (study,)).fetchone()
         return row[0] if row else 0
@@ -338,8 +353,9 @@ class Index:
         except sqlite3.OperationalError:  # as connect_readonly: no writer, and no -shm we may make
             with contextlib.suppress(sqlite3.OperationalError):
                 q("DETACH DATABASE other")
-            if os.path.exists(path + "-wal"):
-                raise
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getsize(path + "-wal"):
+                    raise
             q("ATTACH DATABASE ? AS other", (sqlite_uri(path, "immutable"),))
         try:
             out = []

@@ -206,7 +206,7 @@ class Store:
                     why = "of an earlier dittohead"
             except sqlite3.DatabaseError as e:
                 if not _is_damage(e):
-                    raise StoreError(f"{path}: cannot read the index: {e}") from e
+                    raise StoreError(f"{path}: cannot read the index: {_sqlite_reason(e, self.root.store)}") from e
                 why = f"unreadable ({e})"
             log.warning("the index %s is %s: reading from one built from the store for this command "
                         "(the next ingest, or 'dittohead fsck', rebuilds it)", path, why)
@@ -289,8 +289,10 @@ class Store:
         idx = idx or self.index
         applied = 0
         for study in self.log_studies():
-            parsed = self.read_log(study)
             last = idx.last_seq(study)
+            if idx.log_end(study) == (last, self.objects.size(log_key(study))):
+                continue  # the log ends with the last record the index holds: nothing to read
+            parsed = self.read_log(study)
             if last > len(parsed.records):
                 # The log lost committed records: reads go on from the index, which still holds
                 # them; ingest refuses this study (its next seq would not follow); fsck reports it.
