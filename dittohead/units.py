@@ -17,11 +17,11 @@ def human_bytes(n: float) -> str:
 
 def utc_stamp(ns: int) -> str:
     """20261121T101502Z: the server's ingest time in names and listings."""
-    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def utc_iso(ns: int) -> str:
-    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

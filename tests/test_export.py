@@ -19,7 +19,7 @@ import os
 import random
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from click.testing import Result
@@ -29,7 +29,7 @@ SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def stamp(ns: int) -> str:
-    return datetime.fromtimestamp(ns // 10**9, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.fromtimestamp(ns // 10**9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def ext(path: str) -> str:

@@ -17,9 +17,9 @@ import os
 import random
 import tempfile
 import unicodedata
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from conftest import Server, dir_bytes, store_snapshot, write_file

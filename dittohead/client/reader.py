@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 from dittohead import directio
 from dittohead import format as fmt

@@ -19,8 +19,9 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from dittohead import format as fmt
 from dittohead import paths, records

@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
@@ -86,14 +85,12 @@ def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[in
 
     Read through the page cache, told that the read is sequential, READ_DEPTH blocks in flight,
     each block fed straight to the hash of the chunk(s) it holds. The kernel's read-ahead keeps
-    more of a disk busy than direct reads do: on the benchmark machine fsck took 1.10 s this
-    way against 1.45 s reading around the cache (O_DIRECT), in 8 to 10 alternated runs of
-    each, for 0.3 to 0.5 s more kernel time. What the cache held of the pack was dropped when
+    more of a disk busy than direct reads do (the figures: benchmarks/README.md, "Figures
+    behind the code's choices"). What the cache held of the pack was dropped when
     its trailer was read (read_trailer), so that this reads the disk's copy, not one still in
     memory; it is dropped again after, so that a check of the whole store does not push out
-    what the server is using. (Dropping it here, just before, cost 0.1 to 0.3 s, perhaps
-    because the trailer's pages, just read on another CPU, make the kernel drain every CPU's
-    page lists.)
+    what the server is using. (Dropping it here, just before, was slower, perhaps because the
+    trailer's pages, just read on another CPU, make the kernel drain every CPU's page lists.)
     Entries are contiguous from the header on (the trailer check made sure). A chunk cut short
     by the end of the file fails.
     Returns (bytes read, [(bad chunk id, offset)], error). Runs in a worker process.

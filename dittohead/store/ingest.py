@@ -39,10 +39,10 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
@@ -528,9 +528,8 @@ class Ingestor:
         it is what it is named), computed on the reading thread.
 
         Through the page cache, told that the read is sequential: the kernel's read-ahead keeps
-        more of a disk busy than one direct read at a time. On the benchmark machine the
-        initial ingest (1.22 GB) took 1.63-2.21 s this way against 1.95-2.57 s with O_DIRECT
-        (8 alternated runs, faster in 7). Nothing reads these bytes again soon, so what the
+        more of a disk busy than one direct read at a time (the figures: benchmarks/README.md,
+        "Figures behind the code's choices"). Nothing reads these bytes again soon, so what the
         cache holds of the pack is dropped after.
         """
         fd = os.dup(f.fileno())
