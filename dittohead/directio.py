@@ -233,10 +233,19 @@ def read_small(path: str, flags: int, limit: int) -> tuple[bytes, os.stat_result
 
 
 def _release(fd: int, views: list[memoryview], bufs: list[mmap.mmap]) -> int:
-    """A Reader's or Writer's end: its buffers given back (the lists emptied), its file closed."""
+    """A Reader's or Writer's end: its buffers given back (the lists emptied), its file closed.
+
+    A view still exported (a slice of it alive in an exception's traceback: Ctrl-C in the
+    middle of a read) cannot be released; then none of the buffers is given back for reuse,
+    and each goes when the last reference to it does (raising BufferError here would hide the
+    exception being handled)."""
+    in_use = False
     for v in views:
-        v.release()
-    for b in bufs:
+        try:
+            v.release()
+        except BufferError:
+            in_use = True
+    for b in bufs if not in_use else ():
         _give_back(b)
     views.clear()
     bufs.clear()
