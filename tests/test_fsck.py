@@ -672,3 +672,16 @@ def test_large_store_every_flipped_chunk_is_found(tmp_path: Path) -> None:
     code, doc = fsck(root, "--read-data")
     assert code == EXIT_DAMAGE and damaged(doc, "pack") == {p.name[: -len(".pack")]}, doc
     assert affects_of(doc) == set().union(*(users[e.id] for e in entries))
+
+
+def test_a_stored_manifest_over_the_limit_is_damage_not_an_internal_error(
+        base: Base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Library code raises dittohead's own errors: a manifest in the store larger than the
+    limit it is read under is damage that fsck reports (exit 3)."""
+    work = base.copy(tmp_path / "root")
+    monkeypatch.setattr(fmt, "STORED_MANIFEST_MAX_SIZE", 16)
+    code, doc = fsck(work)
+    assert code == EXIT_DAMAGE, doc
+    kinds = {(f["severity"], f["kind"]) for f in doc["findings"]}
+    assert ("damage", "manifest") in kinds and all("larger than the limit" in f["message"]
+                                                   for f in doc["findings"] if f["kind"] == "manifest"), doc

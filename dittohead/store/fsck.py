@@ -360,6 +360,9 @@ class Checker:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(),
                                   f"missing (study {study}, submission #{rec.seq} {rec.submission})")
                     continue
+                except FormatError as e:
+                    yield Finding(DAMAGE, "manifest", rec.manifest.hex(), f"{e} (study {study}, submission #{rec.seq})")
+                    continue
                 if blake3(data).digest() != rec.manifest:
                     yield Finding(DAMAGE, "manifest", rec.manifest.hex(),
                                   f"does not match its id (study {study}, submission #{rec.seq})")

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
 from dittohead import directio, fsutil
-from dittohead.errors import StoreError
+from dittohead.errors import FormatError, StoreError
 
 
 class TmpFile(Protocol):
@@ -67,7 +67,12 @@ class LocalObjectStore:
         return os.stat(self._path(key)).st_size
 
     def get(self, key: str, limit: int) -> bytes:
-        return fsutil.read_limited(self._path(key), limit)
+        """The whole object; FormatError if it is larger than ``limit`` (damage, for anything
+        the store holds), FileNotFoundError if there is none."""
+        try:
+            return fsutil.read_limited(self._path(key), limit)
+        except ValueError:
+            raise FormatError(f"{key}: larger than the limit of {limit} bytes") from None
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         with open(self._path(key), "rb") as f:
