@@ -675,3 +675,52 @@ def test_a_pass_stopped_part_way_still_exports_what_it_ingested(dep: Deployment)
     assert "Permission denied" in cp.stderr, describe(cp)
     os.chown(dep.box("t", "processing"), dep.daemon.uid, dep.daemon.gid)
     assert "ingested t/" in dep.watch().stdout
+
+
+def test_an_account_that_may_only_read_the_store_reads_it_and_writes_nothing(dep: Deployment) -> None:
+    """Read commands as an account that can read store/ but not write it (an auditor's): log,
+    versions, cat and export answer, with no ingest running and with the index missing (read
+    around, from an index of its own outside the store); nothing under store/ changes, and no
+    file of that account's appears there (a -shm of its own would lock the daemon out)."""
+    up = dep.accounts.up_a
+    dep.write(up, "a.txt", b"one\n")
+    dep.submit(up)
+    dep.watch()
+    dep.write(up, "a.txt", b"two\n")
+    dep.submit(up)
+    dep.watch()
+    reader = dep.accounts.reader
+    store = dep.root / "store"
+    for dirpath, dirnames, filenames in os.walk(store):  # readable, never writable, by others
+        for name in [*dirnames, *filenames, "."]:
+            p = os.path.join(dirpath, name)
+            os.chmod(p, os.lstat(p).st_mode | (0o005 if os.path.isdir(p) else 0o004))
+
+    def snapshot() -> dict:
+        out = {}
+        for dirpath, _, filenames in os.walk(store):
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                out[p] = (st.st_uid, st.st_size, st.st_mtime_ns, open(p, "rb").read())  # noqa: SIM115
+        return out
+
+    out = make_dir(dep.base / "reader-out", reader, 0o755)
+    for case in ("as it is", "index missing"):
+        if case == "index missing":
+            (store / "index.sqlite").unlink()
+        before = snapshot()
+        cp = dep.accounts.run_as(reader, "log", "--store", dep.root, "--study", "s", "--json")
+        assert cp.returncode == 0 and len(json.loads(cp.stdout)["submissions"]) == 2, describe(cp)
+        cp = dep.accounts.run_as(reader, "versions", "--store", dep.root, "--study", "s", "a.txt", "--json")
+        assert cp.returncode == 0 and len(json.loads(cp.stdout)["versions"]) == 2, describe(cp)
+        cp = dep.accounts.run_as(reader, "cat", "--store", dep.root, "--study", "s", "a.txt", "--version", "1",
+                                 raw_stdout=True)
+        assert cp.returncode == 0 and cp.stdout == b"one\n", cp.stderr
+        cp = dep.accounts.run_as(reader, "export", "--store", dep.root, "--study", "s", out / case.replace(" ", "-"))
+        assert cp.returncode == 0, describe(cp)
+        assert (out / case.replace(" ", "-") / "current" / "a.txt").read_bytes() == b"two\n"
+        assert snapshot() == before, case
+    dep.watch()  # the daemon, the one writer, rebuilds the index (nothing to ingest: --once returns early)
+    cp = dep.as_daemon("fsck", "--store", dep.root, "--json", expect=None)
+    assert all(f["kind"] in ("index", "permissions") for f in json.loads(cp.stdout)["findings"]), describe(cp)
