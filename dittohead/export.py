@@ -28,19 +28,17 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 from dittohead import fsutil, paths
 from dittohead.display import escape, portable_name, unescape
-from dittohead.errors import DittoheadError, IntegrityError, NotFound
+from dittohead.errors import DittoheadError, IntegrityError
 from dittohead.store.index import Version
 from dittohead.store.repo import Store
 from dittohead.view import (
     CONFLICT_SUFFIX,
     Dir,
-    File,
     StudyView,
     version_name,
     version_os_mtime,
@@ -449,11 +447,7 @@ def export_study(store: Store, study: str, dest: str,
         escapes = _Escapes(root_fd)
 
         def in_view(parts: Sequence[str]) -> bool:
-            try:
-                view.lookup("/".join(parts))
-                return True
-            except NotFound:
-                return False
+            return view.exists("/".join(parts))
 
         folders = _Folders(root_fd, dest, summary, escapes, in_view)  # where the export writes
         sources = _Folders(root_fd, dest, summary, escapes, in_view)  # versions/, where links are made from
@@ -469,60 +463,108 @@ def export_study(store: Store, study: str, dest: str,
     return summary
 
 
-def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
-            summary: ExportSummary, progress: Callable[[int], None] | None) -> None:
-    ids: dict[tuple[str, int], Identity] = {}  # (path, n) -> its version file in DEST
-    ours: dict[str, set[Identity]] = {}  # path -> its version files in DEST, the export's own
+class _VersionFiles:
+    """The version files in DEST/versions/ that the export may link to, found again where they
+    are needed rather than remembered: the export holds one folder's listing per level of the
+    view, never a table of the study's versions.
 
-    def version_file(v: Version) -> list[str]:
+    A file at a version's place counts as that version if it is what an export wrote there: a
+    regular file of the version's size, owned by the account that exports (no other account can
+    make one it owns), never writable (``earlier``). A file this export has just written counts
+    too, however the filesystem shows it (a share may show every file writable, or owned by
+    another account): those few are remembered (``written``) only where the filesystem does not
+    show them as an earlier export's, which on a local disk is never.
+    """
+
+    def __init__(self, view: StudyView, sources: _Folders) -> None:
+        self.view = view
+        self.sources = sources  # versions/, opened apart from where the export writes
+        self.euid = os.geteuid() if hasattr(os, "geteuid") else 0
+        self.written: set[Identity] = set()
+
+    @staticmethod
+    def parts(v: Version) -> list[str]:
+        """Where ``v``'s version file goes: versions/PATH/NAME (or NAME~file, where a folder of
+        the view has NAME: the walk over versions/ gives that)."""
         return ["versions", *v.path.split("/"), version_name(v)]
 
-    def keep(v: Version, st: os.stat_result) -> None:
-        ids[(v.path, v.n)] = _identity(st)
-        ours.setdefault(v.path, set()).add(_identity(st))
+    def earlier(self, v: Version, st: os.stat_result) -> bool:
+        return (stat.S_ISREG(st.st_mode) and st.st_size == v.size and st.st_uid == self.euid
+                and not st.st_mode & 0o222)
+
+    def wrote(self, v: Version, st: os.stat_result) -> None:
+        if not self.earlier(v, st):
+            self.written.add(_identity(st))
+
+    def find(self, v: Version) -> tuple[int, str, Identity] | None:
+        """``v``'s version file: its folder's descriptor (in ``sources``), its name there and
+        its identity; None where it was not written (damaged in the store) or what is there is
+        not the export's (reported by the pass over versions/)."""
+        *parent, _ = where = self.parts(v)
+        src_fd = self.sources.open(parent, create=False)
+        if src_fd is None:
+            return None
+        name, st = self.sources.find(src_fd, where)
+        if st is not None and stat.S_ISDIR(st.st_mode):  # the view's folder of that name: NAME~file
+            name, st = self.sources.find(src_fd, [*parent, where[-1] + CONFLICT_SUFFIX])
+        if st is None or not (self.earlier(v, st) or (stat.S_ISREG(st.st_mode) and _identity(st) in self.written)):
+            return None
+        return src_fd, name, _identity(st)
+
+    def of_path(self, path: str) -> set[Identity]:
+        """The identities of every version file of the study path ``path`` in DEST."""
+        out = set()
+        for v in self.view.store.index.versions(self.view.study, path):
+            found = self.find(v)
+            if found is not None:
+                out.add(found[2])
+        return out
+
+
+def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
+            summary: ExportSummary, progress: Callable[[int], None] | None) -> None:
+    """Three walks of the view (each folder's entries sorted): versions/ first, writing each
+    version's bytes once, then submissions/ and current/, linking to those files."""
+    files = _VersionFiles(view, sources)
 
     # 1. every version's bytes, written once
-    euid = os.geteuid() if hasattr(os, "geteuid") else 0
-    for vpath, node in view.walk(view.root.children["versions"], "versions"):
-        if not isinstance(node, File):
+    for vpath, node in view.walk("versions"):
+        if isinstance(node, Dir):
             folders.open(vpath.split("/"), create=False)  # reports a symlink or file in the way
             continue
         v = node.version
-        *parent, name = version_file(v)
+        *parent, name = where = vpath.split("/")  # files.parts(v), but for a NAME~file
         dir_fd = folders.open(parent, create=True)
         if dir_fd is None:
             continue  # something not a folder in the way: reported
-        st = folders.find(dir_fd, version_file(v))[1]
+        st = folders.find(dir_fd, where)[1]
         if st is not None:
-            # An earlier export's: a regular file of the version's size, owned by the account
-            # that exports (no other account can make one it owns), never writable.
-            if (stat.S_ISREG(st.st_mode) and st.st_size == v.size and st.st_uid == euid
-                    and not st.st_mode & 0o222):
-                keep(v, st)
+            # An earlier export's (_VersionFiles.earlier), or in the way.
+            if files.earlier(v, st):
                 summary.unchanged += 1
             else:
-                summary.in_the_way(folders.path([*parent, name]))
+                summary.in_the_way(folders.path(where))
             continue
         t = version_os_mtime(v)
         try:
             with fsutil.new_file_at(dir_fd, name, mode=FILE_MODE, times=(t, t),
-                                    alt=folders.escaper(version_file(v))) as f:
+                                    alt=folders.escaper(where)) as f:
                 write_version(store, v, f)
         except IntegrityError as e:  # no part of it stays (new_file_at); the rest goes on
             summary.damaged.append(f"{v.path} v{v.n}: {e}")
             continue
         except FileExistsError:  # made meanwhile by someone else
-            summary.in_the_way(folders.path([*parent, name]))
+            summary.in_the_way(folders.path(where))
             continue
         except OSError as e:
             if e.errno not in _REFUSED:
                 raise
             # a folder not ours to write in, or a name DEST refuses with no free escaped name
-            summary.in_the_way(folders.path([*parent, name]))
+            summary.in_the_way(folders.path(where))
             continue
-        st = folders.find(dir_fd, version_file(v))[1]
+        st = folders.find(dir_fd, where)[1]
         if st is not None:
-            keep(v, st)
+            files.wrote(v, st)
         summary.written += 1
         summary.bytes += v.size
         if progress:
@@ -530,57 +572,59 @@ def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
 
     # 2. submissions/: links to the version files; 3. current/: links swapped atomically
     for top in ("submissions", "current"):
-        for vpath, node in view.walk(view.root.children[top], top):
-            *parent, name = vpath.split("/")
+        for vpath, node in view.walk(top):
+            here = vpath.split("/")
+            *parent, name = here
             if isinstance(node, Dir):
                 # current/PATH/ is a folder now; an old entry of ours for the file PATH moves
                 # to PATH~file, where the view shows that file (see export_study).
                 dir_fd = folders.open(parent, create=False) if top == "current" else None
-                here = vpath.split("/")
-                if (dir_fd is not None
-                        and _owned(folders.find(dir_fd, here)[1], ours.get(vpath[len("current/"):], set()))
-                        and _move_aside(folders, dir_fd, here)):
-                    summary.current_updated += 1
+                if dir_fd is not None:
+                    st = folders.find(dir_fd, here)[1]
+                    if (st is not None and stat.S_ISREG(st.st_mode)
+                            and _owned(st, files.of_path(vpath[len("current/"):]))
+                            and _move_aside(folders, dir_fd, here)):
+                        summary.current_updated += 1
                 # A folder in the view: a symlink or a file in its place is reported even
                 # where nothing is left to write beneath it.
-                folders.open(vpath.split("/"), create=False)
+                folders.open(here, create=False)
                 continue
             v = node.version
-            ident = ids.get((v.path, v.n))
-            if ident is None:
+            found = files.find(v)
+            if found is None:
                 continue  # not written: what was in its way is reported already
-            *src_parent, src = version_file(v)
+            src_fd, src, ident = found
             dir_fd = folders.open(parent, create=True)
             if dir_fd is None:
                 continue
-            on_disk, st = folders.find(dir_fd, vpath.split("/"))
+            on_disk, st = folders.find(dir_fd, here)
             if st is not None and _identity(st) == ident:
                 summary.unchanged += 1
                 continue
-            src_fd = sources.open(src_parent, create=False)
-            if src_fd is None:
-                continue
-            src = sources.find(src_fd, version_file(v))[0]
             try:
                 if st is None:
                     try:
-                        if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(vpath.split("/"))):
+                        if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(here)):
                             summary.linked += 1
                         else:  # the version file was swapped since step 1
-                            summary.in_the_way(folders.path(version_file(v)))
+                            summary.in_the_way(folders.path(files.parts(v)))
                     except FileExistsError:  # made meanwhile by someone else
-                        summary.in_the_way(folders.path(vpath.split("/")))
-                elif top == "current" and _owned(st, ours.get(v.path, set())):
+                        summary.in_the_way(folders.path(here))
+                elif top == "current" and _owned(st, files.of_path(v.path)):
+                    found = files.find(v)  # again: of_path moved ``sources``
+                    if found is None:
+                        continue
+                    src_fd, src, ident = found
                     tmp = fsutil.tmp_basename()
                     if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
                         os.replace(tmp, on_disk, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                         summary.current_updated += 1
                     else:
-                        summary.in_the_way(folders.path(version_file(v)))
+                        summary.in_the_way(folders.path(files.parts(v)))
                 else:
-                    summary.in_the_way(folders.path(vpath.split("/")))
+                    summary.in_the_way(folders.path(here))
             except OSError as e:
                 if e.errno not in _REFUSED:
                     raise
                 # a folder not ours to write in, or a name DEST refuses with no free escaped name
-                summary.in_the_way(folders.path(vpath.split("/")))
+                summary.in_the_way(folders.path(here))

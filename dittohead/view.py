@@ -5,11 +5,21 @@
                                               ingest time (UTC), SITE as the client named it
     submissions/STAMP_SITE_SEQ/PATH           each submission's files, as received
 
-The view is built from the index (path -> versions; invariant 9), never by replaying manifests.
+The view is answered from the index (path -> versions; invariant 9), never by replaying
+manifests and never by building the study's tree: opening one costs nothing, ``lookup`` of a
+path costs a few indexed queries (one per area, plus the hashing of its names), and listing a
+folder (``children``, ``list``) costs one query whose rows are what it lists (the index's tree
+table: see dittohead/store/index.py). Every call reads the index as it is then, so a view kept
+open (by the mount) shows each new ingest as soon as it is in the index; ``last_seq`` says which
+submission it has seen last, and folders' times follow it. Nothing here recurses on a path's
+depth, and ``walk`` keeps one folder's listing per level, not the study.
+
 Where one name is a file in one submission and a folder in another (``a`` then ``a/b``), the
-folder keeps the name and the file is shown as ``a~file``. Reading goes through ``FileReader``:
-chunk offsets precomputed, the chunk found by bisection, every chunk verified on read.
-This module imports no FUSE and no transport.
+folder keeps the name and the file is shown as ``a~file`` (in ``versions/PATH/``, a version file
+whose name is that of a folder there is shown so too), unless the folder also holds a path of
+that very name: that one keeps it, and the file is shown only in ``versions/``. Reading goes
+through ``FileReader``: chunk offsets precomputed, the chunk found by bisection, every chunk
+verified on read. This module imports no FUSE and no transport.
 """
 
 from __future__ import annotations
@@ -18,16 +28,20 @@ import bisect
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dittohead.chunking import unpack_chunk_list
+from dittohead.display import escape
 from dittohead.errors import NotFound
-from dittohead.store.index import Version
+from dittohead.paths import from_bytes, to_bytes
+from dittohead.store.index import FILE, FOLDER, TOP_KEY, FolderChain, Version, folder_key
 from dittohead.store.repo import Store
 from dittohead.units import utc_stamp
 
 CONFLICT_SUFFIX = "~file"
+_SUFFIX = CONFLICT_SUFFIX.encode()
 _SITE_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+AREAS = ("current", "submissions", "versions")  # the study's top folder, sorted
 
 
 def site_slug(site: str) -> str:
@@ -46,9 +60,20 @@ def submission_dir_name(seq: int, ingested_ns: int, site: str) -> str:
     return f"{utc_stamp(ingested_ns)}_{site_slug(site)}_{seq:06d}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dir:
-    children: dict[str, Node] = field(default_factory=dict)
+    """A folder of the view: what it takes to list it, not its contents.
+
+    ``area`` is where it is: "" the study's top folder, "current", "versions", "submissions"
+    (the folder of the submissions), or "submission" (in submission ``seq``'s folder). ``path`` is
+    its study path within its area ("" at the area's top) and ``key`` that path's key in the
+    index's tree table. ``mtime_ns``: the ingest time of the study's latest submission (of
+    submission ``seq``, in its own folder)."""
+
+    area: str = ""
+    path: str = ""
+    key: bytes = TOP_KEY
+    seq: int = 0
     mtime_ns: int = 0
 
 
@@ -60,74 +85,227 @@ class File:
 Node = Dir | File
 
 
-def _insert(root: Dir, parts: list[str], leaf: Node, mtime_ns: int) -> None:
-    d = root
-    d.mtime_ns = max(d.mtime_ns, mtime_ns)
-    for name in parts[:-1]:
-        child = d.children.get(name)
-        if isinstance(child, File):  # a file where a folder must go: the folder wins the name
-            d.children[name + CONFLICT_SUFFIX] = child
-            child = None
-        if child is None:
-            child = d.children[name] = Dir()
-        d = child
-        d.mtime_ns = max(d.mtime_ns, mtime_ns)
-    name = parts[-1]
-    if isinstance(d.children.get(name), Dir):
-        name += CONFLICT_SUFFIX
-    d.children[name] = leaf
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _shown(folders: set[bytes], files: dict[bytes, Version]) -> list[tuple[bytes, Version]]:
+    """The files of one folder under the names the view shows them by: a file whose name is
+    also a folder's as ``NAME~file``, unless that name is another entry's (then not at all)."""
+    out = []
+    for name, v in files.items():
+        if name in folders:
+            name += _SUFFIX
+            if name in folders or name in files:
+                continue
+        out.append((name, v))
+    return out
 
 
 class StudyView:
-    """The tree of one study, built once from the index."""
+    """One study's view, answered from the index on each call (nothing is built up front).
+
+    Safe to use from several threads: it holds no state but the latest submission it has seen,
+    and reads through ``store.index``, the calling thread's own connection to the index."""
 
     def __init__(self, store: Store, study: str) -> None:
         self.store = store
         self.study = study
-        self.root = Dir()
-        idx = store.index
-        versions = idx.all_versions(study)
-        by_key = {(v.path, v.n): v for v in versions}
-        current, vers, subs = Dir(), Dir(), Dir()
-        latest: dict[str, Version] = {}
-        for v in versions:
-            latest[v.path] = v  # ordered by path, n
-            _insert(vers, v.path.split("/") + [version_name(v)], File(v), v.ingested_ns)
-        for v in latest.values():
-            _insert(current, v.path.split("/"), File(v), v.ingested_ns)
-        submissions = {s.seq: s for s in idx.submissions(study)}
-        for seq, path, n in idx.entries(study):
-            s = submissions[seq]
-            top = submission_dir_name(seq, s.ingested_ns, s.site)
-            _insert(subs, [top] + path.split("/"), File(by_key[(path, n)]), s.ingested_ns)
-        self.root.children = {"current": current, "versions": vers, "submissions": subs}
-        self.root.mtime_ns = max(current.mtime_ns, vers.mtime_ns, subs.mtime_ns)
-        self.latest = latest
+        self._seen = (-1, 0)  # (last seq, its ingest time), as last read
 
+    # -- what the index holds now
+    def refresh(self) -> int:
+        """Read the study's latest submission from the index (a new ingest shows from now on in
+        folders' times); returns its seq."""
+        self._seen = self.store.index.latest_ingest(self.study)
+        return self._seen[0]
+
+    @property
+    def last_seq(self) -> int:
+        return self.refresh()
+
+    @property
+    def root(self) -> Dir:
+        self.refresh()
+        return Dir(mtime_ns=self._seen[1])
+
+    # -- one path
     def lookup(self, path: str) -> Node:
-        node: Node = self.root
-        for part in (p for p in path.split("/") if p):
-            if not isinstance(node, Dir) or part not in node.children:
-                raise NotFound(f"{self.study}: no such path in the view: {path}")
-            node = node.children[part]
+        """The node at the view path ``path`` (``current/a/b.txt``); NotFound if there is none."""
+        parts = [p for p in path.split("/") if p]
+        self.refresh()
+        node: Node | None = None
+        try:
+            node = self._lookup(parts)
+        except UnicodeEncodeError:  # a str no name's bytes decode to: no such name
+            node = None
+        if node is None:
+            raise NotFound(f"{self.study}: no such path in the view: {escape(path)}")
         return node
 
-    def walk(self, node: Node | None = None, prefix: str = "") -> Iterator[tuple[str, Node]]:
-        """(view path, node) for every node below ``node``, parents first, in sorted order; with
-        a stack, not recursion: a valid path may have more components than Python's recursion
-        limit allows frames."""
+    def exists(self, path: str) -> bool:
+        try:
+            self.lookup(path)
+        except NotFound:
+            return False
+        return True
 
-        def below(path: str, n: Node) -> list[tuple[str, Node]]:
-            if not isinstance(n, Dir):
-                return []
-            return [(f"{path}/{name}" if path else name, n.children[name])
-                    for name in sorted(n.children, reverse=True)]
+    def _lookup(self, parts: list[str]) -> Node | None:
+        mtime = self._seen[1]
+        if not parts:
+            return Dir(mtime_ns=mtime)
+        area, rest = parts[0], parts[1:]
+        if area == "current":
+            return self._in_tree("current", 0, rest, mtime)
+        if area == "versions":
+            return self._in_versions(rest, mtime)
+        if area != "submissions":
+            return None
+        if not rest:
+            return Dir("submissions", mtime_ns=mtime)
+        seq = self._submission_named(rest[0])
+        if seq is None:
+            return None
+        return self._in_tree("submission", seq[0], rest[1:], seq[1])
 
-        stack = below(prefix, node or self.root)
+    def _submission_named(self, name: str) -> tuple[int, int] | None:
+        """(seq, ingest time) of the submission whose folder is ``name``."""
+        tail = name.rsplit("_", 1)[-1]
+        if not (tail.isascii() and tail.isdigit()):
+            return None
+        s = self.store.index.submission(self.study, int(tail))
+        if s is None or submission_dir_name(s.seq, s.ingested_ns, s.site) != name:
+            return None
+        return s.seq, s.ingested_ns
+
+    @staticmethod
+    def _keys(names: list[bytes]) -> list[bytes]:
+        """keys[i]: the key of the folder names[:i] (keys[0] the top), for i up to len(names)-1."""
+        chain = FolderChain()
+        chain.descend(names)
+        return chain.keys
+
+    def _in_tree(self, area: str, seq: int, parts: list[str], mtime: int) -> Node | None:
+        """``parts`` in the tree of current/ (seq 0) or of submission ``seq``."""
+        if not parts:
+            return Dir(area, seq=seq, mtime_ns=mtime)
+        idx = self.store.index
+        names = [to_bytes(p) for p in parts]
+        keys = self._keys(names)
+        if len(names) > 1 and FOLDER not in idx.tree_kinds(self.study, seq, keys[-2], names[-2]):
+            return None
+        folder, name = "/".join(parts[:-1]), names[-1]
+        kinds = idx.tree_kinds(self.study, seq, keys[-1], name)
+        if FOLDER in kinds:
+            return Dir(area, "/".join(parts), folder_key(keys[-1], name), seq, mtime)
+        if FILE not in kinds:
+            # a file shown as NAME~file: NAME is a file and a folder, and no entry is NAME~file
+            if not name.endswith(_SUFFIX) or idx.tree_kinds(self.study, seq, keys[-1], name[:-len(_SUFFIX)]) != {FOLDER, FILE}:
+                return None
+            name = name[:-len(_SUFFIX)]
+        path = _join(folder, from_bytes(name))
+        v = (idx.latest_version(self.study, path) if seq == 0 else idx.entry_version(self.study, seq, path))
+        return File(v) if v else None
+
+    def _in_versions(self, parts: list[str], mtime: int) -> Node | None:
+        """``parts`` below versions/: a folder for every file and folder of the study, and in
+        a file's folder its version files."""
+        if not parts:
+            return Dir("versions", mtime_ns=mtime)
+        idx = self.store.index
+        names = [to_bytes(p) for p in parts]
+        keys = self._keys(names)
+        if len(names) > 1 and not idx.tree_kinds(self.study, 0, keys[-2], names[-2]):
+            return None
+        if idx.tree_kinds(self.study, 0, keys[-1], names[-1]):
+            return Dir("versions", "/".join(parts), folder_key(keys[-1], names[-1]), 0, mtime)
+        if len(parts) < 2:
+            return None
+        path, name = "/".join(parts[:-1]), parts[-1]
+        v = self._version_named(path, name)
+        if v is None and name.endswith(CONFLICT_SUFFIX):  # a version file whose name a folder has
+            base = name[:-len(CONFLICT_SUFFIX)]
+            v = self._version_named(path, base)
+            if v is not None and not idx.tree_kinds(self.study, 0, keys[-1], to_bytes(base)):
+                v = None
+        return File(v) if v else None
+
+    def _version_named(self, path: str, name: str) -> Version | None:
+        number = name.split("_", 1)[0]
+        if not (number.isascii() and number.isdigit()):
+            return None
+        v = self.store.index.version(self.study, path, int(number))
+        return v if v is not None and version_name(v) == name else None
+
+    # -- one folder
+    def listdir(self, path: str = "") -> list[tuple[str, Node]]:
+        """The entries of the view folder ``path``: (name, node), sorted by the names' bytes.
+        NotFound if ``path`` is not a folder."""
+        node = self.lookup(path)
+        if not isinstance(node, Dir):
+            raise NotFound(f"{self.study}: not a folder in the view: {escape(path)}")
+        return self.children(node)
+
+    def children(self, d: Dir) -> list[tuple[str, Node]]:
+        """The entries of the folder ``d`` (as ``lookup`` or an earlier listing gave it), sorted
+        by the names' bytes: one query for what it lists."""
+        idx = self.store.index
+        self.refresh()
+        mtime = self._seen[1]
+        out: list[tuple[bytes, Node]]
+        if d.area == "":
+            return [(a, Dir(a, mtime_ns=mtime)) for a in AREAS]
+        if d.area == "submissions":
+            subs = [(submission_dir_name(s.seq, s.ingested_ns, s.site), Dir("submission", seq=s.seq, mtime_ns=s.ingested_ns))
+                    for s in idx.submissions(self.study)]
+            return sorted(subs, key=lambda e: e[0].encode())
+        if d.area == "versions":
+            names = {name for name, _ in idx.tree_names(self.study, 0, d.key)}
+            out = [(name, Dir("versions", _join(d.path, from_bytes(name)), folder_key(d.key, name), 0, mtime))
+                   for name in names]
+            if d.path:
+                files = {to_bytes(version_name(v)): v for v in idx.versions(self.study, d.path)}
+                out += [(name, File(v)) for name, v in _shown(names, files)]
+        else:
+            mtime = mtime if d.area == "current" else d.mtime_ns
+            prefix = to_bytes(d.path) + b"/" if d.path else b""
+            folders: set[bytes] = set()
+            found: dict[bytes, Version] = {}
+            for name, kind, v in idx.tree_list(self.study, d.seq, d.key, prefix):
+                if kind == FOLDER:
+                    folders.add(name)
+                elif v is not None:
+                    found[name] = v
+            out = [(name, Dir(d.area, _join(d.path, from_bytes(name)), folder_key(d.key, name), d.seq, mtime))
+                   for name in folders]
+            out += [(name, File(v)) for name, v in _shown(folders, found)]
+        out.sort(key=lambda e: e[0])
+        return [(from_bytes(name), node) for name, node in out]
+
+    def walk(self, path: str = "", node: Node | None = None) -> Iterator[tuple[str, Node]]:
+        """(view path, node) for every node below the folder ``path`` (or ``node``, found
+        there), parents first, each folder's entries sorted by their names' bytes. With a stack of
+        listings, not recursion (a valid path may have more components than Python allows
+        frames), and an entry is dropped from its listing as it is given out, so what is held
+        is the rest of one listing per level of the folder being walked."""
+        top = node if node is not None else self.lookup(path)
+        if not isinstance(top, Dir):
+            return
+        base = "/".join(p for p in path.split("/") if p)
+        below: list[str] = []  # the names of the folder being listed, below ``base``
+        stack = [self.children(top)[::-1]]  # stack[i]: the rest of the listing of base/below[:i]
         while stack:
-            path, child = stack.pop()
-            yield path, child
-            stack.extend(below(path, child))
+            rest = stack[-1]
+            if not rest:
+                stack.pop()
+                if below:
+                    below.pop()
+                continue
+            name, child = rest.pop()
+            yield "/".join((base, *below, name) if base else (*below, name)), child
+            if isinstance(child, Dir):
+                below.append(name)
+                stack.append(self.children(child)[::-1])
 
     def open(self, version: Version) -> FileReader:
         return FileReader(self.store, version)
@@ -216,4 +394,4 @@ def version_os_mtime(version: Version) -> float:
     return version.mtime_ns / 1e9 if version.mtime_ns > 0 else version.ingested_ns / 1e9
 
 
-__all__ = ["Dir", "File", "FileReader", "StoreView", "StudyView", "version_name"]
+__all__ = ["Dir", "File", "FileReader", "Node", "StoreView", "StudyView", "submission_dir_name", "version_name"]

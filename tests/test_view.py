@@ -53,14 +53,14 @@ def test_layout_and_name_clash(tmp_path: Path, monkeypatch) -> None:
         view = StudyView(store, "s")
         current = view.lookup("current")
         assert isinstance(current, Dir)
-        assert sorted(current.children) == ["a", "a" + CONFLICT_SUFFIX, "big.bin"]
+        assert [name for name, _ in view.listdir("current")] == ["a", "a" + CONFLICT_SUFFIX, "big.bin"]
         assert isinstance(view.lookup("current/a/b.txt"), File)
         clash = view.lookup("current/a" + CONFLICT_SUFFIX)
         assert isinstance(clash, File) and clash.version.path == "a"
         versions = view.lookup("versions/big.bin")
-        assert isinstance(versions, Dir) and len(versions.children) == 2
+        assert isinstance(versions, Dir) and len(view.children(versions)) == 2
         subs = view.lookup("submissions")
-        assert isinstance(subs, Dir) and len(subs.children) == 2
+        assert isinstance(subs, Dir) and len(view.children(subs)) == 2
         assert sorted(StoreView(store).studies()) == ["s", "t"]
 
 

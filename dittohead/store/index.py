@@ -6,6 +6,8 @@ can always be rebuilt from the store (``Store.rebuild_index``), and fsck compare
 A submission is applied in one SQLite transaction, together with the study's ``last_seq``, so the
 index is always exactly "the log up to last_seq". Paths are kept as BLOBs of their exact bytes
 (``paths.to_bytes``); every method takes and gives study paths as ``str`` (``dittohead.paths``).
+The tree table holds the read-only view's folders (see below), so that every query the view
+makes reads what it answers and nothing else: no method here reads a whole study's history.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dittohead.chunking import pack_chunk_list
+from dittohead.hashing import blake3
 from dittohead.manifest import Manifest
 from dittohead.paths import from_bytes, to_bytes
 from dittohead.studylog import LogRecord
 
-SCHEMA_VERSION = 2  # 2: paths as BLOBs (format version 2's exact name bytes)
+SCHEMA_VERSION = 3  # 2: paths as BLOBs (format version 2's exact name bytes); 3: the tree table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -50,7 +53,82 @@ CREATE TABLE IF NOT EXISTS entries (
     study TEXT NOT NULL, seq INTEGER NOT NULL, path BLOB NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (study, seq, path)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tree (
+    study TEXT NOT NULL, seq INTEGER NOT NULL, parent BLOB NOT NULL, name BLOB NOT NULL,
+    kind INTEGER NOT NULL,
+    PRIMARY KEY (study, seq, parent, name, kind)
+) WITHOUT ROWID;
 """
+
+# The tree table: the folders of the read-only view (dittohead/view.py), so that one folder is
+# listed by one range of rows, never by reading the study. A row is a name in a folder: ``kind``
+# FOLDER (some path goes on below it) or FILE (a path ends there; a name may be both). ``seq`` 0
+# is the tree of every path the study ever received (current/ and versions/); ``seq`` N that of
+# submission N's own entries (submissions/). A folder is named by its key: ``TOP_KEY`` for the
+# top, ``folder_key(parent's key, name)`` below: 16 bytes of BLAKE3 down the chain of names, so
+# a row costs the bytes of its own name, not of its whole path (a path may have 48,000
+# components), and a folder's key follows from its path without a query.
+FOLDER, FILE = 0, 1
+TOP_KEY = blake3(b"dittohead: the top folder of a study").digest(length=16)
+
+
+def folder_key(parent: bytes, name: bytes) -> bytes:
+    """The key of the folder ``name`` (its bytes) in the folder whose key is ``parent``."""
+    return blake3(parent + name).digest(length=16)
+
+
+def _tree_rows(study: str, seq: int, m: Manifest,
+               made: dict[bytes, tuple[int, bytes]]) -> Iterable[tuple[str, int, bytes, bytes, int]]:
+    """The tree rows of submission ``seq`` (its folders and files, in tree ``seq``), and those a
+    path new to the study (its version 1 is in ``made``) adds to tree 0 (its folders and file),
+    one at a time: nothing per entry is held. A folder the path shares with the path before it
+    is in both trees already (tree 0 has the folders of every path the study ever received), and
+    each other folder is given once per tree."""
+    chain = FolderChain()
+    in_sub: set[bytes] = set()  # keys of the folders given for tree ``seq``
+    in_study: set[bytes] = set()  # and for tree 0
+    for e in m.entries:
+        path = to_bytes(e.path)
+        parts = path.split(b"/")
+        fresh = chain.descend(parts)
+        keys = chain.keys
+        grows = made.get(path, (0, b""))[0] == 1
+        for i in range(fresh, len(parts)):
+            if keys[i] not in in_sub:
+                in_sub.add(keys[i])
+                yield (study, seq, keys[i - 1], parts[i - 1], FOLDER)
+            if grows and keys[i] not in in_study:
+                in_study.add(keys[i])
+                yield (study, 0, keys[i - 1], parts[i - 1], FOLDER)
+        yield (study, seq, keys[-1], parts[-1], FILE)
+        if grows:
+            yield (study, 0, keys[-1], parts[-1], FILE)
+
+
+class FolderChain:
+    """The keys of the folders on a path, from the top down, kept from one path to the next so
+    that a path shares the work of the one before (a manifest's paths come grouped by folder).
+    After ``descend(parts)``, ``keys[i]`` is the key of the folder ``parts[:i]`` (``keys[0]`` the
+    top, ``keys[-1]`` the folder that holds ``parts[-1]``)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.keys: list[bytes] = [TOP_KEY]
+
+    def descend(self, parts: list[bytes]) -> int:
+        """Move to the path ``parts``; returns the first i (from 1) whose folder ``parts[:i]``
+        was not also a folder of the path before."""
+        folders = len(parts) - 1
+        common = 0
+        limit = min(folders, len(self.parts))
+        while common < limit and self.parts[common] == parts[common]:
+            common += 1
+        del self.parts[common:]
+        del self.keys[common + 1:]
+        for name in parts[common:folders]:
+            self.keys.append(folder_key(self.keys[-1], name))
+            self.parts.append(name)
+        return common + 1
 
 
 
@@ -281,6 +359,8 @@ class Index:
             db.executemany("INSERT INTO study_chunks VALUES (?, ?, ?)", [(study, cid, rec.seq) for cid in new_chunks])
             db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", versions)
             db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?)", entries)
+            db.executemany("INSERT OR IGNORE INTO tree VALUES (?, ?, ?, ?, ?)",
+                           _tree_rows(study, rec.seq, m, made))
             db.execute(
                 "INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (study, rec.seq, rec.submission, rec.manifest, rec.ingested_ns, m.site, m.user, m.host,
@@ -324,14 +404,67 @@ class Index:
             f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? AND v.path=? ORDER BY v.n",
             (study, key))]
 
-    def all_versions(self, study: str) -> list[Version]:
-        return [_version(r) for r in self.db.execute(
-            f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? ORDER BY v.path, v.n", (study,))]
+    # -- the view's folders (the tree table; dittohead/view.py)
+    def tree_kinds(self, study: str, seq: int, parent: bytes, name: bytes) -> set[int]:
+        """What ``name`` is in the folder whose key is ``parent`` in tree ``seq`` (0: the study's;
+        N: submission N's): {FOLDER}, {FILE}, both, or nothing."""
+        return {r[0] for r in self.db.execute(
+            "SELECT kind FROM tree WHERE study=? AND seq=? AND parent=? AND name=?", (study, seq, parent, name))}
 
-    def entries(self, study: str) -> list[tuple[int, str, int]]:
-        """(seq, path, n): which version each manifest entry of each submission resolved to."""
-        return [(seq, from_bytes(path), n) for seq, path, n in self.db.execute(
-            "SELECT seq, path, n FROM entries WHERE study=? ORDER BY seq, path", (study,))]
+    def tree_names(self, study: str, seq: int, parent: bytes) -> list[tuple[bytes, int]]:
+        """The names in the folder whose key is ``parent`` in tree ``seq``: (name, kind), sorted."""
+        return self.db.execute("SELECT name, kind FROM tree WHERE study=? AND seq=? AND parent=? "
+                               "ORDER BY name, kind", (study, seq, parent)).fetchall()
+
+    def tree_list(self, study: str, seq: int, parent: bytes, prefix: bytes) -> list[tuple[bytes, int, Version | None]]:
+        """The names in the folder whose key is ``parent`` and whose path is ``prefix`` (with its
+        trailing ``/``; empty for the top), in tree ``seq``: (name, kind, version), sorted by name
+        and kind, where a file's version is its latest (tree 0) or the one submission ``seq``
+        brought (tree N), and a folder's is None. One query: a range of the tree's key, and for
+        each file a look-up by its path (a file's path is the folder's, ``prefix``, and its name:
+        concatenated in SQL as bytes, which ``CAST(... AS BLOB)`` keeps exactly)."""
+        if seq == 0:
+            join = ("LEFT JOIN versions v ON t.kind = 1 AND v.study = t.study AND v.path = CAST(?4 || t.name AS BLOB) "
+                    "AND v.n = (SELECT max(x.n) FROM versions x WHERE x.study = t.study "
+                    "AND x.path = CAST(?4 || t.name AS BLOB))")
+        else:
+            join = ("LEFT JOIN entries e ON t.kind = 1 AND e.study = t.study AND e.seq = t.seq "
+                    "AND e.path = CAST(?4 || t.name AS BLOB) "
+                    "LEFT JOIN versions v ON v.study = e.study AND v.path = e.path AND v.n = e.n")
+        rows = self.db.execute(
+            f"SELECT t.name, t.kind, {_VERSION_COLS} FROM tree t {join} "
+            "LEFT JOIN submissions s ON s.study = v.study AND s.seq = v.seq "
+            "WHERE t.study = ?1 AND t.seq = ?2 AND t.parent = ?3 ORDER BY t.name, t.kind",
+            (study, seq, parent, prefix))
+        return [(r[0], r[1], None if r[2] is None else _version(r[2:])) for r in rows]
+
+    def latest_version(self, study: str, path: str) -> Version | None:
+        r = self.db.execute(f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? AND v.path=? "
+                            "ORDER BY v.n DESC LIMIT 1", (study, to_bytes(path))).fetchone()
+        return _version(r) if r else None
+
+    def version(self, study: str, path: str, n: int) -> Version | None:
+        r = self.db.execute(f"SELECT {_VERSION_COLS} FROM {_VERSION_FROM} WHERE v.study=? AND v.path=? AND v.n=?",
+                            (study, to_bytes(path), n)).fetchone()
+        return _version(r) if r else None
+
+    def entry_version(self, study: str, seq: int, path: str) -> Version | None:
+        """The version of ``path`` that submission ``seq`` carried, if it carried ``path``."""
+        r = self.db.execute(f"SELECT {_VERSION_COLS} FROM entries e "
+                            "JOIN versions v ON v.study = e.study AND v.path = e.path AND v.n = e.n "
+                            "JOIN submissions s ON s.study = v.study AND s.seq = v.seq "
+                            "WHERE e.study=? AND e.seq=? AND e.path=?", (study, seq, to_bytes(path))).fetchone()
+        return _version(r) if r else None
+
+    def submission(self, study: str, seq: int) -> Submission | None:
+        r = self.db.execute("SELECT * FROM submissions WHERE study=? AND seq=?", (study, seq)).fetchone()
+        return Submission(*r) if r else None
+
+    def latest_ingest(self, study: str) -> tuple[int, int]:
+        """(last seq, its ingest time in ns) of the study; (0, 0) before its first submission."""
+        r = self.db.execute("SELECT s.seq, s.ingested_ns FROM studies t JOIN submissions s "
+                            "ON s.study = t.name AND s.seq = t.last_seq WHERE t.name=?", (study,)).fetchone()
+        return (r[0], r[1]) if r else (0, 0)
 
     def dump(self) -> dict[str, list[tuple]]:
         """Every derived row, for comparing this index with a rebuilt one."""
@@ -377,5 +510,6 @@ class Index:
 # What dump() and differs_from() compare: (table, columns, order by).
 _DERIVED = [("studies", "*", "name"), ("study_chunks", "*", "study, id"), ("submissions", "*", "study, seq"),
             ("versions", "*", "study, path, n"), ("entries", "*", "study, seq, path"),
+            ("tree", "*", "study, seq, parent, name, kind"),
             ("chunks", "id, length", "id")]
 DERIVED_TABLES = [table for table, _, _ in _DERIVED]
