@@ -33,6 +33,7 @@ CONTRACT_COMMANDS = {
     ("sync",),
     ("watch",),
     ("log",),
+    ("ls",),
     ("versions",),
     ("cat",),
     ("export",),
@@ -427,6 +428,92 @@ def test_versions_json_is_one_document(server: Server, synced: Path) -> None:
     assert v2["mtime_ns"] == os.stat(synced / "a.txt").st_mtime_ns
     assert server.cat("a.txt", version=1) == b"alpha\n"
     assert server.cat("a.txt") == b"alpha, edited\n"
+
+
+# -- ls ------------------------------------------------------------------------------------------
+
+
+def test_ls_lists_a_folder_as_current_shows_it(server: Server, synced: Path) -> None:
+    """Folders (NAME/), and for each file its versions, latest size and latest ingest time; a
+    file that became a folder is listed twice, the file as NAME~file; a file's PATH lists it."""
+    write_file(synced / "a.txt", b"alpha, edited\n")
+    write_file(synced / "data", b"a file called data\n")
+    server.sync(synced)
+    server.ingest()
+    (synced / "data").unlink()
+    write_file(synced / "data/inner.txt", b"now a folder\n")
+    server.sync(synced)
+    server.ingest()
+    log = server.log()
+
+    def ls(*args: object) -> list[str]:
+        cp = server.proc("ls", "--store", server.root, "--study", "s", *args)
+        assert cp.returncode == 0 and not cp.stderr, describe(cp)
+        return cp.stdout.decode().splitlines()
+
+    from dittohead.units import utc_iso
+
+    header, *lines = ls()
+    assert header.split() == ["versions", "size", "ingested", "name"]
+    assert [line.split()[-1] for line in lines] == ["a.txt", "data/", "data~file", "dir/"]
+    a = lines[0].split("  ")
+    assert [x.strip() for x in a if x.strip()] == ["2", "14 B", utc_iso(log[1]["ingested_ns"]), "a.txt"]
+    assert lines[1].strip() == "data/" and lines[3].strip() == "dir/"
+    assert lines[2].split()[0] == "1" and utc_iso(log[1]["ingested_ns"]) in lines[2]
+    assert [line.split()[-1] for line in ls("dir")[1:]] == ["b.csv"]
+    assert [line.split()[-1] for line in ls("/data/")[1:]] == ["inner.txt"]
+    (one,) = ls("dir/b.csv")[1:]
+    assert one.split()[0] == "1" and one.endswith("  dir/b.csv")
+    assert ls("data~file")[1].endswith("  data~file")
+
+    cp = server.proc("ls", "--store", server.root, "--study", "s", "--json")
+    assert cp.returncode == 0, describe(cp)
+    doc = json.loads(cp.stdout)
+    assert (doc["study"], doc["path"], doc["kind"]) == ("s", "", "folder")
+    by_name = {e["name"]: e for e in doc["entries"]}
+    assert list(by_name) == ["a.txt", "data", "data~file", "dir"]
+    assert by_name["a.txt"] == {"name": "a.txt", "path": "a.txt", "kind": "file", "versions": 2, "size": 14,
+                                "ingested_ns": log[1]["ingested_ns"], "ingested": utc_iso(log[1]["ingested_ns"])}
+    assert by_name["data~file"]["path"] == "data" and by_name["data~file"]["versions"] == 1
+    assert by_name["dir"] == {"name": "dir", "path": "dir", "kind": "folder", "versions": None, "size": None,
+                              "ingested_ns": None, "ingested": None}
+    cp = server.proc("ls", "--store", server.root, "--study", "s", "dir/b.csv", "--json")
+    doc = json.loads(cp.stdout)
+    assert doc["kind"] == "file" and [e["path"] for e in doc["entries"]] == ["dir/b.csv"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a name that is not UTF-8 (POSIX)")
+def test_ls_takes_and_prints_names_escaped(server: Server, tmp_path: Path) -> None:
+    """A PATH as stored or as printed (the rule of cat and versions); names printed escaped, and
+    in --json as text with their bytes in base64 where they are not UTF-8."""
+    src = tmp_path / "src"
+    os.makedirs(os.path.join(os.fsencode(src), b"lat\xe9n"))
+    with open(os.path.join(os.fsencode(src), b"lat\xe9n", b"r\xe9sum\xe9" + "\u202e".encode() + b".csv"), "wb") as f:
+        f.write(b"latin-1\n")
+    server.sync(src)
+    server.ingest()
+    printed = "r\\xe9sum\\xe9\\u202e.csv"
+    for typed in (os.fsdecode(b"lat\xe9n"), "lat\\xe9n"):
+        cp = server.proc("ls", "--store", server.root, "--study", "s", typed)
+        assert cp.returncode == 0 and not cp.stderr, describe(cp)
+        out = cp.stdout.decode("ascii")  # nothing a name holds reaches the terminal raw
+        assert out.splitlines()[1].endswith("  " + printed), out
+    cp = server.proc("ls", "--store", server.root, "--study", "s", "--json")
+    (entry,) = json.loads(cp.stdout)["entries"]
+    assert entry["name"] == os.fsdecode(b"lat\xe9n") and entry["name_b64"] == "bGF06W4="
+
+
+def test_ls_of_a_path_that_is_not_there_fails_in_one_line(server: Server, synced: Path, tmp_path: Path) -> None:
+    message = assert_one_line_failure(server.proc("ls", "--store", server.root, "--study", "s", "nope"))
+    assert "no file or folder 'nope'" in message
+    assert_one_line_failure(server.proc("ls", "--store", server.root, "--study", "s", "dir/b.csv/x"))
+    assert_one_line_failure(server.proc("ls", "--store", server.root, "--study", "s", "no\u202eth", "--json"))
+    assert_one_line_failure(server.proc("ls", "--store", server.root, "--study", "nostudy"), errors.EXIT_NO_STUDY)
+    server.ok("study", "add", "empty", "--store", server.root)
+    cp = server.proc("ls", "--store", server.root, "--study", "empty")
+    assert cp.returncode == 0 and cp.stdout == b"empty: no submissions yet\n", describe(cp)
+    cp = server.proc("ls", "--store", server.root, "--study", "empty", "--json")
+    assert json.loads(cp.stdout)["entries"] == [], describe(cp)
 
 
 # -- ingest rejections, fsck, format versions ---------------------------------------------------

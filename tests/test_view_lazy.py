@@ -275,6 +275,8 @@ def test_a_path_of_1500_folders_lists_looks_up_reads_and_exports(server: Server,
             summary = export_study(store, server.study, str(dest))
             assert summary.written == 2 and not summary.conflicts
         assert server.cat(deep) == b"deep\n"
+        listed = server.ok("ls", "--store", server.root, "--study", server.study, folder).stdout.splitlines()
+        assert listed[1].endswith("  f.txt") and listed[1].split()[0] == "1"
         fd = os.open(dest / "current", os.O_RDONLY)
         for part in folder.split("/"):
             deeper = os.open(part, os.O_RDONLY, dir_fd=fd)

@@ -29,6 +29,7 @@ COMMANDS = {
     "fsck": "dittohead.cli.admin:fsck",
     "sync": "dittohead.cli.collect:sync",
     "log": "dittohead.cli.read:log_cmd",
+    "ls": "dittohead.cli.read:ls",
     "versions": "dittohead.cli.read:versions",
     "cat": "dittohead.cli.read:cat",
     "export": "dittohead.cli.read:export",
@@ -86,7 +87,7 @@ def cli(verbose: int) -> None:
     \b
     Admin:         init, study add, watch, fsck
     Collector:     sync
-    Study runner:  log, versions, cat, export
+    Study runner:  log, ls, versions, cat, export
 
     Options that take the server root accept it from DITTOHEAD_STORE too.
     """

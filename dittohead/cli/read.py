@@ -1,8 +1,10 @@
-"""The study runner's commands: log, versions, cat, export."""
+"""The study runner's commands: log, ls, versions, cat, export."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import click
 
@@ -21,7 +23,9 @@ from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
 from dittohead.export import export_study
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, utc_iso
-from dittohead.view import FileReader
+from dittohead.view import Dir, File, FileReader, Node, StudyView
+
+T = TypeVar("T")
 
 
 def _open(store: str, study: str) -> Store:
@@ -30,24 +34,31 @@ def _open(store: str, study: str) -> Store:
     return st
 
 
-def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
-    """The study path a command-line PATH names, and its versions: the path as typed (its bytes,
-    exactly), or else the escaped form that dittohead prints (``display.escape``), undone.
-    Where both name a file, the one typed wins (a script passing names as they are always gets
-    its file), and stderr says which other file the argument would name as printed."""
+def _taken_as(typed: str, find: Callable[[str], T | None], noun: str = "file") -> tuple[str, T | None]:
+    """The study path a command-line PATH names, and what ``find`` finds there: the path as typed
+    (its bytes, exactly), or else the escaped form that dittohead prints (``display.escape``),
+    undone. Where both name something, the one typed wins (a script passing names as they are
+    always gets its file), and stderr says which other ``noun`` the argument would name as
+    printed."""
     sp = paths.as_typed(paths.from_os_name(typed))
-    vs = st.index.versions(study, sp)
+    found = find(sp)
     if "\\" in typed:
         try:
             printed = paths.as_typed(paths.from_bytes(unescape(typed)))
         except ValueError:
             printed = ""
-        pvs = st.index.versions(study, printed) if printed and printed != sp else []
-        if vs and pvs:
-            click.echo(f"note: '{escape(sp)}' is also how dittohead prints the file '{escape(printed)}', "
+        other = find(printed) if printed and printed != sp else None
+        if found is not None and other is not None:
+            click.echo(f"note: '{escape(sp)}' is also how dittohead prints the {noun} '{escape(printed)}', "
                        f"which was not taken (give that one by its own bytes)", err=True)
-        elif pvs:
-            sp, vs = printed, pvs
+        elif other is not None:
+            sp, found = printed, other
+    return sp, found
+
+
+def _versions_of(st: Store, study: str, typed: str) -> tuple[str, list]:
+    """The study path a command-line PATH names (``_taken_as``), and its versions."""
+    sp, vs = _taken_as(typed, lambda p: st.index.versions(study, p) or None)
     if not vs:
         raise NotFound(f"{study}: no file '{escape(typed)}'")
     return sp, vs
@@ -76,6 +87,68 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
         who = escape(f"{s.user}@{s.host}")
         click.echo(f"{s.seq:>4}  {utc_iso(s.ingested_ns):<23}  {escape(s.site)[:16]:<16}  {who[:24]:<24}  "
                    f"{s.files:>6}  {human_bytes(s.size):>10}  {s.new_versions:>5}  {s.name}")
+
+
+@click.command("ls")
+@store_option
+@study_option
+@click.argument("path", required=False, default="")
+@json_option
+def ls(store: str, study: str, path: str, as_json: bool) -> None:
+    """List a folder of the study as current/ shows it: its folders (NAME/), and for each file
+    its number of versions, the size of its latest version and when that was ingested (UTC).
+
+    PATH is a study path, as stored or as dittohead prints it (escaped: \\u202e, \\x85); by
+    default the study's top. A file's PATH lists that one file. A name that was a file in one
+    submission and a folder in another is listed twice: the folder, and the file as NAME~file
+    (docs/view.md). Put -- before a PATH that starts with -.
+
+    \b
+    Examples:
+      dittohead ls --study stroop                  the study's top folder
+      dittohead ls --study stroop eprime/subj01    one folder
+      dittohead ls --study stroop eprime --json    the same, as one JSON document
+    """
+    st = _open(store, study)
+    view = StudyView(st, study)
+
+    def find(sp: str) -> Node | None:
+        try:
+            return view.lookup(f"current/{sp}")
+        except NotFound:
+            return None
+
+    taken: tuple[str, Node | None] = _taken_as(path, find, "path")
+    sp, node = taken
+    if node is None:
+        raise NotFound(f"{study}: no file or folder '{escape(path)}'")
+    if isinstance(node, Dir):
+        listed = view.children(node)
+    else:
+        listed = [(sp, node)]
+    if as_json:
+        rows = []
+        for name, n in listed:
+            if isinstance(n, File):
+                v = n.version
+                rows.append({**json_path(name, "name"), **json_path(v.path), "kind": "file", "versions": v.n,
+                             "size": v.size, "ingested_ns": v.ingested_ns, "ingested": utc_iso(v.ingested_ns)})
+            else:
+                rows.append({**json_path(name, "name"), **json_path(f"{sp}/{name}" if sp else name),
+                             "kind": "folder", "versions": None, "size": None, "ingested_ns": None, "ingested": None})
+        print_json({"study": study, **json_path(sp), "kind": "folder" if isinstance(node, Dir) else "file",
+                    "entries": rows})
+        return
+    if not listed:
+        click.echo(f"{study}: no submissions yet" if not sp and not view.last_seq else f"{study}: '{escape(sp)}' is empty")
+        return
+    click.echo(f"{'versions':>8}  {'size':>10}  {'ingested':<23}  name")
+    for name, n in listed:  # names are a client's: escaped (dittohead.display)
+        if isinstance(n, File):
+            v = n.version
+            click.echo(f"{v.n:>8}  {human_bytes(v.size):>10}  {utc_iso(v.ingested_ns):<23}  {escape(name)}")
+        else:
+            click.echo(f"{'':>8}  {'':>10}  {'':<23}  {escape(name)}/")
 
 
 @click.command()
