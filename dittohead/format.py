@@ -77,6 +77,7 @@ LOG_HEADER = struct.Struct("<8sI")
 LOG_RECORD_LEN = struct.Struct("<I")
 LOG_RECORD_MAX = 1024 * 1024
 LOG_KIND = "ingest"
+LOG_RECORD_SUFFIX = ".rec"  # studies/NAME/SEQ.rec: one record an object (format 2)
 
 # Have-segments: HEADER, chunk ids (32 bytes each), BLAKE3-256 of everything before it.
 HAVE_MAGIC = b"DITTOHAV"

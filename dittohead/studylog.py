@@ -1,10 +1,17 @@
-"""Study logs: the append-only history of one study, one record per ingested submission.
+"""Study logs: the history of one study, one record per ingested submission.
 
-Layout: HEADER (magic, version), then records of (length u32le, msgpack payload, BLAKE3-256 of
-the payload). Appending a record and fsyncing it is the commit point of an ingest. A crash can
-leave a torn last record; ``parse`` recognises it (it is the last thing in the file and fails its
-length or checksum) and reports it, and it is never taken as committed. A bad record with good
-ones after it is damage, not a tear.
+A record is an object of its own, ``studies/NAME/SEQ.rec`` (``record_key``; SEQ in 10 digits):
+HEADER (magic, version), then the record as (length u32le, msgpack payload, BLAKE3-256 of the
+payload). Creating it, never overwriting, is the commit point of an ingest: an object store
+creates an object whole or not at all, so there is no torn record, and the next record's key
+says where the history goes on without reading what came before (``parse_one``).
+
+dittohead 0.1 and 0.2 kept a study's records in one object, ``studies/NAME.log``: the same
+HEADER, then every record back to back, appended (``parse``). A crash could leave a torn last
+record there; ``parse`` recognises it (it is the last thing in the file and fails its length or
+checksum), reports it, and never takes it as committed. A bad record with good ones after it is
+damage, not a tear. The ingest copies such a log into record objects once, and never writes
+to it again (``Store.upgrade_logs``).
 
 A record is a map: ``kind`` ("ingest"), ``seq`` (1, 2, ... as ingested: the server's order),
 ``submission`` (its name in the inbox), ``manifest`` (id), ``ingested_ns`` (the server's clock),
@@ -114,3 +121,44 @@ def parse(data: bytes, *, what: str) -> ParsedLog:
         records.append(rec)
         pos = end
     return ParsedLog(records, pos, torn=False)
+
+
+def record_key(study: str, seq: int) -> str:
+    """The object that holds record ``seq`` of ``study``'s log."""
+    return f"studies/{study}/{seq:010d}{fmt.LOG_RECORD_SUFFIX}"
+
+
+def record_seq(name: str) -> int | None:
+    """The seq a record object's name (its last part) gives, or None if it names none."""
+    digits = name[: -len(fmt.LOG_RECORD_SUFFIX)]
+    if not name.endswith(fmt.LOG_RECORD_SUFFIX) or len(digits) != 10 or not digits.isdigit():
+        return None
+    return int(digits)
+
+
+def encode_one(rec: LogRecord) -> bytes:
+    """A record object's bytes: HEADER, then the record."""
+    return header() + encode_record(rec)
+
+
+def parse_one(data: bytes, seq: int, *, what: str) -> LogRecord:
+    """A record object's record, which must be record ``seq`` and all the object holds;
+    FormatError (damage) otherwise."""
+    hsize, lsize = fmt.LOG_HEADER.size, fmt.LOG_RECORD_LEN.size
+    if len(data) < hsize + lsize:
+        raise FormatError(f"{what}: too short to be a record")
+    magic, version = fmt.LOG_HEADER.unpack(data[:hsize])
+    if magic != fmt.LOG_MAGIC:
+        raise FormatError(f"{what}: not a study log record (bad magic)")
+    if version not in fmt.SUPPORTED_VERSIONS:
+        raise UnsupportedFormat(f"{what}: log format version {version} is not supported")
+    (n,) = fmt.LOG_RECORD_LEN.unpack_from(data, hsize)
+    if hsize + lsize + n + fmt.HASH_SIZE != len(data):
+        raise FormatError(f"{what}: its length field does not match its size")
+    payload = data[hsize + lsize : hsize + lsize + n]
+    if digest(payload) != data[hsize + lsize + n :]:
+        raise FormatError(f"{what}: fails its checksum")
+    rec = _decode_payload(payload, what)
+    if rec.seq != seq:
+        raise FormatError(f"{what}: says seq {rec.seq}")
+    return rec

@@ -145,3 +145,27 @@ def test_fsck_rebuilds_a_deleted_index(golden: Path) -> None:
     assert kinds == [("repaired", "index")], kinds
     check_history(golden)
     check_reads(golden)
+
+
+def test_a_store_of_version_1_takes_new_submissions(golden: Path, tmp_path: Path, monkeypatch) -> None:
+    """The first ingest into a store of dittohead 0.1/0.2 copies its study log into record
+    objects once (studies/NAME/SEQ.rec, then studies/NAME.log-copied) and never writes the old
+    log again; what was there reads as before, the new submission after it."""
+    monkeypatch.setenv("DITTOHEAD_STATE_DIR", str(tmp_path / "state"))
+    old_log = golden / "store" / "studies" / f"{STUDY}.log"
+    before = old_log.read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "new.txt").write_bytes(b"after the upgrade\n")
+    ok("sync", src, "--study", STUDY, "--to", golden, "--site", "lab-c")
+    ok("watch", "--store", golden, "--once")
+    assert old_log.read_bytes() == before
+    records = sorted(p.name for p in (golden / "store" / "studies" / STUDY).iterdir())
+    assert records == ["0000000001.rec", "0000000002.rec", "0000000003.rec"], records
+    assert (golden / "store" / "studies" / f"{STUDY}.log-copied").exists()
+    check_reads(golden)
+    subs = json.loads(ok("log", "--store", golden, "--study", STUDY, "--json").stdout)["submissions"]
+    assert [s["seq"] for s in subs] == [1, 2, 3]
+    assert ok("cat", "--store", golden, "--study", STUDY, "new.txt").stdout_bytes == b"after the upgrade\n"
+    res = invoke("fsck", "--store", golden, "--read-data", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == [], res.output

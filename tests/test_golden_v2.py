@@ -278,3 +278,11 @@ def test_export_writes_every_file_under_its_own_name(golden: Path, tmp_path: Pat
     for sub, want in zip(subs, EXPECTED["submissions"]):
         got = {p: sha(d) for p, d in files_under(os.path.join(top, sub)).items()}
         assert got == {raw(v): v["sha256"] for v in EXPECTED["versions"] if v["seq"] == want["seq"]}, sub
+
+
+def test_the_study_log_is_one_object_a_record(golden: Path) -> None:
+    """Format 2's study log: studies/NAME/SEQ.rec, each one whole record; no appended log."""
+    studies = golden / "store" / "studies"
+    assert not (studies / f"{STUDY}.log").exists()
+    names = sorted(p.name for p in (studies / STUDY).iterdir())
+    assert names == [f"{seq:010d}.rec" for seq in range(1, len(EXPECTED["submissions"]) + 1)], names

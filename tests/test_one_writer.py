@@ -147,11 +147,11 @@ def test_readers_never_write_under_store(server: Server, two_submissions: Path, 
     assert server.cat("b.txt") == b"second\n"
 
 
-def test_an_ingest_reads_no_log_it_has_nothing_to_add_to(server: Server, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cost follows the new work: once the index notes where a study's log ends, an ingest (its
-    catch-up and its commit) reads none of that log; where the note does not match (an index
-    rebuilt, a crash after a commit point), it reads the log once and notes it again."""
+def test_an_ingest_reads_no_record_it_has_nothing_to_add_to(server: Server, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cost follows the new work: the study log is one object a record, and an ingest (its
+    catch-up and its commit) reads none of the records the index holds; it looks for the next
+    record by its key. With the index gone, it reads them all once, to build it again."""
     from dittohead.store import repo
 
     src = tmp_path / "src"
@@ -159,24 +159,33 @@ def test_an_ingest_reads_no_log_it_has_nothing_to_add_to(server: Server, tmp_pat
         write_file(src / f"f{i}.txt", b"x" * i)
         server.sync(src)
         server.ingest()
-    reads: list[str] = []
-    real = repo.Store.read_log
-    monkeypatch.setattr(repo.Store, "read_log", lambda self, study: reads.append(study) or real(self, study))
+    read: list[int] = []
+    real = repo.Store.read_record
+
+    def counted(self, study: str, seq: int):
+        rec = real(self, study, seq)
+        if rec is not None:
+            read.append(seq)
+        return rec
+
+    monkeypatch.setattr(repo.Store, "read_record", counted)
+    monkeypatch.setattr(repo.Store, "read_log", lambda self, study: pytest.fail("the whole log was read"))
     write_file(src / "new.txt", b"new\n")
     server.sync(src)
     server.ingest()
-    assert reads == []
+    assert read == []
     assert server.cat("new.txt") == b"new\n"
-    (server.root / "store" / "index.sqlite").unlink()  # rebuilt by the next ingest: no note
+    (server.root / "store" / "index.sqlite").unlink()  # built again by the next ingest
     write_file(src / "newer.txt", b"newer\n")
     server.sync(src)
     server.ingest()
-    assert reads.count("s") >= 1
-    reads.clear()
+    assert read == [1, 2, 3, 4]
+    read.clear()
     write_file(src / "newest.txt", b"newest\n")
     server.sync(src)
     server.ingest()
-    assert reads == []
+    assert read == []
+    monkeypatch.undo()
     assert [s["seq"] for s in server.log()] == [1, 2, 3, 4, 5, 6]
     res = server.run("fsck", "--store", server.root, "--read-data", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == [], describe(res)

@@ -283,20 +283,6 @@ class Index:
             raise
 
     # -- studies and history
-    def log_end(self, study: str) -> tuple[int, int] | None:
-        """(seq, bytes): where the study's log ended just after record ``seq``, as the ingest
-        noted it (``set_log_end``); a hint, not derived data: the ingest trusts it only where it
-        matches both the index's last seq and the log's size now, and reads the log otherwise."""
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", ("log_end:" + study,)).fetchone()
-        try:
-            seq, end = (int(x) for x in str(row[0]).split())
-        except (TypeError, ValueError):
-            return None
-        return seq, end
-
-    def set_log_end(self, study: str, seq: int, end: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("log_end:" + study, f"{seq} {end}"))
-
     def last_seq(self, study: str) -> int:
         row = self.db.execute("SELECT last_seq FROM studies WHERE name=?", (study,)).fetchone()
         return row[0] if row else 0

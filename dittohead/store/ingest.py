@@ -62,7 +62,7 @@ from dittohead.lock import FileLock, Held
 from dittohead.store import intake
 from dittohead.store.layout import MAX_ATTEMPTS, StudyDropbox
 from dittohead.store.objects import LocalObjectStore, TmpFile
-from dittohead.store.repo import Store, log_key, manifest_key, pack_key
+from dittohead.store.repo import Store, manifest_key, pack_key
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ class Ingestor:
             self._sweep_tmp()
             if not self.root.has_work():
                 return results  # idle: not even the index needs opening
+            self.store.upgrade_logs()  # a store of dittohead 0.2: once
             self.store.catch_up()  # after a crash past a commit point
             for study in self.root.studies():
                 box = self.root.dropbox(study)
@@ -628,41 +629,16 @@ class Ingestor:
         store, idx = self.store, self.store.index
         written = plan.writer.commit()
         store.objects.put_bytes(manifest_key(plan.mid), plan.data)
-        key = log_key(box.name)
-        last = idx.last_seq(box.name)
-        size = store.objects.size(key) if store.objects.exists(key) else 0
-        if not size or idx.log_end(box.name) != (last, size):
-            # The log is read whole only where the index's note of its end does not match it
-            # (a first ingest here, a crash after a commit point): otherwise it ends at the last
-            # record the index holds, and nothing of it need be read.
-            size = self._log_end_checked(box, key)
-        seq = last + 1
+        if store.old_log(box.name):  # its log of dittohead 0.2 could not be upgraded (damaged)
+            raise StoreError(f"study log {box.name} is damaged; run 'dittohead fsck'")
+        seq = idx.last_seq(box.name) + 1
         rec = studylog.LogRecord(seq, name, plan.mid, self.clock(), tuple(pid for pid, _ in written))
-        data = studylog.encode_record(rec)
-        store.objects.append(key, data, create_with=studylog.header())
+        if not store.objects.put_bytes(studylog.record_key(box.name, seq), studylog.encode_one(rec)):
+            raise StoreError(f"study log {box.name}: record {seq} exists, and the index does not hold it; "
+                             "run 'dittohead fsck'")
         # -- committed. Everything below is derived from the log and redone after a crash.
         rows = [(pe.id, pid, pe.offset, pe.length) for pid, entries in written for pe in entries]
         idx.apply(box.name, rec, plan.manifest, rows)
-        idx.set_log_end(box.name, seq, (size or len(studylog.header())) + len(data))
-
-    def _log_end_checked(self, box: StudyDropbox, key: str) -> int:
-        """Read the study log whole: set a torn tail aside, check that it holds what the index
-        holds, and return where it ends (0: no log yet)."""
-        store = self.store
-        parsed = store.read_log(box.name)
-        if parsed.torn:
-            known, source = store.committed_seq(box.name)
-            if len(parsed.records) < known:
-                raise StoreError(f"study log {box.name} is damaged ({source} shows #{known} was committed, "
-                                 f"the log holds {len(parsed.records)} records); run 'dittohead fsck'")
-            tail = store.objects.truncate_torn(key, parsed.good_size)
-            os.makedirs(self.root.quarantine, exist_ok=True)
-            qname = f"{box.name}.log-torn-{self.clock()}"
-            fsutil.write_new(os.path.join(self.root.quarantine, qname), tail, mode=0o600, exist_ok=True)
-            log.warning("study log %s: a torn record from an interrupted ingest was set aside as %s", box.name, qname)
-        if len(parsed.records) != store.index.last_seq(box.name):
-            raise StoreError(f"study log {box.name} and the index disagree; run 'dittohead fsck'")
-        return parsed.good_size
 
     def _finish(self, box: StudyDropbox, name: str, seq: int) -> None:
         idx = self.store.index

@@ -1,20 +1,17 @@
 """The small object-storage interface behind the store, and its local-directory backend.
 
-The store keeps packs, manifests and study logs as named objects: ``packs/AB/ID.pack``,
-``manifests/AB/ID`` (AB: the id's first two hex digits) and ``studies/NAME.log``, laid out as
-docs/format.md says ("Pack", "Manifest", "Study log"). Packs and manifests are created once and
-never overwritten. A study log is one object per study, its header then one record per ingest:
-the one object that grows (``append``), and the one that may be cut, back to its last good
-record and only to drop a torn tail that was never committed (``truncate_torn``). A backend
-without append (an S3-compatible one) would have to hold a log some other way; docs/format.md
-defines no such layout yet. A study's settings (``studies/NAME.json``) and the index are
-files beside these objects, not objects (``dittohead/store/layout.py``).
+The store keeps packs, manifests and study-log records as named objects: ``packs/AB/ID.pack``,
+``manifests/AB/ID`` (AB: the id's first two hex digits) and ``studies/NAME/SEQ.rec``, laid out
+as docs/format.md says ("Pack", "Manifest", "Study log"). Every object is created once, whole,
+and never overwritten or changed: the operations are those an object store offers (whole and
+ranged reads, listing by prefix, create-if-absent), so that an S3-compatible backend implements
+this interface and nothing else. A study's settings (``studies/NAME.json``) and the index are
+files beside these objects, not objects (``dittohead/store/layout.py``); so is the study log of
+dittohead 0.1 and 0.2 (``studies/NAME.log``), read, never written (``dittohead/studylog.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
@@ -41,8 +38,7 @@ class ObjectStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> bool: ...
     def put_file(self, key: str, tmp_path: str) -> bool: ...
     def new_tmp(self) -> tuple[str, TmpFile]: ...
-    def append(self, key: str, data: bytes, *, create_with: bytes = b"") -> None: ...
-    def truncate_torn(self, key: str, good_size: int) -> bytes: ...
+    def names(self, prefix: str) -> Iterator[str]: ...
 
 
 class LocalObjectStore:
@@ -94,6 +90,17 @@ class LocalObjectStore:
                 if not name.startswith(".tmp-"):
                     yield f"{rel}/{name}"
 
+    def names(self, prefix: str) -> Iterator[str]:
+        """The names directly under a folder-like prefix, sorted: an object's name, or a
+        deeper prefix's with "/" after it (what an object store lists with a delimiter)."""
+        try:
+            entries = sorted(os.scandir(self._path(prefix)), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            if not e.name.startswith(".tmp-"):
+                yield e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+
     def _ensure_parent(self, path: str) -> None:
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
@@ -139,45 +146,3 @@ class LocalObjectStore:
         dest = self._path(key)
         self._ensure_parent(dest)
         return fsutil.write_new(dest, data, mode=0o600, exist_ok=True)
-
-    def append(self, key: str, data: bytes, *, create_with: bytes = b"") -> None:
-        """Append durably; a missing object is first created holding ``create_with``."""
-        dest = self._path(key)
-        self._ensure_parent(dest)
-        if not os.path.exists(dest):
-            with contextlib.suppress(FileExistsError):
-                fsutil.write_new(dest, create_with, mode=0o600)
-        fd = os.open(dest, os.O_WRONLY | os.O_APPEND)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def truncate_torn(self, key: str, good_size: int) -> bytes:
-        """Cut a torn tail (bytes never committed) off a log; returns the bytes removed."""
-        dest = self._path(key)
-        fd = os.open(dest, os.O_RDWR)
-        try:
-            size = os.fstat(fd).st_size
-            if size < good_size:
-                raise StoreError(f"{key}: shorter than its good part")
-            os.lseek(fd, good_size, os.SEEK_SET)
-            tail = b""
-            while len(tail) < size - good_size:
-                more = os.read(fd, size - good_size - len(tail))
-                if not more:
-                    break
-                tail += more
-            os.ftruncate(fd, good_size)
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise StoreError(f"{key}: disk full") from e
-            raise
-        finally:
-            os.close(fd)
-        return tail

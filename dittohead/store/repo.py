@@ -8,6 +8,7 @@ follow and can all be redone from the log. Reads verify every chunk against its 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -69,7 +70,13 @@ def manifest_key(mid: bytes) -> str:
 
 
 def log_key(study: str) -> str:
+    """The study log of dittohead 0.1 and 0.2: one object, every record appended (read only)."""
     return f"studies/{study}.log"
+
+
+def copied_key(study: str) -> str:
+    """Made once that log's records are all record objects too (``Store.upgrade_logs``)."""
+    return f"studies/{study}.log-copied"
 
 
 def _is_damage(e: sqlite3.DatabaseError) -> bool:
@@ -220,19 +227,77 @@ class Store:
             return Index(os.path.join(private, "index.sqlite"), readonly=True)
 
     def log_studies(self) -> list[str]:
-        out = []
-        for key in self.objects.list("studies"):
-            name = key.rsplit("/", 1)[-1]
-            if name.endswith(".log"):
-                out.append(name[:-4])
+        """The studies with a log: a folder of record objects, or a log of dittohead 0.2."""
+        out = set()
+        for name in self.objects.names("studies"):
+            if name.endswith("/") and fmt.STUDY_NAME_RE.match(name[:-1]):
+                out.add(name[:-1])
+            elif name.endswith(".log") and fmt.STUDY_NAME_RE.match(name[:-4]):
+                out.add(name[:-4])
         return sorted(out)
 
+    def old_log(self, study: str) -> bool:
+        """Whether the study's history is (partly) in a log of dittohead 0.2 not yet copied
+        into record objects."""
+        return self.objects.exists(log_key(study)) and not self.objects.exists(copied_key(study))
+
+    def read_record(self, study: str, seq: int) -> studylog.LogRecord | None:
+        """Record ``seq`` of the study's log, if its object is there (FormatError if damaged)."""
+        key = studylog.record_key(study, seq)
+        try:
+            data = self.objects.get(key, fmt.LOG_RECORD_MAX + 64)
+        except FileNotFoundError:
+            return None
+        return studylog.parse_one(data, seq, what=f"study log {study}: record {seq}")
+
     def read_log(self, study: str) -> studylog.ParsedLog:
-        key = log_key(study)
-        if not self.objects.exists(key):
-            return studylog.ParsedLog([], 0, torn=False)
-        data = self.objects.get(key, 1 << 40)
-        return studylog.parse(data, what=f"study log {study}")
+        """The study's whole history, in order; FormatError where it is damaged (a record
+        missing before one that is there, a record object that fails its checks)."""
+        records: list[studylog.LogRecord] = []
+        good, torn = 0, False
+        if self.old_log(study):
+            parsed = studylog.parse(self.objects.get(log_key(study), 1 << 40), what=f"study log {study}")
+            records, good, torn = list(parsed.records), parsed.good_size, parsed.torn
+        seqs = sorted(seq for name in self.objects.names(f"studies/{study}")
+                      if (seq := studylog.record_seq(name)) is not None)
+        for seq in seqs:
+            if seq <= len(records):
+                continue  # a copy of the old log's record, made by an upgrade that stopped
+            if seq != len(records) + 1:
+                raise FormatError(f"study log {study}: record {len(records) + 1} is missing "
+                                  f"(record {seq} is there)")
+            rec = self.read_record(study, seq)
+            if rec is None:
+                raise FormatError(f"study log {study}: record {seq} is gone")
+            records.append(rec)
+        return studylog.ParsedLog(records, good, torn)
+
+    def upgrade_logs(self) -> None:
+        """Copy each log of dittohead 0.2 into record objects (by the writer, once a study):
+        every record, then the mark that it is done; the old log is never written again. A log
+        that cannot be read is left as it is (fsck reports it; the ingest refuses its study)."""
+        if not self.writer:
+            raise StoreError("only the ingest that holds the lock upgrades the study logs")
+        for study in self.log_studies():
+            if not self.old_log(study):
+                continue
+            key = log_key(study)
+            try:
+                parsed = studylog.parse(self.objects.get(key, 1 << 40), what=f"study log {study}")
+            except FormatError as e:
+                log.error("study %s: its log of dittohead 0.2 is damaged (%s): not upgraded; run "
+                          "'dittohead fsck'", study, e)
+                continue
+            for rec in parsed.records:
+                data = studylog.encode_one(rec)
+                rkey = studylog.record_key(study, rec.seq)
+                if not self.objects.put_bytes(rkey, data) and self.objects.get(rkey, len(data) + 1) != data:
+                    raise StoreError(f"study log {study}: record {rec.seq} exists and differs from the "
+                                     "log of dittohead 0.2; run 'dittohead fsck'")
+            self.objects.put_bytes(copied_key(study), json.dumps(
+                {"records": len(parsed.records), "log_size": parsed.good_size}).encode() + b"\n")
+            log.info("study %s: its log of dittohead 0.2 (%d records) is now in record objects",
+                     study, len(parsed.records))
 
     def committed_seq(self, study: str) -> tuple[int, str]:
         """The highest seq anything besides the log says was committed, and what says so.
@@ -290,8 +355,13 @@ class Store:
         applied = 0
         for study in self.log_studies():
             last = idx.last_seq(study)
-            if idx.log_end(study) == (last, self.objects.size(log_key(study))):
-                continue  # the log ends with the last record the index holds: nothing to read
+            if not self.old_log(study):  # the records after the last the index holds, by key
+                seq = last + 1
+                while (rec := self.read_record(study, seq)) is not None:
+                    self.apply_record(idx, study, rec)
+                    applied += 1
+                    seq += 1
+                continue
             parsed = self.read_log(study)
             if last > len(parsed.records):
                 # The log lost committed records: reads go on from the index, which still holds
