@@ -188,6 +188,18 @@ def read_entries(f: BinaryIO, *, what: str) -> list[PackEntry]:
     return parse_pack_tail(header, tail, size, what=what)
 
 
+def read_entries_by_range(size: int, read_range: Callable[[int, int], bytes], *, what: str) -> list[PackEntry]:
+    """``read_entries`` of a pack of ``size`` bytes read by ranges (``read_range(offset,
+    length)``: an object store's ranged read), in three reads: header, footer, trailer."""
+    header = read_range(0, fmt.PACK_HEADER.size)
+    footer = read_range(max(0, size - fmt.PACK_FOOTER.size), fmt.PACK_FOOTER.size)
+    if len(header) < fmt.PACK_HEADER.size or len(footer) < fmt.PACK_FOOTER.size:
+        raise FormatError(f"{what}: too short to be a pack")
+    tlen = fmt.PACK_FOOTER.unpack(footer)[0]
+    want = min(size - fmt.PACK_HEADER.size, tlen + fmt.PACK_FOOTER.size, fmt.PACK_MAX_TRAILER + fmt.PACK_FOOTER.size)
+    return parse_pack_tail(header, read_range(size - want, want), size, what=what)
+
+
 def read_chunk(f: BinaryIO, entry: PackEntry, *, what: str) -> bytes:
     """Read one chunk and check it against its id; IntegrityError on mismatch."""
     f.seek(entry.offset)

@@ -25,7 +25,7 @@ from dittohead import directio, fsutil, pack, records, studylog
 from dittohead import format as fmt
 from dittohead import manifest as mf
 from dittohead.display import escape, json_path
-from dittohead.errors import FormatError
+from dittohead.errors import FormatError, StoreError
 from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
 from dittohead.store.index import DERIVED_TABLES, Index
@@ -235,8 +235,10 @@ class Checker:
                 self.sound_packs.add(pid)
                 self.stats.chunks += len(entries)
                 if self.read_data and entries:
-                    self.queue_data_check(DataJob(hexid, self.store.objects.path_of(key),  # type: ignore[attr-defined]
-                                                  [(pe.id, pe.offset, pe.length) for pe in entries]))
+                    path = self.store.objects.local_path(key)
+                    if path is None:
+                        raise StoreError("fsck --read-data reads packs on this machine's disks only")
+                    self.queue_data_check(DataJob(hexid, path, [(pe.id, pe.offset, pe.length) for pe in entries]))
                 self.fresh.add_chunks((pe.id, pid, pe.offset, pe.length) for pe in entries)
                 for pe in entries:
                     self.chunks.setdefault(pe.id, (pid, pe.length))
@@ -272,7 +274,12 @@ class Checker:
         if hexid is None:
             return None
         try:
-            with self.store.objects.open(key) as f:
+            path = self.store.objects.local_path(key)
+            if path is None:
+                objects = self.store.objects
+                return pack.read_entries_by_range(objects.size(key), lambda off, n: objects.read_range(key, off, n),
+                                                  what="its trailer")
+            with open(path, "rb") as f:
                 if self.read_data:  # the data is to be read from the disk, not from memory
                     directio.advise(f.fileno(), "DONTNEED")
                 return pack.read_entries(f, what="its trailer")

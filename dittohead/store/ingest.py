@@ -61,7 +61,7 @@ from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
 from dittohead.store import intake
 from dittohead.store.layout import MAX_ATTEMPTS, StudyDropbox
-from dittohead.store.objects import LocalObjectStore, TmpFile
+from dittohead.store.objects import TmpFile
 from dittohead.store.repo import Store, manifest_key, pack_key
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,8 @@ class StorePackWriter:
         for pid, path, entries in self.done:
             self.store.objects.put_file(pack_key(pid), path)
             out.append((pid, entries))
-        objects = self.store.objects
         for pid, path, entries in self.adopted:
-            assert isinstance(objects, LocalObjectStore)
-            objects.link_durable(pack_key(pid), path, mode=0o600)
+            self.store.objects.adopt_file(pack_key(pid), path, mode=0o600)
             out.append((pid, entries))
         return out
 
@@ -559,11 +557,8 @@ class Ingestor:
         is read); every chunk in it is new to the store; and it lies on the store's filesystem
         (it is linked, not copied).
         """
-        objects = self.store.objects
-        if not isinstance(objects, LocalObjectStore):
-            return False
-        if os.fstat(f.fileno()).st_dev != os.stat(objects.root).st_dev:
-            return False
+        if os.fstat(f.fileno()).st_dev != self.store.objects.local_device():
+            return False  # not on the store's filesystem, or a store not on this machine's disks
         if not entries or any(pe.id not in to_write or pe.id in writer.ids for pe in entries):
             return False
         return pack.is_canonical(f, entries)

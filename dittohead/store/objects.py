@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from dittohead import directio, fsutil
 from dittohead.errors import FormatError, StoreError
@@ -33,12 +33,16 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int: ...
     def get(self, key: str, limit: int) -> bytes: ...
     def read_range(self, key: str, offset: int, length: int) -> bytes: ...
-    def open(self, key: str) -> BinaryIO: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def put_bytes(self, key: str, data: bytes) -> bool: ...
     def put_file(self, key: str, tmp_path: str) -> bool: ...
     def new_tmp(self) -> tuple[str, TmpFile]: ...
     def names(self, prefix: str) -> Iterator[str]: ...
+    # A backend on this machine's disks may also say where an object is, and take a finished file
+    # of the same filesystem as an object without a copy; one that is not returns None.
+    def local_path(self, key: str) -> str | None: ...
+    def local_device(self) -> int | None: ...
+    def adopt_file(self, key: str, path: str, *, mode: int) -> bool: ...
 
 
 class LocalObjectStore:
@@ -53,8 +57,13 @@ class LocalObjectStore:
             raise StoreError(f"bad object key {key!r}")
         return os.path.join(self.root, *key.split("/"))
 
-    def path_of(self, key: str) -> str:
+    def local_path(self, key: str) -> str | None:
+        """Where the object is on this machine's disk (it may not exist)."""
         return self._path(key)
+
+    def local_device(self) -> int | None:
+        """The filesystem the objects are on (``st_dev``): a file there can be adopted."""
+        return os.stat(self.root).st_dev
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
@@ -75,9 +84,6 @@ class LocalObjectStore:
             f.seek(offset)
             return f.read(length)
 
-    def open(self, key: str) -> BinaryIO:
-        return open(self._path(key), "rb")
-
     def list(self, prefix: str) -> Iterator[str]:
         """Keys under a folder-like prefix ("packs", "studies"), sorted, temporaries skipped."""
         base = self._path(prefix)
@@ -94,12 +100,12 @@ class LocalObjectStore:
         """The names directly under a folder-like prefix, sorted: an object's name, or a
         deeper prefix's with "/" after it (what an object store lists with a delimiter)."""
         try:
-            entries = sorted(os.scandir(self._path(prefix)), key=lambda e: e.name)
+            with os.scandir(self._path(prefix)) as it:
+                names = [e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+                         for e in it if not e.name.startswith(".tmp-")]
         except (FileNotFoundError, NotADirectoryError):
             return
-        for e in entries:
-            if not e.name.startswith(".tmp-"):
-                yield e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+        yield from sorted(names)
 
     def _ensure_parent(self, path: str) -> None:
         parent = os.path.dirname(path)
@@ -121,7 +127,7 @@ class LocalObjectStore:
         self._ensure_parent(dest)
         return fsutil.link_new(tmp_path, dest)
 
-    def link_durable(self, key: str, path: str, *, mode: int) -> bool:
+    def adopt_file(self, key: str, path: str, *, mode: int) -> bool:
         """Put the existing file ``path`` (same filesystem) at ``key`` as a second hard link, after
         setting its mode and making it durable; never overwrites. False if ``key`` existed.
         The caller removes ``path`` once the link is committed to."""

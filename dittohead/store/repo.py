@@ -343,8 +343,9 @@ class Store:
         return data, mf.decode(data, stored=True)
 
     def pack_entries(self, pid: bytes) -> list[pack.PackEntry]:
-        with self.objects.open(pack_key(pid)) as f:
-            return pack.read_entries(f, what=f"pack {pid.hex()}")
+        key = pack_key(pid)
+        return pack.read_entries_by_range(self.objects.size(key), lambda off, n: self.objects.read_range(key, off, n),
+                                          what=f"pack {pid.hex()}")
 
     def catch_up(self, idx: Index | None = None) -> int:
         """Apply log records the index has not seen (after a crash past the commit point): by
