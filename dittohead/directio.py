@@ -11,9 +11,12 @@ told that the read is sequential (``advise``), and dropping them after. There th
 read-ahead keeps more of the disk busy than direct reads, a pack at a time, do: faster on the
 benchmark store, for some kernel time the server can spare (same place).
 
+O_DIRECT is used only on a local disk's filesystem (``local_disk``: ext2/3/4, XFS, Btrfs, F2FS,
+ZFS), never on a network or FUSE one: on an NFS or SMB share a direct write is a synchronous
+round trip to the server, and a FUSE filesystem hands every direct request to a process.
 Everything here falls back to ordinary buffered I/O, silently and per file: where O_DIRECT does
-not exist (Windows, macOS), where a filesystem refuses it (tmpfs on older kernels, some network
-filesystems), and for the unaligned tail of a file. Direct I/O needs page-aligned buffers and
+not exist (Windows, macOS), on any other filesystem, where a filesystem refuses it, and for the
+unaligned tail of a file. Direct I/O needs page-aligned buffers and
 sizes: the buffers here are anonymous ``mmap`` regions, which are.
 """
 
@@ -47,9 +50,55 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(ALIGN, round_up(size)))
 
 
+# statfs(2) f_type of the filesystems of local disks, where direct I/O is worth it.
+LOCAL_DISK_FILESYSTEMS = frozenset({
+    0xEF53,  # ext2, ext3, ext4
+    0x58465342,  # XFS
+    0x9123683E,  # Btrfs
+    0xF2F52010,  # F2FS
+    0x2FC12FC1,  # ZFS
+})
+_fs_types: dict[int, int | None] = {}  # st_dev -> f_type (None: unknown)
+_folders: dict[str, bool] = {}  # folder -> local_disk, for the files of a folder opened one by one
+
+
+def _fs_type(path: str) -> int | None:
+    """statfs(2)'s f_type for the filesystem of ``path`` (Linux; None elsewhere or on failure)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first (a long)
+        if libc.statfs(os.fsencode(path), buf) != 0:
+            return None
+        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+    except (OSError, AttributeError):
+        return None
+
+
+def local_disk(path: str) -> bool:
+    """Whether the file ``path`` (or a file about to be made there) is on a local disk's
+    filesystem (``LOCAL_DISK_FILESYSTEMS``): that of its folder, looked up once per folder."""
+    folder = os.path.dirname(path) or "."
+    known = _folders.get(folder)
+    if known is None:
+        try:
+            dev = os.stat(folder).st_dev
+        except OSError:
+            return False
+        if dev not in _fs_types:
+            _fs_types[dev] = _fs_type(folder)
+        known = _folders[folder] = _fs_types[dev] in LOCAL_DISK_FILESYSTEMS
+        if len(_folders) > 4096:  # a scan of many folders: keep the memory bounded
+            _folders.clear()
+    return known
+
+
 def open_fd(path: str, flags: int, mode: int = 0o777, *, direct: bool = True) -> int:
-    """``os.open``, with O_DIRECT added when ``direct`` and the filesystem accepts it."""
-    if direct and _O_DIRECT:
+    """``os.open``, with O_DIRECT added when ``direct``, on a local disk's filesystem
+    (``local_disk``), where the filesystem accepts it."""
+    if direct and _O_DIRECT and local_disk(path):
         try:
             return os.open(path, flags | _O_DIRECT, mode)
         except OSError as e:

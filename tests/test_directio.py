@@ -86,9 +86,24 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def on_local_disk(d: Path) -> bool:
+    """Whether ``d`` is on a local disk's filesystem, by the mount table (not by directio)."""
+    best, fstype = "", ""
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            if (str(d) == point or str(d).startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, fstype = point, fields[2]
+    return fstype in ("ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs")
+
+
 @pytest.fixture(scope="module")
 def accepts(dirs: dict[str, Path]) -> dict[str, bool]:
-    return {k: raw_accepts_direct(d) for k, d in dirs.items()}
+    """Where directio opens files direct: the filesystem takes O_DIRECT, and it is a local
+    disk's (directio never uses it on tmpfs, FUSE or a network share)."""
+    return {k: raw_accepts_direct(d) and (not os.path.exists("/proc/self/mounts") or on_local_disk(d))
+            for k, d in dirs.items()}
 
 
 @pytest.fixture(params=["disk", "shm"])
@@ -794,3 +809,32 @@ def test_io_after_close_is_a_clear_error(tmp_path: Path) -> None:
             getattr(w, method)(*args)
     w.close()
     assert (tmp_path / "out").read_bytes() == b"x" * 100
+
+
+def test_direct_io_only_on_a_local_disks_filesystem(tmp_path: Path) -> None:
+    """O_DIRECT on ext4/XFS/Btrfs...; never on a FUSE filesystem (a process serves every
+    request) or a network share, nor tmpfs: there a file is opened buffered (statfs decides)."""
+    import refusing_fs
+
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"x" * 8192)
+    if not directio._O_DIRECT or not directio.local_disk(str(local)):
+        pytest.skip("no O_DIRECT here, or the tmp folder is not on a local disk's filesystem")
+    fd = directio.open_fd(str(local), os.O_RDONLY)
+    try:
+        assert directio.is_direct(fd)
+    finally:
+        os.close(fd)
+    why = refusing_fs.unavailable()
+    if why:
+        pytest.skip(why)
+    with refusing_fs.mounted(tmp_path / "backing", tmp_path / "fuse") as mnt:
+        on_fuse = Path(mnt) / "file.bin"
+        on_fuse.write_bytes(b"y" * 8192)
+        assert not directio.local_disk(str(on_fuse))
+        fd = directio.open_fd(str(on_fuse), os.O_RDONLY)
+        try:
+            assert not directio.is_direct(fd)
+            assert os.read(fd, 10) == b"y" * 10
+        finally:
+            os.close(fd)
