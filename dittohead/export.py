@@ -15,6 +15,11 @@ check made before the write. Only DEST itself, the path the admin gave, is resol
 symlink anywhere inside it (a folder or a file) is left alone and reported like any other entry
 in the way, and what would have gone beneath it is left out.
 
+The view is walked from the index (``StudyView``), one folder's listing at a time, so memory
+follows the depth of a path and the size of one folder, not the study's history. After a clean
+export, the next one into the same DEST goes through only what the submissions since brought
+(``_Exporter.since``, ``_LastExport``); ``verify`` goes through everything.
+
 Every name is written as its exact bytes. Where DEST refuses a name (an SMB share or a FAT disk:
 a ':', a trailing dot, ``CON``; any filesystem: a name too long), that one name is written as
 ``display.portable_name`` gives it, and listed in ``DEST/escaped-names.tsv`` (``_Escapes``).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 import sys
@@ -80,6 +86,12 @@ class ExportSummary:
     conflicts: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # "PATH vN: why", versions not exported
     escaped_new: int = 0  # names DEST refused, written escaped and listed in NAMES_FILE by this export
+    since: int | None = None  # this export looked only at what came after submission #since
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left in the way and nothing left out as damaged: DEST holds the whole view."""
+        return not self.conflicts and not self.damaged
 
     def line(self, dest: str) -> str:
         from dittohead.units import human_bytes
@@ -87,6 +99,8 @@ class ExportSummary:
         s = (f"export: {self.written} version files written ({human_bytes(self.bytes)}), "
              f"{self.current_updated} current entries updated, {self.linked} links added, "
              f"{self.unchanged} already there; {dest}")
+        if self.since is not None:
+            s += f" (what is new since submission #{self.since}; 'export --verify' checks it all)"
         if self.conflicts:
             s += f"; {len(self.conflicts)} files in the way left untouched"
         if self.damaged:
@@ -409,10 +423,83 @@ def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str,
     return True
 
 
+class _LastExport:
+    """What the exporting account remembers of its last export of a study into DEST that ended
+    clean (``ExportSummary.clean``): the last submission it exported, and DEST as it left it.
+
+    Kept in the account's own state folder (the client's, ``DITTOHEAD_STATE_DIR``), never in
+    DEST: nobody else can write it, and DEST holds the view and nothing else. It is trusted only
+    while DEST, and its current/, submissions/ and versions/ folders, are the very folders that
+    export left (device, inode) with no entry added, removed or renamed in them since (mtime):
+    a DEST emptied or made anew, or a file put in or taken out at its top, makes the next export
+    look at everything again. What it cannot see (an entry removed deeper down) is put back by
+    ``export --verify``, which looks at everything.
+    """
+
+    VERSION = 1
+
+    def __init__(self, store: Store, study: str, dest: str) -> None:
+        from dittohead.client.cache import state_dir
+        from dittohead.hashing import digest
+
+        self.key = {"version": self.VERSION, "store": store.config.store_id, "study": study, "dest": dest}
+        name = digest(json.dumps(self.key, sort_keys=True).encode()).hex()[:32]
+        self.path = os.path.join(state_dir(), "exports", f"{name}.json")
+
+    @staticmethod
+    def _fingerprint(root_fd: int) -> list[list[int]] | None:
+        out = []
+        for name in (None, "current", "submissions", "versions"):
+            try:
+                st = os.fstat(root_fd) if name is None else os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            except OSError:
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            out.append([st.st_dev, st.st_ino, st.st_mtime_ns])
+        return out
+
+    def load(self, root_fd: int) -> int | None:
+        """The last submission the last clean export wrote, if DEST is as it left it."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or {k: doc.get(k) for k in self.key} != self.key:
+            return None
+        seq = doc.get("seq")
+        if not isinstance(seq, int) or seq < 0 or doc.get("dest_folders") != self._fingerprint(root_fd):
+            return None
+        return seq
+
+    def save(self, seq: int, root_fd: int) -> None:
+        """Remember ``seq`` and DEST as it is now (after the export, made durable); a state
+        folder that cannot be written only costs the next export its shortcut."""
+        fingerprint = self._fingerprint(root_fd)
+        if fingerprint is None:
+            return
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{fsutil.tmp_basename()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({**self.key, "seq": seq, "dest_folders": fingerprint}, f)
+            os.replace(tmp, self.path)
+
+    def forget(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 def export_study(store: Store, study: str, dest: str,
-                 progress: Callable[[int], None] | None = None) -> ExportSummary:
+                 progress: Callable[[int], None] | None = None, *, verify: bool = False) -> ExportSummary:
     """Write what is missing of the study's view into ``dest``; never fails because of what is
     already there.
+
+    After an export into ``dest`` that ended clean, the next one looks only at what the
+    submissions since brought (``_Exporter.since``), where DEST is as that export left it
+    (``_LastExport``); ``verify``, or an earlier export that left anything in the way or out,
+    makes it look at everything (``_Exporter.everything``), and put back what is missing.
 
     A path that was a file and is now also a folder (``data``, then ``data/f.txt``) is shown
     as the folder ``current/data/`` and the file ``current/data~file``. An earlier export left
@@ -443,6 +530,13 @@ def export_study(store: Store, study: str, dest: str,
     dest = os.path.abspath(dest)
     os.makedirs(dest, exist_ok=True)
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)  # DEST itself: the admin's path
+    last = _LastExport(store, study, dest)
+    upto = view.last_seq  # what this export covers at least (a later ingest: the next one's)
+    after = None if verify else last.load(root_fd)
+    if after is not None and after > upto:
+        after = None  # an index behind DEST: everything, then
+    last.forget()  # until this export ends clean
+    completed = False
     try:
         escapes = _Escapes(root_fd)
 
@@ -452,13 +546,21 @@ def export_study(store: Store, study: str, dest: str,
         folders = _Folders(root_fd, dest, summary, escapes, in_view)  # where the export writes
         sources = _Folders(root_fd, dest, summary, escapes, in_view)  # versions/, where links are made from
         try:
-            _export(store, view, folders, sources, summary, progress)
+            exporter = _Exporter(store, view, folders, sources, summary, progress)
+            if after is None:
+                exporter.everything()
+            else:
+                summary.since = after
+                exporter.since(after, upto)
+            completed = True
         finally:
             folders.close()
             sources.close()
             summary.escaped_new = escapes.added
     finally:
         fsutil.fsync_dir_fd(root_fd)
+        if completed and summary.clean:
+            last.save(upto, root_fd)
         os.close(root_fd)
     return summary
 
@@ -521,110 +623,167 @@ class _VersionFiles:
         return out
 
 
-def _export(store: Store, view: StudyView, folders: _Folders, sources: _Folders,
-            summary: ExportSummary, progress: Callable[[int], None] | None) -> None:
-    """Three walks of the view (each folder's entries sorted): versions/ first, writing each
-    version's bytes once, then submissions/ and current/, linking to those files."""
-    files = _VersionFiles(view, sources)
+class _Exporter:
+    """What the export does for each entry of the view, and the two ways it goes through them:
+    ``everything`` (three walks of the view) and ``since`` (only what submissions after an
+    earlier export brought)."""
 
-    # 1. every version's bytes, written once
-    for vpath, node in view.walk("versions"):
-        if isinstance(node, Dir):
-            folders.open(vpath.split("/"), create=False)  # reports a symlink or file in the way
-            continue
-        v = node.version
-        *parent, name = where = vpath.split("/")  # files.parts(v), but for a NAME~file
+    def __init__(self, store: Store, view: StudyView, folders: _Folders, sources: _Folders,
+                 summary: ExportSummary, progress: Callable[[int], None] | None) -> None:
+        self.store = store
+        self.view = view
+        self.folders = folders
+        self.summary = summary
+        self.progress = progress
+        self.files = _VersionFiles(view, sources)
+
+    def everything(self) -> None:
+        """Three walks of the view (each folder's entries sorted): versions/ first, writing
+        each version's bytes once, then submissions/ and current/, linking to those files."""
+        for vpath, node in self.view.walk("versions"):
+            if isinstance(node, Dir):
+                self.folders.open(vpath.split("/"), create=False)  # reports a symlink or file in the way
+            else:
+                self.version(vpath.split("/"), node.version)
+        for top in ("submissions", "current"):
+            for vpath, node in self.view.walk(top):
+                if isinstance(node, Dir):
+                    self.folder(vpath.split("/"))
+                else:
+                    self.entry(vpath.split("/"), node.version)
+
+    def since(self, after: int, upto: int) -> None:
+        """What submissions ``after`` + 1 to ``upto`` brought, as ``everything`` would do it,
+        looking at nothing else: their new versions' files, their folders in submissions/, and
+        the current/ entries of the paths they changed (with the entry of a file that a new path
+        made a folder too, moved aside to NAME~file as ``folder`` does)."""
+        view = self.view
+        idx = view.store.index
+        aside: set[str] = set()  # folders that new paths made of what were files
+        for v in idx.versions_brought(view.study, after, upto):
+            self.version(view.version_path(v).split("/"), v)
+            if v.n == 1:  # a new path: the folders above it may have been files until now
+                aside.update(view.folders_that_are_files(v.path))
+        for seq in range(after + 1, upto + 1):
+            top = view.submission_path(seq)
+            if top is None:
+                continue
+            self.folder(top.split("/"))
+            for vpath, node in view.walk(top):
+                if isinstance(node, Dir):
+                    self.folder(vpath.split("/"))
+                else:
+                    self.entry(vpath.split("/"), node.version)
+        for folder in sorted(aside, key=lambda p: p.count("/")):  # shallowest first
+            self.folder(f"current/{folder}".split("/"))
+            file = idx.latest_version(view.study, folder)
+            shown = view.current_path(folder)
+            if file is not None and shown is not None:
+                self.entry(shown.split("/"), file)
+        for path, n in idx.paths_changed(view.study, after, upto):
+            shown = view.current_path(path)
+            file = idx.version(view.study, path, n)
+            if file is not None and shown is not None:
+                self.entry(shown.split("/"), file)
+
+    def version(self, where: list[str], v: Version) -> None:
+        """Write ``v``'s bytes at the view path ``where`` in versions/, unless an earlier
+        export's file is there (or something else is: in the way)."""
+        folders, summary = self.folders, self.summary
+        *parent, name = where
         dir_fd = folders.open(parent, create=True)
         if dir_fd is None:
-            continue  # something not a folder in the way: reported
+            return  # something not a folder in the way: reported
         st = folders.find(dir_fd, where)[1]
         if st is not None:
             # An earlier export's (_VersionFiles.earlier), or in the way.
-            if files.earlier(v, st):
+            if self.files.earlier(v, st):
                 summary.unchanged += 1
             else:
                 summary.in_the_way(folders.path(where))
-            continue
+            return
         t = version_os_mtime(v)
         try:
             with fsutil.new_file_at(dir_fd, name, mode=FILE_MODE, times=(t, t),
                                     alt=folders.escaper(where)) as f:
-                write_version(store, v, f)
+                write_version(self.store, v, f)
         except IntegrityError as e:  # no part of it stays (new_file_at); the rest goes on
             summary.damaged.append(f"{v.path} v{v.n}: {e}")
-            continue
+            return
         except FileExistsError:  # made meanwhile by someone else
             summary.in_the_way(folders.path(where))
-            continue
+            return
         except OSError as e:
             if e.errno not in _REFUSED:
                 raise
             # a folder not ours to write in, or a name DEST refuses with no free escaped name
             summary.in_the_way(folders.path(where))
-            continue
+            return
         st = folders.find(dir_fd, where)[1]
         if st is not None:
-            files.wrote(v, st)
+            self.files.wrote(v, st)
         summary.written += 1
         summary.bytes += v.size
-        if progress:
-            progress(v.size)
+        if self.progress:
+            self.progress(v.size)
 
-    # 2. submissions/: links to the version files; 3. current/: links swapped atomically
-    for top in ("submissions", "current"):
-        for vpath, node in view.walk(top):
-            here = vpath.split("/")
-            *parent, name = here
-            if isinstance(node, Dir):
-                # current/PATH/ is a folder now; an old entry of ours for the file PATH moves
-                # to PATH~file, where the view shows that file (see export_study).
-                dir_fd = folders.open(parent, create=False) if top == "current" else None
-                if dir_fd is not None:
-                    st = folders.find(dir_fd, here)[1]
-                    if (st is not None and stat.S_ISREG(st.st_mode)
-                            and _owned(st, files.of_path(vpath[len("current/"):]))
-                            and _move_aside(folders, dir_fd, here)):
-                        summary.current_updated += 1
-                # A folder in the view: a symlink or a file in its place is reported even
-                # where nothing is left to write beneath it.
-                folders.open(here, create=False)
-                continue
-            v = node.version
-            found = files.find(v)
-            if found is None:
-                continue  # not written: what was in its way is reported already
-            src_fd, src, ident = found
-            dir_fd = folders.open(parent, create=True)
-            if dir_fd is None:
-                continue
-            on_disk, st = folders.find(dir_fd, here)
-            if st is not None and _identity(st) == ident:
-                summary.unchanged += 1
-                continue
-            try:
-                if st is None:
-                    try:
-                        if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(here)):
-                            summary.linked += 1
-                        else:  # the version file was swapped since step 1
-                            summary.in_the_way(folders.path(files.parts(v)))
-                    except FileExistsError:  # made meanwhile by someone else
-                        summary.in_the_way(folders.path(here))
-                elif top == "current" and _owned(st, files.of_path(v.path)):
-                    found = files.find(v)  # again: of_path moved ``sources``
-                    if found is None:
-                        continue
-                    src_fd, src, ident = found
-                    tmp = fsutil.tmp_basename()
-                    if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
-                        os.replace(tmp, on_disk, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                        summary.current_updated += 1
-                    else:
+    def folder(self, here: list[str]) -> None:
+        """A folder of submissions/ or current/ (``here``: its view path's names)."""
+        folders = self.folders
+        if here[0] == "current" and len(here) > 1:
+            # current/PATH/ is a folder now; an old entry of ours for the file PATH moves to
+            # PATH~file, where the view shows that file (see export_study).
+            dir_fd = folders.open(here[:-1], create=False)
+            if dir_fd is not None:
+                st = folders.find(dir_fd, here)[1]
+                if (st is not None and stat.S_ISREG(st.st_mode)
+                        and _owned(st, self.files.of_path("/".join(here[1:])))
+                        and _move_aside(folders, dir_fd, here)):
+                    self.summary.current_updated += 1
+        # A folder in the view: a symlink or a file in its place is reported even where nothing
+        # is left to write beneath it.
+        folders.open(here, create=False)
+
+    def entry(self, here: list[str], v: Version) -> None:
+        """The entry ``here`` (view path's names) of submissions/ or current/: a link to the
+        version file of ``v``; in current/, an earlier link of ours is swapped to it."""
+        folders, summary, files = self.folders, self.summary, self.files
+        *parent, name = here
+        found = files.find(v)
+        if found is None:
+            return  # not written: what was in its way is reported already
+        src_fd, src, ident = found
+        dir_fd = folders.open(parent, create=True)
+        if dir_fd is None:
+            return
+        on_disk, st = folders.find(dir_fd, here)
+        if st is not None and _identity(st) == ident:
+            summary.unchanged += 1
+            return
+        try:
+            if st is None:
+                try:
+                    if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(here)):
+                        summary.linked += 1
+                    else:  # the version file was swapped since it was written
                         summary.in_the_way(folders.path(files.parts(v)))
-                else:
+                except FileExistsError:  # made meanwhile by someone else
                     summary.in_the_way(folders.path(here))
-            except OSError as e:
-                if e.errno not in _REFUSED:
-                    raise
-                # a folder not ours to write in, or a name DEST refuses with no free escaped name
+            elif here[0] == "current" and _owned(st, files.of_path(v.path)):
+                found = files.find(v)  # again: of_path moved ``sources``
+                if found is None:
+                    return
+                src_fd, src, ident = found
+                tmp = fsutil.tmp_basename()
+                if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
+                    os.replace(tmp, on_disk, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                    summary.current_updated += 1
+                else:
+                    summary.in_the_way(folders.path(files.parts(v)))
+            else:
                 summary.in_the_way(folders.path(here))
+        except OSError as e:
+            if e.errno not in _REFUSED:
+                raise
+            # a folder not ours to write in, or a name DEST refuses with no free escaped name
+            summary.in_the_way(folders.path(here))

@@ -230,6 +230,43 @@ class StudyView:
                 v = None
         return File(v) if v else None
 
+    # -- where a version or a path is shown (for an export that writes only what is new)
+    def kinds(self, path: str) -> set[int]:
+        """What the study path ``path`` is in the study's tree: {FOLDER}, {FILE}, both or none."""
+        names = to_bytes(path).split(b"/")
+        return self.store.index.tree_kinds(self.study, 0, self._keys(names)[-1], names[-1])
+
+    def version_path(self, v: Version) -> str:
+        """The view path of ``v``'s version file: versions/PATH/NAME, or NAME~file where a
+        folder there has NAME."""
+        name = version_name(v)
+        if self.kinds(f"{v.path}/{name}"):
+            name += CONFLICT_SUFFIX
+        return f"versions/{v.path}/{name}"
+
+    def current_path(self, path: str) -> str | None:
+        """The view path under which current/ shows the file ``path``: current/PATH, or
+        current/PATH~file where PATH is also a folder (None where another entry has that name)."""
+        if FOLDER not in self.kinds(path):
+            return f"current/{path}"
+        if self.kinds(path + CONFLICT_SUFFIX):
+            return None
+        return f"current/{path}{CONFLICT_SUFFIX}"
+
+    def folders_that_are_files(self, path: str) -> list[str]:
+        """The folders above the study path ``path`` that are also files of the study (shown as
+        NAME~file), shallowest first."""
+        names = to_bytes(path).split(b"/")
+        keys = self._keys(names)
+        idx = self.store.index
+        return ["/".join(path.split("/")[:i]) for i in range(1, len(names))
+                if idx.tree_kinds(self.study, 0, keys[i - 1], names[i - 1]) == {FOLDER, FILE}]
+
+    def submission_path(self, seq: int) -> str | None:
+        """The view path of submission ``seq``'s folder (None if there is no such submission)."""
+        s = self.store.index.submission(self.study, seq)
+        return None if s is None else f"submissions/{submission_dir_name(s.seq, s.ingested_ns, s.site)}"
+
     def _version_named(self, path: str, name: str) -> Version | None:
         number = name.split("_", 1)[0]
         if not (number.isascii() and number.isdigit()):

@@ -206,7 +206,9 @@ def cat(store: str, study: str, path: str, version: int | None) -> None:
 @store_option
 @study_option
 @click.argument("dest", type=click.Path(file_okay=False))
-def export(store: str, study: str, dest: str) -> None:
+@click.option("--verify", is_flag=True,
+              help="Look at everything in DEST, and put back what is missing, not only what is new.")
+def export(store: str, study: str, dest: str, verify: bool) -> None:
     """Write the study's read-only view into DEST, adding only.
 
     \b
@@ -215,6 +217,8 @@ def export(store: str, study: str, dest: str) -> None:
     DEST/submissions/STAMP_SITE_SEQ/PATH     each submission as received
     A second export after new versions adds them and updates current/ (where the filesystem
     has hard links); nothing is deleted. A file or folder in the way is left and reported.
+    After an export that ended clean, the next one writes and looks at only what is new since
+    (while DEST's own folders are as it left them); --verify looks at everything.
     """
     if not dest.strip():
         raise click.BadParameter("an empty path (give the folder to export into)", param_hint="'DEST'")
@@ -227,7 +231,7 @@ def export(store: str, study: str, dest: str) -> None:
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="export", leave=False)
         progress = bar.update
     try:
-        summary = export_study(st, study, dest, progress)
+        summary = export_study(st, study, dest, progress, verify=verify)
     finally:
         if bar:
             bar.close()

@@ -16,7 +16,7 @@ import contextlib
 import os
 import sqlite3
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dittohead.chunking import pack_chunk_list
@@ -441,6 +441,26 @@ class Index:
                             "JOIN submissions s ON s.study = v.study AND s.seq = v.seq "
                             "WHERE e.study=? AND e.seq=? AND e.path=?", (study, seq, to_bytes(path))).fetchone()
         return _version(r) if r else None
+
+    def versions_brought(self, study: str, after: int, upto: int) -> Iterator[Version]:
+        """The versions that submissions ``after`` + 1 to ``upto`` made, in the order they made
+        them (by seq, then path), one at a time: a range of the entries' key, never the study's
+        whole history."""
+        for r in self.db.execute(
+                f"SELECT {_VERSION_COLS} FROM entries e "
+                "JOIN versions v ON v.study = e.study AND v.path = e.path AND v.n = e.n "
+                "JOIN submissions s ON s.study = v.study AND s.seq = v.seq "
+                "WHERE e.study = ? AND e.seq > ? AND e.seq <= ? AND v.seq = e.seq ORDER BY e.seq, e.path",
+                (study, after, upto)):
+            yield _version(r)
+
+    def paths_changed(self, study: str, after: int, upto: int) -> Iterator[tuple[str, int]]:
+        """(path, n) for each path that submissions ``after`` + 1 to ``upto`` carried, with the
+        last version of it they brought or carried, sorted by path, one at a time."""
+        for path, n in self.db.execute(
+                "SELECT path, max(n) FROM entries WHERE study = ? AND seq > ? AND seq <= ? "
+                "GROUP BY path ORDER BY path", (study, after, upto)):
+            yield from_bytes(path), n
 
     def submission(self, study: str, seq: int) -> Submission | None:
         r = self.db.execute("SELECT * FROM submissions WHERE study=? AND seq=?", (study, seq)).fetchone()
