@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class StudyView:
         self.store = store
         self.study = study
         self._seen = (-1, 0)  # (last seq, its ingest time), as last read
+        self.cache = ChunkCache()  # one for every file this view opens, from every thread
 
     # -- what the index holds now
     def refresh(self) -> int:
@@ -345,7 +347,8 @@ class StudyView:
                 stack.append(self.children(child)[::-1])
 
     def open(self, version: Version) -> FileReader:
-        return FileReader(self.store, version)
+        """A reader of ``version`` that shares the view's chunk cache (``ChunkCache``)."""
+        return FileReader(self.store, version, self.cache)
 
 
 class StoreView:
@@ -367,24 +370,30 @@ class StoreView:
 
 
 class ChunkCache:
-    """A small LRU of verified chunks, shared by readers."""
+    """An LRU of verified chunks of bounded size, one for every file a view opens, safe to call
+    from many threads: a chunk is read and verified outside the lock (two threads may read the
+    same one at once; both get good bytes), and the lock only guards the LRU."""
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, store: Store, cid: bytes) -> bytes:
-        data = self._items.get(cid)
-        if data is not None:
-            self._items.move_to_end(cid)
-            return data
-        data = store.read_chunk(cid)
-        self._items[cid] = data
-        self.bytes += len(data)
-        while self.bytes > self.max_bytes and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= len(old)
+        with self._lock:
+            data = self._items.get(cid)
+            if data is not None:
+                self._items.move_to_end(cid)
+                return data
+        data = store.read_chunk(cid)  # verified against its id
+        with self._lock:
+            if cid not in self._items:
+                self._items[cid] = data
+                self.bytes += len(data)
+                while self.bytes > self.max_bytes and len(self._items) > 1:
+                    _, old = self._items.popitem(last=False)
+                    self.bytes -= len(old)
         return data
 
 

@@ -131,3 +131,39 @@ def test_a_damaged_chunk_is_an_error_not_wrong_bytes(tmp_path: Path, monkeypatch
             assert type(e).__name__ == "IntegrityError"
         else:
             raise AssertionError("a damaged chunk was served")
+
+
+def test_many_threads_read_through_one_view_and_its_bounded_cache(tmp_path: Path, monkeypatch) -> None:
+    """Reader threads of one view (a connection to the index each, one chunk cache for all, small
+    enough to evict all the time) read random ranges of every version: every read is right."""
+    import random
+    import threading
+
+    root = _store(tmp_path, monkeypatch)
+    want = {1: BIG, 2: BIG[:1000] + b"edit" + BIG[1004:]}
+    with Store.open(str(root)) as store:
+        view = StudyView(store, "s")
+        view.cache.max_bytes = 600 * 1024  # about two chunks
+        versions = [node.version for node in (view.lookup(f"versions/big.bin/{name}")
+                                              for name, _ in view.listdir("versions/big.bin"))]
+        assert [v.n for v in versions] == [1, 2]
+        errors: list[str] = []
+
+        def reader(seed: int) -> None:
+            rnd = random.Random(seed)
+            for _ in range(40):
+                v = rnd.choice(versions)
+                f = view.open(v)
+                off, size = rnd.randrange(len(BIG)), rnd.randrange(1, 2 * 1024 * 1024)
+                if f.read(off, size) != want[v.n][off : off + size]:
+                    errors.append(f"v{v.n} [{off}:{off + size}]")
+                if view.lookup("current/big.bin").version.n != 2:  # the index, from this thread
+                    errors.append("lookup")
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:5]
+        assert view.cache.bytes <= view.cache.max_bytes + 4 * 1024 * 1024  # bounded (one chunk over at most)
