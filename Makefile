@@ -1,12 +1,14 @@
 # dittohead: set up, demo, test, benchmark and lint, on a fresh Debian machine or a developer's.
 #
-#   make demo     set up .venv and run the end-to-end demo (python -m dittohead.demo)
-#   make test     set up .venv (and, as root, the Debian packages the tests use) and run pytest
-#   make bench    set up .venv and the tools compared against, then run benchmarks/bench.py
-#   make lint     ruff check and mypy
-#   make clean    remove caches and the demo's and benchmarks' output (distclean: .venv too)
+#   make demo         set up .venv and run the end-to-end demo (python -m dittohead.demo)
+#   make test         set up .venv (and, as root, the Debian packages the tests use) and run pytest
+#   make bench        set up .venv and the tools compared against, then run benchmarks/bench.py
+#   make bench-scale  set up .venv (and GNU time), then run benchmarks/scale.py (dittohead at scale)
+#   make lint         ruff check and mypy
+#   make clean        remove caches and the demo's and benchmarks' output (distclean: .venv too)
 #
-# Extra arguments: make test PYTEST_ARGS='-k ingest -x'; make demo DEMO_ARGS='--dir /tmp/d'.
+# Extra arguments: make test PYTEST_ARGS='-k ingest -x'; make demo DEMO_ARGS='--dir /tmp/d';
+# make bench-scale SCALE_ARGS='--scale 0.1'.
 # Nothing here reads standard input: safe in CI, as root, with no terminal.
 
 SHELL := bash
@@ -24,10 +26,13 @@ PIP := $(VPY) -m pip --disable-pip-version-check --no-input
 TEST_DEBS ?= fuse3 openssh-server
 # The tools the benchmarks compare dittohead with.
 BENCH_DEBS ?= rsync restic borgbackup
+# GNU time: scale.py measures each command's peak RSS with /usr/bin/time -f %M.
+SCALE_DEBS ?= time
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+SCALE_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests were collected") as success.
 NO_TESTS_OK ?=
 
@@ -35,10 +40,10 @@ NO_TESTS_OK ?=
 TEST_STAMP := $(VENV)/.installed-test
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: help setup demo test bench lint clean distclean system-deps bench-deps
+.PHONY: help setup demo test bench bench-scale lint clean distclean system-deps bench-deps scale-deps
 
 help:
-	@sed -n '3,9s/^# \{0,1\}//p' Makefile
+	@sed -n '3,11s/^# \{0,1\}//p' Makefile
 
 # --- the virtualenv -----------------------------------------------------------------------
 
@@ -95,6 +100,9 @@ system-deps:
 bench-deps:
 	$(call install-debs,$(BENCH_DEBS))
 
+scale-deps:
+	$(call install-debs,$(SCALE_DEBS))
+
 # --- what people run ----------------------------------------------------------------------
 
 demo: $(TEST_STAMP)
@@ -112,6 +120,12 @@ test: system-deps $(TEST_STAMP)
 bench: bench-deps $(TEST_STAMP)
 	$(VPY) -m compileall -q dittohead
 	$(VPY) benchmarks/bench.py $(BENCH_ARGS)
+
+# dittohead alone on a study of 1M versions and one of 10,000 submissions (benchmarks/README.md,
+# "At scale"); GNU time gives each command's peak RSS.
+bench-scale: scale-deps $(TEST_STAMP)
+	$(VPY) -m compileall -q dittohead
+	$(VPY) benchmarks/scale.py $(SCALE_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
