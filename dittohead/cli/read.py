@@ -142,13 +142,14 @@ def ls(store: str, study: str, path: str, as_json: bool) -> None:
     if not listed:
         click.echo(f"{study}: no submissions yet" if not sp and not view.last_seq else f"{study}: '{escape(sp)}' is empty")
         return
-    click.echo(f"{'versions':>8}  {'size':>10}  {'ingested':<23}  name")
+    lines = [f"{'versions':>8}  {'size':>10}  {'ingested':<23}  name"]
     for name, n in listed:  # names are a client's: escaped (dittohead.display)
         if isinstance(n, File):
             v = n.version
-            click.echo(f"{v.n:>8}  {human_bytes(v.size):>10}  {utc_iso(v.ingested_ns):<23}  {escape(name)}")
+            lines.append(f"{v.n:>8}  {human_bytes(v.size):>10}  {utc_iso(v.ingested_ns):<23}  {escape(name)}")
         else:
-            click.echo(f"{'':>8}  {'':>10}  {'':<23}  {escape(name)}/")
+            lines.append(f"{'':>8}  {'':>10}  {'':<23}  {escape(name)}/")
+    click.echo("\n".join(lines))  # one write: 10,000 echo calls cost a third of a large listing
 
 
 @click.command()

@@ -25,7 +25,7 @@ from dittohead.manifest import Manifest
 from dittohead.paths import from_bytes, to_bytes
 from dittohead.studylog import LogRecord
 
-SCHEMA_VERSION = 3  # 2: paths as BLOBs (format version 2's exact name bytes); 3: the tree table
+SCHEMA_VERSION = 4  # 2: paths as BLOBs (format version 2's exact name bytes); 3: the tree table; 4: indexes for the ingest's lookups
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS tree (
     kind INTEGER NOT NULL,
     PRIMARY KEY (study, seq, parent, name, kind)
 ) WITHOUT ROWID;
+-- Looked up by every ingest (submission_named, chunks_gained): a search, not a scan of the study.
+CREATE INDEX IF NOT EXISTS submissions_by_name ON submissions (study, name);
+CREATE INDEX IF NOT EXISTS study_chunks_by_seq ON study_chunks (study, seq);
 """
 
 # The tree table: the folders of the read-only view (dittohead/view.py), so that one folder is
@@ -378,7 +381,8 @@ class Index:
             "SELECT * FROM submissions WHERE study=? ORDER BY seq", (study,))]
 
     def submission_named(self, study: str, name: str) -> Submission | None:
-        r = self.db.execute("SELECT * FROM submissions WHERE study=? AND name=?", (study, name)).fetchone()
+        r = self.db.execute("SELECT * FROM submissions INDEXED BY submissions_by_name WHERE study=? AND name=?",
+                            (study, name)).fetchone()
         return Submission(*r) if r else None
 
     def versions(self, study: str, path: str) -> list[Version]:
