@@ -80,6 +80,14 @@ def _decode_payload(payload: bytes, what: str) -> LogRecord:
     return LogRecord(seq, sub, mid, ingested_ns, tuple(packs))
 
 
+def _check_header(data: bytes, what: str) -> None:
+    magic, version = fmt.LOG_HEADER.unpack(data[: fmt.LOG_HEADER.size])
+    if magic != fmt.LOG_MAGIC:
+        raise FormatError(f"{what}: not a study log (bad magic)")
+    if version not in fmt.SUPPORTED_VERSIONS:
+        raise UnsupportedFormat(f"{what}: log format version {version} is not supported")
+
+
 def parse(data: bytes, *, what: str) -> ParsedLog:
     """Parse a whole log; FormatError for damage, a torn tail reported in the result."""
     hsize = fmt.LOG_HEADER.size
@@ -88,11 +96,7 @@ def parse(data: bytes, *, what: str) -> ParsedLog:
         if fmt.LOG_MAGIC.startswith(data[:8]):
             return ParsedLog([], 0, torn=bool(data))
         raise FormatError(f"{what}: not a study log")
-    magic, version = fmt.LOG_HEADER.unpack(data[:hsize])
-    if magic != fmt.LOG_MAGIC:
-        raise FormatError(f"{what}: not a study log (bad magic)")
-    if version not in fmt.SUPPORTED_VERSIONS:
-        raise UnsupportedFormat(f"{what}: log format version {version} is not supported")
+    _check_header(data, what)
     records: list[LogRecord] = []
     pos = hsize
     lsize = fmt.LOG_RECORD_LEN.size
@@ -147,11 +151,7 @@ def parse_one(data: bytes, seq: int, *, what: str) -> LogRecord:
     hsize, lsize = fmt.LOG_HEADER.size, fmt.LOG_RECORD_LEN.size
     if len(data) < hsize + lsize:
         raise FormatError(f"{what}: too short to be a record")
-    magic, version = fmt.LOG_HEADER.unpack(data[:hsize])
-    if magic != fmt.LOG_MAGIC:
-        raise FormatError(f"{what}: not a study log record (bad magic)")
-    if version not in fmt.SUPPORTED_VERSIONS:
-        raise UnsupportedFormat(f"{what}: log format version {version} is not supported")
+    _check_header(data, what)
     (n,) = fmt.LOG_RECORD_LEN.unpack_from(data, hsize)
     if hsize + lsize + n + fmt.HASH_SIZE != len(data):
         raise FormatError(f"{what}: its length field does not match its size")
