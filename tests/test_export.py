@@ -618,22 +618,13 @@ def test_a_path_deeper_than_the_descriptors_a_process_may_hold(server: Server, t
     import subprocess
     import sys
 
+    from test_view_lazy import _deep_source
+
     src = tmp_path / "src"
-    src.mkdir()
-    fd = os.open(src, os.O_RDONLY)
-    for _ in range(1500):
-        os.mkdir("d", dir_fd=fd)
-        deeper = os.open("d", os.O_RDONLY, dir_fd=fd)
-        os.close(fd)
-        fd = deeper
-    out = os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-    os.write(out, b"deep\n")
-    os.close(out)
-    os.close(fd)
+    deep = _deep_source(src, 1500)
     (src / "top.txt").write_bytes(b"top\n")
     server.sync(src)
     server.ingest()
-    deep = "/".join(["d"] * 1500) + "/f.txt"
     assert server.cat(deep) == b"deep\n"
 
     def export() -> subprocess.CompletedProcess:
