@@ -40,7 +40,8 @@ REFUSED_NAME = (errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG)
 REFUSED_NAME_TOO = (errno.EPERM, errno.EACCES, errno.ENOENT)
 
 
-def link_new(tmp: str, dest: str, *, dir_fd: int | None = None, alt: Callable[[], str] | None = None) -> bool:
+def link_new(tmp: str, dest: str, *, dir_fd: int | None = None, alt: Callable[[], str] | None = None,
+             sync: bool = True) -> bool:
     """Put the finished file ``tmp`` at ``dest`` without overwriting; remove ``tmp``. With
     ``dir_fd``, both are names in that open folder (``tmp_basename``), and no symlink in them is
     followed. Where the filesystem refuses the name ``dest`` (``tmp`` beside it was made, so it
@@ -60,11 +61,28 @@ def link_new(tmp: str, dest: str, *, dir_fd: int | None = None, alt: Callable[[]
         placed = _place(tmp, other, dir_fd)
     if placed is not None:  # linked, or the name was taken: tmp is still there
         os.unlink(tmp, dir_fd=dir_fd)
-    if dir_fd is None:
-        fsync_dir(os.path.dirname(dest))
-    else:
-        fsync_dir_fd(dir_fd)
+    if sync:  # else the caller makes the folder durable later (sync_filesystem)
+        if dir_fd is None:
+            fsync_dir(os.path.dirname(dest))
+        else:
+            fsync_dir_fd(dir_fd)
     return placed is not False
+
+
+def sync_filesystem(fd: int) -> None:
+    """Make everything written on the filesystem of the open file ``fd`` durable, at once
+    (syncfs(2) on Linux; sync(2) elsewhere): one call for a batch of files written without an
+    fsync each."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
 
 
 def _place(tmp: str, dest: str, dir_fd: int | None) -> bool | None:

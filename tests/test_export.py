@@ -742,3 +742,42 @@ def test_an_escaped_name_never_stands_for_another_path(server: Server, tmp_path:
         assert (dest / "current" / taken).read_bytes() == b"the file whose own name this is\n"
         assert escape(str(dest / "versions" / refused)) in res.stderr, res.output  # where it stops
     assert not (dest / "escaped-names.tsv").exists() or refused not in (dest / "escaped-names.tsv").read_text()
+
+
+def test_an_export_makes_its_files_durable_together_never_one_by_one(server: Server, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """The version files are written without an fsync each, made durable by one sync of DEST's
+    filesystem, and only then linked under their names: a crash before that sync leaves no file
+    under a version's name (only temporaries), and the next export writes them all."""
+    from dittohead import fsutil
+
+    src = tmp_path / "src"
+    for i in range(60):
+        write_file(src / f"d{i % 3}" / f"f{i:02d}.txt", f"file {i}\n".encode() * (i + 1))
+    server.sync(src)
+    server.ingest()
+    fsyncs, syncs = [], []
+    real_fsync, real_syncfs = os.fsync, fsutil.sync_filesystem
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(fsutil, "sync_filesystem", lambda fd: syncs.append(fd) or real_syncfs(fd))
+    dest = tmp_path / "out"
+    export(server, dest)
+    assert len(fsyncs) < 5 and len(syncs) == 2, (len(fsyncs), len(syncs))  # one flush, one at the end
+    for i in range(60):
+        assert (dest / "current" / f"d{i % 3}" / f"f{i:02d}.txt").read_bytes() == f"file {i}\n".encode() * (i + 1)
+
+    class Crash(Exception):
+        pass
+
+    def crash(fd: int) -> None:
+        raise Crash
+
+    monkeypatch.setattr(fsutil, "sync_filesystem", crash)
+    dest2 = tmp_path / "out2"
+    assert server.run("export", "--store", server.root, "--study", server.study, dest2).exit_code != 0
+    names = [p.name for p in (dest2 / "versions").rglob("*") if p.is_file()]
+    assert names and all(n.startswith(".tmp-") for n in names), names  # nothing under a version's name
+    monkeypatch.setattr(fsutil, "sync_filesystem", real_syncfs)
+    export(server, dest2)
+    for i in range(60):
+        assert (dest2 / "current" / f"d{i % 3}" / f"f{i:02d}.txt").read_bytes() == f"file {i}\n".encode() * (i + 1)
