@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # beside this file
     CacheDropper,
     ChildRun,
+    Interrupted,
+    _on_signal,
     default_dittohead,
     fmt_bytes,
     prepare_workdir,
@@ -654,14 +656,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("no dittohead executable found (see --dittohead)")
     args.python = sys.executable
     return args
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so that the workdir is removed."""
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

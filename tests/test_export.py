@@ -640,17 +640,11 @@ def test_a_path_deeper_than_the_descriptors_a_process_may_hold(server: Server, t
 
 
 def _export_deep_and_check(export, tmp_path: Path, deep: str) -> None:
+    from test_view_lazy import _read_deep
+
     cp = export()
     assert cp.returncode == 0, cp.stderr
-    fd = os.open(tmp_path / "out" / "current", os.O_RDONLY)
-    for part in deep.split("/")[:-1]:
-        deeper = os.open(part, os.O_RDONLY, dir_fd=fd)
-        os.close(fd)
-        fd = deeper
-    got = os.open("f.txt", os.O_RDONLY, dir_fd=fd)
-    assert os.read(got, 100) == b"deep\n"
-    os.close(got)
-    os.close(fd)
+    assert _read_deep(tmp_path / "out" / "current", deep) == b"deep\n"
     again = export()
     assert again.returncode == 0 and "0 version files written" in again.stdout, again.stdout + again.stderr
 

@@ -234,6 +234,23 @@ def test_a_view_kept_open_sees_each_new_ingest(server: Server, tmp_path: Path) -
         assert view.lookup("current").mtime_ns > before  # type: ignore[union-attr]
 
 
+def _read_deep(top: Path, rel: str) -> bytes:
+    """The first bytes of the file ``rel`` below ``top``, reached by descriptors, a folder at a
+    time (the path may be longer than PATH_MAX)."""
+    *folders, name = rel.split("/")
+    fd = os.open(top, os.O_RDONLY)
+    for part in folders:
+        deeper = os.open(part, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    got = os.open(name, os.O_RDONLY, dir_fd=fd)
+    try:
+        return os.read(got, 100)
+    finally:
+        os.close(got)
+        os.close(fd)
+
+
 def _deep_source(src: Path, depth: int) -> str:
     """src/d/d/.../d/f.txt, ``depth`` folders deep (made by descriptors: longer than PATH_MAX)."""
     src.mkdir()
@@ -277,15 +294,7 @@ def test_a_path_of_1500_folders_lists_looks_up_reads_and_exports(server: Server,
         assert server.cat(deep) == b"deep\n"
         listed = server.ok("ls", "--store", server.root, "--study", server.study, folder).stdout.splitlines()
         assert listed[1].endswith("  f.txt") and listed[1].split()[0] == "1"
-        fd = os.open(dest / "current", os.O_RDONLY)
-        for part in folder.split("/"):
-            deeper = os.open(part, os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = deeper
-        got = os.open("f.txt", os.O_RDONLY, dir_fd=fd)
-        assert os.read(got, 100) == b"deep\n"
-        os.close(got)
-        os.close(fd)
+        assert _read_deep(dest / "current", folder + "/f.txt") == b"deep\n"
     finally:  # rm, not pytest's shutil.rmtree, which recurses in Python: too deep for it
         subprocess.run(["rm", "-rf", "--", str(src), str(dest)], check=True)
 
