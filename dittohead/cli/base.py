@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from dittohead import __version__
 from dittohead.display import escape
-from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError
+from dittohead.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DittoheadError, UsageError
 
 if TYPE_CHECKING:
     from dittohead.export import ExportSummary
@@ -28,6 +29,7 @@ COMMANDS = {
     "watch": "dittohead.cli.admin:watch",
     "fsck": "dittohead.cli.admin:fsck",
     "sync": "dittohead.cli.collect:sync",
+    "trust-host": "dittohead.cli.collect:trust_host",
     "log": "dittohead.cli.read:log_cmd",
     "ls": "dittohead.cli.read:ls",
     "versions": "dittohead.cli.read:versions",
@@ -86,7 +88,7 @@ def cli(verbose: int) -> None:
 
     \b
     Admin:         init, study add, watch, fsck
-    Collector:     sync
+    Collector:     sync, trust-host
     Study runner:  log, ls, versions, cat, export
 
     Options that take the server root accept it from DITTOHEAD_STORE too.
@@ -126,6 +128,68 @@ def echo_export_problems(study: str, summary: ExportSummary) -> bool:
 def print_json(doc: Any) -> None:
     """One JSON document, in ASCII: whatever a name holds reaches a terminal escaped."""
     click.echo(json.dumps(doc, indent=2))
+
+
+class TerminalPrompts:
+    """Asks on the terminal, and only where standard input is one (never in a script)."""
+
+    def secret(self, prompt: str) -> str | None:
+        if not sys.stdin.isatty():
+            return None
+        import getpass
+
+        return getpass.getpass(prompt, stream=sys.stderr)
+
+    def confirm(self, text: str) -> bool | None:
+        if not sys.stdin.isatty():
+            return None
+        click.echo(text, err=True)
+        return click.confirm("Trust it", default=False, err=True)
+
+
+def ssh_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of commands that may sign in to an SSH server."""
+    for option in reversed([
+        click.option("--identity", metavar="KEYFILE", type=click.Path(dir_okay=False),
+                     help="SSH private key to sign in with (sftp:// only); its passphrase is asked for."),
+        click.option("--password-stdin", is_flag=True,
+                     help="Read the SSH password from the first line of standard input (for scripts)."),
+        click.option("--jump", metavar="[USER@]HOST[:PORT]",
+                     help="Reach the server through this SSH gateway (as ssh -J; ~/.ssh/config's ProxyJump "
+                          "is used otherwise)."),
+        click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+                     metavar="SECONDS", help="Give up on an SSH server that does not answer for this long."),
+    ]):
+        f = option(f)
+    return f
+
+
+def sftp_options(dest: str, identity: str | None, password_stdin: bool, jump: str | None,
+                 timeout: float) -> dict[str, Any] | None:
+    """How to sign in for an sftp:// ``dest``, as ``open_transport`` takes it; None for a local
+    one (where the SSH options are a usage error)."""
+    if not dest.startswith("sftp://"):
+        given = [o for o, v in (("--identity", identity), ("--password-stdin", password_stdin),
+                                ("--jump", jump)) if v]
+        if given:
+            raise UsageError(f"{given[0]} is only for sftp:// destinations")
+        return None
+    return {"prompts": TerminalPrompts(), "identity": identity, "jump": jump, "timeout": timeout,
+            "password": _password_from_stdin() if password_stdin else None}
+
+
+def _password_from_stdin() -> Callable[[str], str | None]:
+    """The first line of standard input, given once (a wrong password is not asked again)."""
+    if sys.stdin.isatty():
+        raise UsageError("--password-stdin: standard input is a terminal; leave the option out to be asked")
+    line = [sys.stdin.readline().rstrip("\r\n")]
+    if not line[0]:
+        raise UsageError("--password-stdin: standard input gave no password")
+
+    def give(prompt: str) -> str | None:
+        return line.pop() if line else None
+
+    return give
 
 
 def progress_enabled() -> bool:

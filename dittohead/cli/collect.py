@@ -7,14 +7,14 @@ import os
 import click
 
 from dittohead import paths
-from dittohead.cli.base import progress_enabled
+from dittohead.cli.base import progress_enabled, sftp_options, ssh_options
 from dittohead.client.cache import StateCache, state_dir
 from dittohead.client.scan import ScanOptions
 from dittohead.client.sync import NoProgress, Progress, SyncOptions
 from dittohead.client.sync import sync as run_sync
 from dittohead.client.transport import open_transport
 from dittohead.display import escape
-from dittohead.errors import LockedError, UsageError
+from dittohead.errors import LockedError, TransportError, UsageError
 from dittohead.hashing import blake3
 from dittohead.lock import FileLock, Held
 from dittohead.store.layout import check_study_name
@@ -45,17 +45,18 @@ class BarProgress:
 @click.argument("source", type=click.Path(file_okay=False, exists=True))
 @click.option("--study", required=True, metavar="NAME", help="The study to send to.")
 @click.option("--to", "dest", required=True, metavar="DEST",
-              help="The server root: a local path (a mounted share counts); sftp:// comes in a later version.")
+              help="The server root: a local path (a mounted share counts), or "
+                   "sftp://[user@]host[:port]/path/to/root over SSH.")
 @click.option("--site", metavar="SITE", help="Where the data comes from, e.g. 'Brogden A' (default: this computer's name).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Send only files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Never send files matching GLOB (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Say what would be sent; send nothing.")
 @click.option("--min-age", default=0.0, type=click.FloatRange(min=0), metavar="SECONDS",
               help="Skip files modified in the last SECONDS (they may still be being written).")
-@click.option("--identity", metavar="KEYFILE", type=click.Path(dir_okay=False),
-              help="SSH private key for sftp:// destinations.")
+@ssh_options
 def sync(source: str, study: str, dest: str, site: str | None, include: tuple[str, ...],
-         exclude: tuple[str, ...], dry_run: bool, min_age: float, identity: str | None) -> None:
+         exclude: tuple[str, ...], dry_run: bool, min_age: float, identity: str | None,
+         password_stdin: bool, jump: str | None, timeout: float) -> None:
     """Send the new and changed files of SOURCE to a study's drop box.
 
     Only chunks the server lacks are sent; unchanged files are not even re-read. Globs match
@@ -63,14 +64,20 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
     any depth ('*.tmp'). Symlinks and special files are skipped, never followed. An interrupted
     run is resumed by the next one. Files deleted here stay on the server.
 
+    Over SSH (sftp://), signing in tries an ssh-agent's keys (Pageant on Windows), then
+    --identity (or ~/.ssh/config's IdentityFile, or ~/.ssh/id_*), then a password: asked on a
+    terminal, or read from standard input with --password-stdin. A server not seen before shows
+    its key's fingerprint and asks (without a terminal: refused; see 'dittohead trust-host').
+    A dead link ends the run with exit 1 within --timeout seconds; run sync again to resume.
+
     \b
-    Example:
+    Examples:
       dittohead sync ~/studies/foo --study foo --to /mnt/lab-server --site "Brogden A"
+      dittohead sync D:\\stroop --study stroop --to sftp://ra1@lab.example.org/srv/dittohead
     """
     check_study_name(study)
-    if identity and not dest.startswith("sftp://"):
-        raise UsageError("--identity is only for sftp:// destinations")
-    transport = open_transport(dest)
+    sftp = sftp_options(dest, identity, password_stdin, jump, timeout)
+    transport = open_transport(dest, sftp=sftp)
     key = transport.key()
     opts = SyncOptions(
         source=os.path.abspath(source), study=study,
@@ -109,6 +116,58 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
         if len(summary.would_send) > 50:
             click.echo(f"would send: ... and {len(summary.would_send) - 50} more")
     click.echo(summary.line())
+
+
+@click.command("trust-host")
+@click.argument("host", metavar="HOST[:PORT]")
+@click.option("--replace", is_flag=True,
+              help="Replace the key dittohead recorded for HOST (after its admin confirmed a new one).")
+@click.option("--jump", metavar="[USER@]HOST[:PORT]", help="Reach HOST through this SSH gateway.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True, metavar="SECONDS",
+              help="Give up on a server that does not answer for this long.")
+def trust_host(host: str, replace: bool, jump: str | None, timeout: float) -> None:
+    """Record the SSH key of the server HOST as trusted, and print its fingerprint.
+
+    Compare the fingerprint with the one the server's admin gave you (they read it with
+    'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub'); if they differ, do not sync: remove
+    the line from dittohead's known_hosts file (printed) and ask the admin. Keys are kept in
+    that file, beside the ones in ~/.ssh/known_hosts, which are trusted too.
+
+    \b
+    Example:
+      dittohead trust-host lab.example.org
+      dittohead trust-host lab.example.org:2222 --jump ra1@gateway.example.org
+    """
+    from dittohead.cli.base import TerminalPrompts
+    from dittohead.client import ssh
+
+    hops = ssh.parse_jump(host)
+    if len(hops) != 1 or hops[0].user:
+        raise UsageError(f"{host!r}: give HOST or HOST:PORT")
+    target = ssh.resolve(hops[0], jump=ssh.parse_jump(jump) if jump else None)
+    name = ssh.host_key_name(target.host, target.port)
+    key, transports = ssh.host_key(target, TerminalPrompts(), timeout=timeout)
+    for t in transports:
+        t.close()
+    fp = ssh.fingerprint(key)
+    policy = ssh.HostKeyPolicy(list(target.known_hosts), ssh.NoPrompts())
+    known = policy.keys.lookup(name) or {}
+    old = known.get(key.get_name())
+    if old is not None and old.asbytes() == key.asbytes():
+        click.echo(f"{target.shown}: {key.get_name()} {fp} (already trusted)")
+        return
+    if old is not None:
+        if not replace:
+            raise TransportError(
+                f"the host key of {target.shown} has CHANGED (it now shows {key.get_name()} {fp}); "
+                "nothing was recorded. Ask the server's admin; if they confirm the new key, run "
+                f"'dittohead trust-host --replace {host}'")
+        ssh.forget_host_key(name)
+        if name in ssh.HostKeyPolicy(list(target.known_hosts), ssh.NoPrompts()).keys:
+            raise TransportError(f"{target.shown}: the old key is also in ~/.ssh/known_hosts or "
+                                 f"{ssh.SYSTEM_KNOWN_HOSTS}: remove it there (ssh-keygen -R '{name}')")
+    path = ssh.record_host_key(name, key)
+    click.echo(f"{target.shown}: {key.get_name()} {fp} (trusted; recorded in {path})")
 
 
 def _hostname() -> str:

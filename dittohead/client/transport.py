@@ -3,8 +3,27 @@
 The inbox is the protocol. Every transport does the same few things, in the same order: read the
 study's have-segments and receipts, create a staging folder ``inbox/.NAME``, upload files into it
 (each under a temporary name, renamed when complete), and commit by renaming ``.NAME`` to
-``NAME``. ``LocalTransport`` serves a local path or a mounted share; the SFTP transport
-implements the same ``Transport`` protocol. A client never reads the store.
+``NAME``. ``LocalTransport`` serves a local path or a mounted share; ``SFTPTransport``
+(``dittohead/client/sftp.py``) an SSH server. A client never reads the store.
+
+The contract every transport keeps (``tests/test_transport_contract.py`` holds each to it):
+
+- **Not there** is ``FileNotFoundError`` (``list_staging`` of a staging folder that is gone,
+  ``read_have`` of a segment that is gone), ``None`` (``read_receipt``), ``GONE``
+  (``submission_state``) or ``[]`` (``list_have`` of a study with no ``have/``); ``remove`` and
+  ``remove_staging`` of what is not there do nothing.
+- **The link failed** (a share unmounted, a connection lost, a server that stopped answering for
+  the transport's timeout) is ``TransportError`` with a one-line reason, never a hang.
+- **Refused** (no permission, a full disk, a name in the way) is ``PermissionError`` or another
+  ``OSError``, or ``TransportError``; a study the account may not enter is ``TransportError``, a
+  study that does not exist ``NoSuchStudy``. A have-segment or receipt larger than its limit is
+  ``FormatError``.
+- **Threads:** every call is made from the sync's thread, except ``Upload.finish`` and
+  ``Upload.abort``, which the Packer calls on its upload thread while the sync's thread may be
+  writing the next ``Upload``. A transport serializes what its link cannot do at once.
+- **Durable:** when ``Upload.finish`` or ``put`` returns, the file is complete under its final
+  name and on the server's disk (fsync, or ``fsync@openssh.com``); when ``commit`` returns, the
+  rename is done (and, locally, the inbox fsynced).
 """
 
 from __future__ import annotations
@@ -16,7 +35,7 @@ from typing import Protocol
 
 from dittohead import directio, fsutil
 from dittohead import format as fmt
-from dittohead.errors import NoSuchStudy, TransportError
+from dittohead.errors import FormatError, NoSuchStudy, TransportError
 
 # A staging folder is made 0750 and gets the inbox's group (the daemon's: the inbox is setgid),
 # and so does every file written into it (0640): the daemon reads them through that group. At the
@@ -129,11 +148,11 @@ class LocalTransport:
         return sorted(n for n in names if n.endswith(fmt.HAVE_SUFFIX) and not n.startswith("."))
 
     def read_have(self, study: str, segment: str) -> bytes:
-        return fsutil.read_limited(self._box(study, "have", segment), fmt.HAVE_MAX_SIZE)
+        return _read_limited(self._box(study, "have", segment), fmt.HAVE_MAX_SIZE)
 
     def read_receipt(self, study: str, name: str) -> bytes | None:
         try:
-            return fsutil.read_limited(self._box(study, "receipts", name), fmt.RECEIPT_MAX_SIZE)
+            return _read_limited(self._box(study, "receipts", name), fmt.RECEIPT_MAX_SIZE)
         except FileNotFoundError:
             return None
 
@@ -204,6 +223,13 @@ class LocalTransport:
         pass
 
 
+def _read_limited(path: str, limit: int) -> bytes:
+    try:
+        return fsutil.read_limited(path, limit)
+    except ValueError as e:  # larger than the limit
+        raise FormatError(str(e)) from None
+
+
 def _set_mode(fd: int, mode: int) -> None:
     """The mode the daemon needs to read the file, whatever the collector's umask (POSIX)."""
     if os.name == "posix":
@@ -211,10 +237,13 @@ def _set_mode(fd: int, mode: int) -> None:
             os.fchmod(fd, mode)
 
 
-def open_transport(dest: str) -> Transport:
-    """A transport for a destination given on the command line."""
+def open_transport(dest: str, *, sftp: dict | None = None) -> Transport:
+    """A transport for a destination given on the command line; ``sftp`` holds the keyword
+    arguments of ``dittohead.client.sftp.open_sftp`` (how to sign in) for an sftp:// one."""
     if dest.startswith("sftp://"):
-        raise TransportError("sftp:// destinations are not supported yet; use a local path or a mounted share")
+        from dittohead.client.sftp import open_sftp  # here: paramiko is imported only for sftp://
+
+        return open_sftp(dest, **(sftp or {}))
     if "://" in dest:
         raise TransportError(f"unsupported destination {dest!r}: use a local path or sftp://user@host/path")
     return LocalTransport(dest)
