@@ -18,6 +18,12 @@ Everything here falls back to ordinary buffered I/O, silently and per file: wher
 not exist (Windows, macOS), on any other filesystem, where a filesystem refuses it, and for the
 unaligned tail of a file. Direct I/O needs page-aligned buffers and
 sizes: the buffers here are anonymous ``mmap`` regions, which are.
+
+What is here is what paid on the benchmark (same place): direct reads of large source files and
+direct writes of packs, with one request in flight on a thread per file (the server's buffered
+reads of packs go through the same ``Reader``). Two things measured no faster and went: direct
+reads of small files (the client's reader reads them buffered) and more than one read in
+flight per file (tried for fsck's packs).
 """
 
 from __future__ import annotations
@@ -27,8 +33,6 @@ import errno
 import mmap
 import os
 import threading
-from collections import deque
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,13 +45,9 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 
-def round_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def aligned_buffer(size: int) -> mmap.mmap:
     """A zero-filled, page-aligned buffer of at least ``size`` bytes."""
-    return mmap.mmap(-1, max(ALIGN, round_up(size)))
+    return mmap.mmap(-1, max(ALIGN, -(-size // ALIGN) * ALIGN))
 
 
 # statfs(2) f_type of the filesystems of local disks, where direct I/O is worth it.
@@ -172,32 +172,12 @@ def _read_hash(fd: int, view: memoryview, hasher: Any) -> int:
     return n
 
 
-def _pread(fd: int, view: memoryview, offset: int) -> int:
-    """One pread(2) into ``view`` at ``offset``; a refused direct read is retried buffered.
-
-    Several run at once on one fd (a Reader's ``depth``): a read refused while the fd was
-    direct may find it already made buffered by another thread's refusal, so a refusal earns
-    one retry whether or not the fd is still direct when it is looked at.
-    """
-    retried = False
-    while True:
-        try:
-            return os.preadv(fd, [view], offset)
-        except OSError as e:
-            if e.errno not in _REFUSED or retried:
-                raise
-            if is_direct(fd):
-                undirect(fd)
-            retried = True
-
-
 def _hash_write(fd: int, view: memoryview, hasher: Any) -> None:
     if hasher is not None:
         hasher.update(view)
     _write_all(fd, view)
 
 
-_local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -220,8 +200,8 @@ def _after_fork_in_child() -> None:
     """A forked child (fsck's hashing workers) has none of its parent's threads: it must not
     inherit the parent's pool object (work queued there would never run) nor a lock that one of
     those threads held at the fork."""
-    global _pool, _pool_lock, _local
-    _pool, _pool_lock, _local = None, threading.Lock(), threading.local()
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
     _spare.clear()
 
 
@@ -249,38 +229,6 @@ def _give_back(buf: mmap.mmap) -> None:
         buf.close()
 
 
-def read_small(path: str, flags: int, limit: int) -> tuple[bytes, os.stat_result, os.stat_result]:
-    """A file's first ``limit`` + 1 bytes at most, with its stat before and after the read.
-
-    Into a per-thread aligned buffer; callers read many small files at once on several
-    threads (a cold disk serves a queue of requests faster than one at a time).
-    """
-    want = limit + 1
-    buf = getattr(_local, "buf", None)
-    if buf is None or len(buf) < want:
-        buf = _local.buf = aligned_buffer(want)
-    fd = open_fd(path, flags)
-    try:
-        st = os.fstat(fd)
-        end = min(want, st.st_size)  # read on only if a read comes back short of this
-        with memoryview(buf) as view:
-            got = 0
-            while got < want:
-                n = _readinto(fd, view[got : round_up(want)])
-                if n <= 0:
-                    break
-                got += n
-                if got >= end:
-                    break
-                if got % ALIGN:
-                    undirect(fd)  # a short read that was not the end: go on from an unaligned offset
-            data = bytes(view[: min(got, want)])
-        st2 = os.fstat(fd)
-        return data, st, st2
-    finally:
-        os.close(fd)
-
-
 def _release(fd: int, views: list[memoryview], bufs: list[mmap.mmap]) -> int:
     """A Reader's or Writer's end: its buffers given back (the lists emptied), its file closed.
 
@@ -304,74 +252,53 @@ def _release(fd: int, views: list[memoryview], bufs: list[mmap.mmap]) -> int:
 
 
 class Reader:
-    """Reads one open file sequentially in large blocks, ``depth`` blocks read ahead on threads.
+    """Reads one open file sequentially in large blocks, the next block read ahead on a thread.
 
     Reads from the start of the file. Offers ``readinto`` (what ``pyfastcdc``'s ``cut_stream``
     prefers), ``next_block`` and ``read``. Owns ``fd`` and closes it. With ``hashed``, it also
     hashes the whole file as it reads it, on the reading thread (``digest``).
 
-    One read in flight (``depth`` 1, the default) keeps a disk busy for one reader whose consumer
-    is quick. A disk that serves a queue faster than one request at a time (fsck's hashing
-    workers read the store's packs, and there are only two of them) wants more: with ``depth``
-    above 1 the reads go at their offsets (``pread``), ``depth`` at once. A read that comes back
-    short (the end, as it was when read) voids those beyond it, and reading goes on from where it
-    stopped, as with one read in flight. Platforms without ``preadv`` (Windows) read one ahead.
+    One read in flight keeps the disk busy while the consumer chunks or hashes the block before.
+    A read that comes back short (the end of the file as it was then, or a filesystem that moved
+    less than asked) is followed by another from where it stopped, buffered if that is unaligned;
+    reading ends at a read that returns nothing, so a file that grows is read on.
     """
 
-    def __init__(self, fd: int, *, hashed: bool = False, depth: int = 1) -> None:
-        if depth < 1:
-            raise ValueError("a Reader reads at least one block ahead")
-        if hashed and depth > 1:
-            raise ValueError("a hashed Reader hashes in order: one read in flight")
+    def __init__(self, fd: int, *, hashed: bool = False) -> None:
         self.fd = fd
         self._hasher = blake3() if hashed else None
-        self._depth = depth if hasattr(os, "preadv") else 1
         os.lseek(fd, 0, os.SEEK_SET)
-        self._bufs = [_take_block(BLOCK) for _ in range(self._depth + 1)]
+        self._bufs = [_take_block(BLOCK), _take_block(BLOCK)]
         self._views = [memoryview(b) for b in self._bufs]
-        self._cur = 0
+        self._cur = 0  # the buffer being handed out; the other is being read into
         self._have = 0  # bytes in the current buffer
         self._pos = 0  # bytes of it already handed out
-        self._offset = 0  # the file offset the next read starts at
-        self._inflight: deque[tuple[Future[int], int, int]] = deque()  # (read, buffer, offset), in order
-        self._issue(range(1, self._depth + 1))
+        self._next: Future[int] | None = None  # the read in flight
+        self._issue()
 
-    def _issue(self, bufs: Iterable[int]) -> None:
-        for i in bufs:
-            view = self._views[i]
-            if self._depth == 1:  # the file's own offset, which is self._offset
-                fut = _io_pool().submit(_read_hash, self.fd, view, self._hasher)
-            else:
-                fut = _io_pool().submit(_pread, self.fd, view, self._offset)
-            self._inflight.append((fut, i, self._offset))
-            self._offset += len(view)
+    def _issue(self) -> None:
+        self._next = _io_pool().submit(_read_hash, self.fd, self._views[1 - self._cur], self._hasher)
 
-    def _advance(self) -> None:
-        fut, i, offset = self._inflight.popleft()
-        n = fut.result()
-        free, self._cur = self._cur, i
-        self._have, self._pos = n, 0
-        if n == len(self._views[i]):
-            self._issue([free])
-            return
-        # The end, or a short read: the reads beyond it are void; go on from where it stopped.
-        idle = [free, *self._settle()]
-        self._offset = offset + n
+    def _advance(self) -> bool:
+        """The block read ahead made current, the next read put in flight; False at the end."""
+        if self._next is None:
+            return False
+        n = self._next.result()
+        self._next = None
+        self._cur, self._have, self._pos = 1 - self._cur, n, 0
         if n == 0:
-            return  # the end
+            return False
         if n % ALIGN:
             undirect(self.fd)  # the next read starts unaligned
-        self._issue(idle)
+        self._issue()
+        return True
 
-    def _settle(self) -> list[int]:
-        """Wait for the reads in flight (their results void); their buffers, free again."""
-        bufs = []
-        while self._inflight:
-            fut, i, _ = self._inflight.popleft()
+    def _settle(self) -> None:
+        """Wait for the read in flight, if any (its result void)."""
+        fut, self._next = self._next, None
+        if fut is not None:
             with contextlib.suppress(Exception):
                 fut.result()
-            bufs.append(i)
-        return bufs
 
     def _check_open(self) -> None:
         if self.fd < 0:
@@ -380,9 +307,8 @@ class Reader:
     def readinto(self, b: memoryview | bytearray) -> int:
         self._check_open()
         while self._pos >= self._have:
-            if not self._inflight:
+            if not self._advance():
                 return 0
-            self._advance()
         n = min(len(b), self._have - self._pos)
         b[:n] = self._views[self._cur][self._pos : self._pos + n]
         self._pos += n
@@ -393,9 +319,8 @@ class Reader:
         (Hashing straight from the read buffers saves ``readinto``'s copy.)"""
         self._check_open()
         while self._pos >= self._have:
-            if not self._inflight:
+            if not self._advance():
                 return memoryview(b"")
-            self._advance()
         view = self._views[self._cur][self._pos : self._have]
         self._pos = self._have
         return view
@@ -405,8 +330,8 @@ class Reader:
         if self._hasher is None:
             raise ValueError("this Reader does not hash")
         self._check_open()
-        while self._inflight:
-            self._advance()
+        while self._advance():
+            pass
         self._pos = self._have
         return self._hasher.digest()
 

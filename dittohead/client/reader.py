@@ -1,8 +1,9 @@
 """Reading a sync's new and changed source files: chunked and hashed, each byte read once.
 
-Small files (one chunk at most) are read ahead in batches on threads; larger ones are streamed
-through the chunker. A file that changes while it is read is reported, never half-sent.
-Imported only when a sync has something to read.
+Small files (one chunk at most) are read ahead, buffered, in batches on threads; larger ones are
+streamed through the chunker, around the page cache where it pays (``directio``). A file that
+changes while it is read is reported, never half-sent. Imported only when a sync has something
+to read.
 """
 
 from __future__ import annotations
@@ -26,13 +27,36 @@ PREFETCH_WINDOW = 64  # files read ahead at most (each at most CHUNK_MIN bytes: 
 Slurped = tuple[bytes, bytes, os.stat_result, os.stat_result]  # data, BLAKE3 of it, stat before, after
 
 
+def read_small(path: str, limit: int) -> tuple[bytes, os.stat_result, os.stat_result]:
+    """A file's first ``limit`` + 1 bytes at most, with its stat before and after the read.
+
+    Buffered: read around the page cache, small files took no less time (benchmarks/README.md,
+    "Figures behind the code's choices"). One read(2) as a rule, of the size the first stat
+    gives (asking for ``limit`` + 1 bytes of every file costs a large allocation each time); a
+    file that grew meanwhile shows in the second stat.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        want = min(limit + 1, st.st_size)
+        data = os.read(fd, max(want, 1))  # (one byte of a file empty at the stat: it may not be)
+        while len(data) < want:  # a short read that was not the end
+            more = os.read(fd, want - len(data))
+            if not more:
+                break
+            data += more
+        return data, st, os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def _slurp(paths: list[str]) -> list[Slurped | OSError]:
     """Small files' bytes (at most CHUNK_MIN + 1 of each), their hashes, and their stat before
     and after. Hashed here, on the reading thread: a small file's hash is its one chunk's id."""
     out: list[Slurped | OSError] = []
     for path in paths:
         try:
-            data, st, st2 = directio.read_small(path, _OPEN_FLAGS, fmt.CHUNK_MIN)
+            data, st, st2 = read_small(path, fmt.CHUNK_MIN)
         except OSError as e:
             out.append(e)
             continue
@@ -82,7 +106,7 @@ class SmallFiles:
             self.pool = None
 
 
-def _read_small(got: Slurped, on_chunk: Callable[[Chunk], None],
+def _small_file(got: Slurped, on_chunk: Callable[[Chunk], None],
                 advance: Callable[[int], None]) -> tuple[bytes, list[tuple[bytes, int]], os.stat_result] | None:
     data, digest, st, st2 = got
     if len(data) != st.st_size or (st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
@@ -101,7 +125,7 @@ def read(sf: SourceFile, chunker: Chunker, on_chunk: Callable[[Chunk], None],
     if prefetched is not None:
         got = prefetched.result()
         if len(got[0]) <= fmt.CHUNK_MIN:
-            return _read_small(got, on_chunk, advance)
+            return _small_file(got, on_chunk, advance)
         # It grew past one chunk since the scan: read it as a large file.
     f = directio.Reader(directio.open_fd(sf.os_path, _OPEN_FLAGS))
     try:

@@ -77,13 +77,12 @@ class FsckStats:
 
 PARALLEL_MIN_BYTES = 64 * 1024 * 1024
 TRAILER_READERS = 8
-READ_DEPTH = 2  # reads in flight per hashing worker (see hash_pack_data)
 
 
 def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[int, list[tuple[bytes, int]], str]:
     """Read a pack's data region front to back and check each chunk against its id.
 
-    Read through the page cache, told that the read is sequential, READ_DEPTH blocks in flight,
+    Read through the page cache, told that the read is sequential, the next block read ahead,
     each block fed straight to the hash of the chunk(s) it holds. The kernel's read-ahead keeps
     more of a disk busy than direct reads do (the figures: benchmarks/README.md, "Figures
     behind the code's choices"). What the cache held of the pack was dropped when
@@ -102,7 +101,7 @@ def hash_pack_data(path: str, entries: list[tuple[bytes, int, int]]) -> tuple[in
     except OSError as e:
         return 0, [], f"cannot read: {e.strerror}"
     directio.advise(fd, "SEQUENTIAL")
-    r = directio.Reader(fd, depth=READ_DEPTH)
+    r = directio.Reader(fd)
     try:
         block, pos = memoryview(b""), 0
         skip = fmt.PACK_HEADER.size  # checked with the trailer
