@@ -338,8 +338,8 @@ def link_errors(where: str) -> Iterator[None]:
     except paramiko.SSHException as e:
         raise TransportError(f"{where}: {_reason(e)}") from None
     except OSError as e:
-        if isinstance(e, (PermissionError, FileNotFoundError)):
-            raise
+        if e.errno is None or isinstance(e, (PermissionError, FileNotFoundError)):
+            raise  # the SFTP server's answer to one request (paramiko gives it no errno, or these)
         raise TransportError(f"{where}: {e.strerror or e}") from None
 
 

@@ -1,8 +1,11 @@
 """The server root: where everything lives, with which owner, group and mode (docs/server-root.md).
 
 Everything belongs to the daemon's account and its group (the owner and group of ``store/``),
-except one thing: a study added with ``--uploaders GROUP`` has its folder in GROUP, mode 0710,
-so that only GROUP's members (and the daemon, its owner) can pass through it to the drop box.
+except two things: a study added with ``--uploaders GROUP`` has its folder in GROUP, mode 0710,
+so that only GROUP's members (and the daemon, its owner) can pass through it to the drop box;
+and ROOT itself may be root's (root:root 0755), for uploaders that sshd chroots into it (sshd
+takes a ChrootDirectory only if root owns it): the admin then makes ``store/`` and ``dropbox/``
+in it for the daemon before ``init``.
 
     ROOT/                       0755
     ROOT/store/                 0700  config, packs/, manifests/, studies/, index.sqlite, quarantine/
@@ -198,16 +201,40 @@ class ServerRoot:
             raise AlreadyExists(f"{self.path}: already a dittohead server root")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path}: exists and is not a folder")
-        if os.path.isdir(self.path) and os.listdir(self.path):
+        if os.path.isdir(self.path) and not self._prepared():
             raise UsageError(f"{self.path}: folder is not empty")
         os.makedirs(self.path, exist_ok=True)
-        _mkdir(self.path, ROOT_MODE)
+        if not self._root_is_roots():
+            _mkdir(self.path, ROOT_MODE)
+        elif stat.S_IMODE(os.stat(self.path).st_mode) != ROOT_MODE:
+            raise UsageError(f"{self.path}: root's folder with mode {stat.S_IMODE(os.stat(self.path).st_mode):04o}: "
+                             f"make it {ROOT_MODE:04o} (chmod {ROOT_MODE:o} as root), as sshd wants a ChrootDirectory")
+        elif not (os.path.isdir(self.store) and os.path.isdir(self.dropbox_root)):
+            raise UsageError(f"{self.path} is root's: first make store/ and dropbox/ in it, owned by this "
+                             "account (docs/server-root.md, \"Uploaders chrooted by sshd\")")
         for sub, mode in self.folders():
             _mkdir(sub, mode)
         cfg = StoreConfig.new()
         fsutil.write_new(self.config_path, cfg.encode(), mode=0o600)
         fsutil.fsync_dir(self.path)
         return cfg
+
+    def _root_is_roots(self) -> bool:
+        """ROOT belongs to root and this account is not root: the chroot arrangement."""
+        return os.stat(self.path).st_uid == 0 and os.geteuid() != 0
+
+    def _prepared(self) -> bool:
+        """ROOT is empty, or holds only the empty ``store/`` and ``dropbox/`` an admin made for
+        this account (the chroot arrangement)."""
+        names = os.listdir(self.path)
+        if not set(names) <= {"store", "dropbox"}:
+            return False
+        for name in names:
+            path = os.path.join(self.path, name)
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or os.listdir(path):
+                return False
+        return True
 
     def folders(self) -> list[tuple[str, int]]:
         return [
@@ -255,7 +282,16 @@ class ServerRoot:
             return [f"{self.store}: {e.strerror}"]
         uid, gid = st.st_uid, st.st_gid
         out = []
-        wanted = [(p, m, gid) for p, m in [(self.path, ROOT_MODE), *self.folders()]]
+        wanted = [(p, m, gid) for p, m in self.folders()]
+        try:
+            root = os.lstat(self.path)
+        except OSError as e:
+            return [f"{self.path}: {e.strerror}"]
+        if root.st_uid == 0 and uid != 0:  # the chroot arrangement: root's, 0755
+            if stat.S_IMODE(root.st_mode) != ROOT_MODE:
+                out.append(f"{self.path}: mode {stat.S_IMODE(root.st_mode):04o}, want {ROOT_MODE:04o}")
+        else:
+            wanted.insert(0, (self.path, ROOT_MODE, gid))
         for s in self.studies():
             box = self.dropbox(s)
             try:
