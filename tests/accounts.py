@@ -57,7 +57,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 NOLOGIN = "/usr/sbin/nologin"
 SESSION_DIR_PREFIX = "/tmp/dittohead-accounts-"
 NAME_RE = re.compile(r"^(dht[0-9a-f]{4})-(daemon|upa|upb|reader|gd|ga|gb|gr)$")
-PROBE_MODULES = "dittohead, blake3, pyfastcdc, msgpack, click, platformdirs, tqdm"
+PROBE_MODULES = "dittohead, blake3, pyfastcdc, msgpack, click, platformdirs, tqdm, paramiko"
 PROBE_CODE = (
     f"import json, sys, {PROBE_MODULES}\n"
     "print(json.dumps({'version': list(sys.version_info[:2]), 'dittohead': dittohead.__file__}))"
@@ -169,6 +169,7 @@ class Accounts:
         self._groups: list[str] = []
         self._spawned: list[subprocess.Popen] = []
         self._lock_fd = -1
+        self.passwords: dict[str, str] = {}  # account name -> the password set_password gave it
         self.python: str = ""
         self.python_env: dict[str, str] = {}
         self.base = self._claim_session_dir()
@@ -273,6 +274,27 @@ class Accounts:
                     pass
                 p.wait()
         self._spawned = []
+
+    # -- signing in (tests/sshd.py) ------------------------------------------------------------
+
+    def set_password(self, account: Account, password: str) -> None:
+        """Give ``account`` a password (chpasswd, hashed as the system hashes them), recorded in
+        ``passwords``. This also unlocks the account: useradd leaves its password ``!`` (locked),
+        and an sshd without PAM refuses a locked account every way in, a key included."""
+        if not password or any(c in password for c in "\n\r"):
+            raise ValueError("a password for chpasswd: not empty, no line break")
+        cp = subprocess.run([tool("chpasswd") or "chpasswd"], input=f"{account.name}:{password}\n",
+                            capture_output=True, text=True, check=False)
+        if cp.returncode != 0:
+            raise RuntimeError(f"chpasswd {account.name}: exit {cp.returncode}: "
+                               f"{cp.stderr.strip()}")
+        self.passwords[account.name] = password
+
+    def unlock(self, account: Account) -> None:
+        """Let ``account`` sign in by key but by no password: its password hash becomes ``*``,
+        which no password matches and which, unlike ``!``, sshd does not take for locked."""
+        _cmd(tool("usermod") or "usermod", "-p", "*", account.name)
+        self.passwords.pop(account.name, None)
 
     @property
     def all(self) -> list[Account]:
