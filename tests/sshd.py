@@ -97,8 +97,9 @@ does as root") before any account is made:
     ssh_agent      function: ssh_agent(account) -> a started SshAgent, stopped after the test
     jump           module: a Jump, both sshd admitting the four accounts
     dropbox_sshd   function: DropboxSshd(root, sshd, base): ``root`` made by prepare_chroot_root
-                   (the daemon's store/ and dropbox/, nothing inside), ``sshd`` chrooting up_a
-                   and up_b into it (uploaders_match); the daemon and reader sign in unchrooted
+                   (the daemon's store/ and dropbox/, nothing inside: run ``init`` and ``study
+                   add`` as the daemon), ``sshd`` chrooting up_a and up_b into it
+                   (uploaders_match); the daemon and reader sign in unchrooted
 
 Where the files live. sshd opens ``AuthorizedKeysFile`` with the signing-in user's effective uid,
 so every account must reach it; and with StrictModes every folder from / down to it must be
@@ -115,11 +116,9 @@ its SFTP channel). 0755 works, and so does 0711 (the uploader then cannot list /
 needed inside the chroot for internal-sftp (no /dev, no shell, no libraries). What lies inside
 may be anyone's: ``store/`` 0700 and ``dropbox/`` 0755, the daemon's. So prepare_chroot_root
 makes ROOT root:root 0755, under /srv (not /tmp or /var/tmp, both 1777), with those two inside.
-It takes over a ROOT the daemon has already initialised just as well (chown root:root, chmod
-0755; store/ and dropbox/ keep the owner and modes init gave them): for as long as ``dittohead
-init`` refuses a folder that is not empty (it does when this was written), init a ROOT the
-daemon owns, then call prepare_chroot_root on it (fsck then reports ROOT's owner). The
-sshd_config that works::
+The daemon then runs ``dittohead init`` and ``study add`` on it (fsck finds no damage). It
+takes over a ROOT the daemon has already initialised just as well (chown root:root, chmod 0755;
+store/ and dropbox/ keep the owner and modes init gave them). The sshd_config that works::
 
     Match Group GA,GB User *,!DAEMON
         ChrootDirectory /srv/dittohead-chroot-XXXX/root
