@@ -7,8 +7,10 @@ transport to it. What the transport left on the server is looked at as root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -272,25 +274,17 @@ def test_a_server_that_stops_answering_is_a_transport_error_in_bounded_time(
     pids = [pid for c in conns for pid in c.pids]
     try:
         for pid in pids:
-            os.kill(pid, 19)  # SIGSTOP: the server is there, and says nothing
+            os.kill(pid, signal.SIGSTOP)  # the server is there, and says nothing
         start = time.monotonic()
         with pytest.raises(TransportError, match="no answer in time|connection"):
             t.check_study(STUDY)
         assert time.monotonic() - start < 8
     finally:
         for pid in pids:
-            with _suppress():
-                os.kill(pid, 18)  # SIGCONT
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         t.close()
         sshd.kill_connection(accounts.up_a)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def test_a_full_disk_fails_the_upload(acct_dir: Path, accounts: Accounts, request: pytest.FixtureRequest) -> None:
@@ -300,7 +294,7 @@ def test_a_full_disk_fails_the_upload(acct_dir: Path, accounts: Accounts, reques
     small = acct_dir / "small"
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
+                      check=False, capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         os.chown(small, accounts.daemon.uid, accounts.daemon.gid)

@@ -95,6 +95,9 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="dittohead: %(message)s", stream=sys.stderr)
+    # paramiko reports a dropped link as an error of its own, before dittohead's one line says
+    # it: its log is for -vv.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 store_option = click.option(
@@ -179,15 +182,20 @@ def sftp_options(dest: str, identity: str | None, password_stdin: bool, jump: st
 
 
 def _password_from_stdin() -> Callable[[str], str | None]:
-    """The first line of standard input, given once (a wrong password is not asked again)."""
+    """The first line of standard input, given once to each server that asks (a gateway and the
+    server behind it may both take it; a wrong password is not tried again)."""
     if sys.stdin.isatty():
         raise UsageError("--password-stdin: standard input is a terminal; leave the option out to be asked")
-    line = [sys.stdin.readline().rstrip("\r\n")]
-    if not line[0]:
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
         raise UsageError("--password-stdin: standard input gave no password")
+    asked: set[str] = set()
 
     def give(prompt: str) -> str | None:
-        return line.pop() if line else None
+        if prompt in asked:
+            return None
+        asked.add(prompt)
+        return line
 
     return give
 

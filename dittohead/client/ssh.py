@@ -334,7 +334,8 @@ def link_errors(where: str) -> Iterator[None]:
     except ConnectionRefusedError:
         raise TransportError(f"{where}: connection refused (is the SSH server running, on that port?)") from None
     except (ConnectionError, EOFError) as e:
-        raise TransportError(f"{where}: the connection was lost ({_reason(e)})") from None
+        why = str(e).strip().splitlines()
+        raise TransportError(f"{where}: the connection was lost" + (f" ({why[0]})" if why else "")) from None
     except paramiko.SSHException as e:
         raise TransportError(f"{where}: {_reason(e)}") from None
     except OSError as e:
