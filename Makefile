@@ -22,8 +22,9 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check --no-input
 
 # Debian packages, installed only when run as root and only when one is missing.
-# fuse3: the FUSE mount tests; openssh-server: the SFTP transport tests against a real sshd.
-TEST_DEBS ?= fuse3 openssh-server
+# fuse3: the FUSE mount tests; openssh-server and openssh-client (ssh-keygen, ssh-agent): the SFTP
+# transport tests against a real sshd.
+TEST_DEBS ?= fuse3 openssh-server openssh-client
 # The tools the benchmarks compare dittohead with.
 BENCH_DEBS ?= rsync restic borgbackup
 # GNU time: scale.py measures each command's peak RSS with /usr/bin/time -f %M.
