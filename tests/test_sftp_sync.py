@@ -120,6 +120,17 @@ def test_unknown_host_without_a_terminal_is_refused_then_trusted(lab: Lab) -> No
     assert SUBMISSION_RE.search(cp.stdout)
 
 
+def test_trust_host_with_the_fingerprint_the_admin_gave(lab: Lab) -> None:
+    where = f"127.0.0.1:{lab.sshd.port}"
+    wrong = "SHA256:" + "A" * 43
+    cp = lab.accounts.run_as(lab.up, "trust-host", where, "--fingerprint", wrong, env=lab.env())
+    assert cp.returncode == 1 and wrong in cp.stderr and lab.sshd.fingerprint() in cp.stderr
+    assert not (lab.state / "known_hosts").exists()
+    cp = lab.accounts.run_as(lab.up, "trust-host", where, "--fingerprint", lab.sshd.fingerprint(), env=lab.env())
+    assert cp.returncode == 0, cp.stderr
+    assert lab.sync("--password-stdin", input=lab.password + "\n").returncode == 0
+
+
 def test_a_changed_host_key_is_refused_loudly(lab: Lab) -> None:
     other = make_client_key(lab.up, name="not-the-host-key")  # any ed25519 key that is not the server's
     (lab.state / "known_hosts").write_text(f"[127.0.0.1]:{lab.sshd.port} {other.public_line.split()[0]} "

@@ -120,22 +120,25 @@ def sync(source: str, study: str, dest: str, site: str | None, include: tuple[st
 
 @click.command("trust-host")
 @click.argument("host", metavar="HOST[:PORT]")
+@click.option("--fingerprint", "expected", metavar="SHA256:...",
+              help="Record the key only if its fingerprint is this one (as the admin gave it).")
 @click.option("--replace", is_flag=True,
               help="Replace the key dittohead recorded for HOST (after its admin confirmed a new one).")
 @click.option("--jump", metavar="[USER@]HOST[:PORT]", help="Reach HOST through this SSH gateway.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True, metavar="SECONDS",
               help="Give up on a server that does not answer for this long.")
-def trust_host(host: str, replace: bool, jump: str | None, timeout: float) -> None:
+def trust_host(host: str, expected: str | None, replace: bool, jump: str | None, timeout: float) -> None:
     """Record the SSH key of the server HOST as trusted, and print its fingerprint.
 
-    Compare the fingerprint with the one the server's admin gave you (they read it with
-    'ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub'); if they differ, do not sync: remove
-    the line from dittohead's known_hosts file (printed) and ask the admin. Keys are kept in
-    that file, beside the ones in ~/.ssh/known_hosts, which are trusted too.
+    The admin gives you the fingerprint (they read it with 'ssh-keygen -lf
+    /etc/ssh/ssh_host_ed25519_key.pub'). With --fingerprint, the key is recorded only if it has
+    that one; on a terminal without it, you are shown the fingerprint and asked; otherwise it is
+    recorded and printed, for you to compare. Keys are kept in dittohead's known_hosts file
+    (printed), beside the ones in ~/.ssh/known_hosts, which are trusted too.
 
     \b
-    Example:
-      dittohead trust-host lab.example.org
+    Examples:
+      dittohead trust-host lab.example.org --fingerprint SHA256:Um4tro9mAo7d5wTsgEs43kq25VkmdKHGHblYQjzLW5s
       dittohead trust-host lab.example.org:2222 --jump ra1@gateway.example.org
     """
     from dittohead.cli.base import TerminalPrompts
@@ -144,24 +147,32 @@ def trust_host(host: str, replace: bool, jump: str | None, timeout: float) -> No
     hops = ssh.parse_jump(host)
     if len(hops) != 1 or hops[0].user:
         raise UsageError(f"{host!r}: give HOST or HOST:PORT")
+    if expected is not None and not expected.startswith("SHA256:"):
+        raise UsageError("--fingerprint: give it as ssh-keygen -l prints it, SHA256:...")
     target = ssh.resolve(hops[0], jump=ssh.parse_jump(jump) if jump else None)
     name = ssh.host_key_name(target.host, target.port)
-    key, transports = ssh.host_key(target, TerminalPrompts(), timeout=timeout)
+    prompts = TerminalPrompts()
+    key, transports = ssh.host_key(target, prompts, timeout=timeout)
     for t in transports:
         t.close()
     fp = ssh.fingerprint(key)
-    policy = ssh.HostKeyPolicy(list(target.known_hosts), ssh.NoPrompts())
-    known = policy.keys.lookup(name) or {}
+    known = ssh.HostKeyPolicy(list(target.known_hosts), ssh.NoPrompts()).keys.lookup(name) or {}
     old = known.get(key.get_name())
     if old is not None and old.asbytes() == key.asbytes():
         click.echo(f"{target.shown}: {key.get_name()} {fp} (already trusted)")
         return
+    if expected is not None and expected.rstrip("=") != fp:
+        raise TransportError(f"{target.shown} shows {key.get_name()} {fp}, not {expected}: nothing was "
+                             "recorded. Do not sync to it; ask the server's admin")
+    if old is not None and not replace:
+        raise TransportError(
+            f"the host key of {target.shown} has CHANGED (it now shows {key.get_name()} {fp}); "
+            "nothing was recorded. Ask the server's admin; if they confirm the new key, run "
+            f"'dittohead trust-host --replace {host}'")
+    if expected is None and prompts.confirm(f"{target.shown} shows a {key.get_name()} key with the fingerprint\n"
+                                            f"  {fp}\nIs that the one your server's admin gave you?") is False:
+        raise TransportError(f"{target.shown}: not trusted; nothing was recorded")
     if old is not None:
-        if not replace:
-            raise TransportError(
-                f"the host key of {target.shown} has CHANGED (it now shows {key.get_name()} {fp}); "
-                "nothing was recorded. Ask the server's admin; if they confirm the new key, run "
-                f"'dittohead trust-host --replace {host}'")
         ssh.forget_host_key(name)
         if name in ssh.HostKeyPolicy(list(target.known_hosts), ssh.NoPrompts()).keys:
             raise TransportError(f"{target.shown}: the old key is also in ~/.ssh/known_hosts or "
