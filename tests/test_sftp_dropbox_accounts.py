@@ -180,8 +180,8 @@ class Site:
     def trust_by_file(self, who: Account) -> None:
         self.sshd.write_known_hosts(self.state(who) / "known_hosts", owner=who)
 
-    def trust_host(self, who: Account) -> None:
-        cp = self.run(who, "trust-host", f"{self.sshd.host}:{self.sshd.port}")
+    def trust_host(self, who: Account, *options: str) -> None:
+        cp = self.run(who, "trust-host", f"{self.sshd.host}:{self.sshd.port}", *options)
         assert cp.returncode == 0, describe(cp)
         assert f"ssh-ed25519 {self.sshd.fingerprint()} (trusted; recorded in " in cp.stdout, describe(cp)
         assert (self.state(who) / "known_hosts").read_text().split() == \
@@ -643,7 +643,7 @@ def test_chrooted_uploaders(dropbox_sshd: DropboxSshd, ssh_accounts: Accounts, a
     line = one_line(cp)
     assert "unknown host key" in line and site.sshd.fingerprint() in line, describe(cp)
     assert f"dittohead trust-host {site.sshd.host}:{site.sshd.port}" in line, describe(cp)
-    site.trust_host(a.up_a)
+    site.trust_host(a.up_a, "--fingerprint", site.sshd.fingerprint())  # as the admin gave it
     site.trust_by_file(a.up_b)
 
     since = site.sshd.log_size()
