@@ -4,11 +4,12 @@
 #   make test         set up .venv (and, as root, the Debian packages the tests use) and run pytest
 #   make bench        set up .venv and the tools compared against, then run benchmarks/bench.py
 #   make bench-scale  set up .venv (and GNU time), then run benchmarks/scale.py (dittohead at scale)
+#   make bench-sftp   set up .venv and OpenSSH, then run benchmarks/sftp.py (sync over SSH, as root)
 #   make lint         ruff check and mypy
 #   make clean        remove caches and the demo's and benchmarks' output (distclean: .venv too)
 #
 # Extra arguments: make test PYTEST_ARGS='-k ingest -x'; make demo DEMO_ARGS='--dir /tmp/d';
-# make bench-scale SCALE_ARGS='--scale 0.1'.
+# make bench-scale SCALE_ARGS='--scale 0.1'; make bench-sftp SFTP_ARGS='--scale 0.25'.
 # Nothing here reads standard input: safe in CI, as root, with no terminal.
 
 SHELL := bash
@@ -29,11 +30,14 @@ TEST_DEBS ?= fuse3 openssh-server openssh-client
 BENCH_DEBS ?= rsync restic borgbackup
 # GNU time: scale.py measures each command's peak RSS with /usr/bin/time -f %M.
 SCALE_DEBS ?= time
+# sftp.py runs a private sshd and compares dittohead with OpenSSH's sftp and rsync over ssh.
+SFTP_DEBS ?= openssh-server openssh-client rsync
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 SCALE_ARGS ?=
+SFTP_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests were collected") as success.
 NO_TESTS_OK ?=
 
@@ -41,10 +45,11 @@ NO_TESTS_OK ?=
 TEST_STAMP := $(VENV)/.installed-test
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: help setup demo test bench bench-scale lint clean distclean system-deps bench-deps scale-deps
+.PHONY: help setup demo test bench bench-scale bench-sftp lint clean distclean system-deps bench-deps \
+	scale-deps sftp-deps
 
 help:
-	@sed -n '3,11s/^# \{0,1\}//p' Makefile
+	@sed -n '3,12s/^# \{0,1\}//p' Makefile
 
 # --- the virtualenv -----------------------------------------------------------------------
 
@@ -104,6 +109,9 @@ bench-deps:
 scale-deps:
 	$(call install-debs,$(SCALE_DEBS))
 
+sftp-deps:
+	$(call install-debs,$(SFTP_DEBS))
+
 # --- what people run ----------------------------------------------------------------------
 
 demo: $(TEST_STAMP)
@@ -127,6 +135,12 @@ bench: bench-deps $(TEST_STAMP)
 bench-scale: scale-deps $(TEST_STAMP)
 	$(VPY) -m compileall -q dittohead
 	$(VPY) benchmarks/scale.py $(SCALE_ARGS)
+
+# dittohead's sync and SFTP transport against OpenSSH's sftp and rsync over ssh, on a private
+# sshd of its own on 127.0.0.1 (benchmarks/README.md, "Over SSH (sftp.py)"); needs root.
+bench-sftp: sftp-deps $(TEST_STAMP)
+	$(VPY) -m compileall -q dittohead
+	$(VPY) benchmarks/sftp.py $(SFTP_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
