@@ -20,7 +20,6 @@ from dittohead.cli.base import (
 )
 from dittohead.display import escape, json_path, unescape
 from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
-from dittohead.export import export_study
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, utc_iso
 from dittohead.view import Dir, File, FileReader, Node, StudyView
@@ -232,6 +231,8 @@ def export(store: str, study: str, dest: str, verify: bool) -> None:
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="export", leave=False)
         progress = bar.update
     try:
+        from dittohead.export import export_study  # here: the other commands need none of it
+
         summary = export_study(st, study, dest, progress, verify=verify)
     finally:
         if bar:

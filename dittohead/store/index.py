@@ -18,6 +18,7 @@ import sqlite3
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dittohead.chunking import pack_chunk_list
 from dittohead.hashing import blake3
@@ -135,8 +136,7 @@ class FolderChain:
 
 
 
-@dataclass(frozen=True)
-class Version:
+class Version(NamedTuple):  # a tuple: a listing makes one for each of 10,000 files
     study: str
     path: str
     n: int
