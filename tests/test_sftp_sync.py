@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from accounts import Account, Accounts, make_dir
 from conftest import SUBMISSION_RE
-from sshd import Sshd, jump, make_client_key, ssh_accounts, sshd_server  # noqa: F401  (fixtures)
+from sshd import Sshd, jump, make_client_key, make_sshd, ssh_accounts, sshd_server  # noqa: F401  (fixtures)
 
 from dittohead import format as fmt
 
@@ -406,3 +406,26 @@ def test_have_segments_are_fetched_once_and_no_change_is_quick(lab: Lab) -> None
     lab.write("g.bin", os.urandom(1 << 20))
     cp = lab.sync("--identity", key.private)
     assert cp.returncode == 0, cp.stderr
+
+
+def test_a_gateway_that_does_not_forward(lab: Lab) -> None:
+    lab.trust()
+    cp = lab.sync("--jump", f"{lab.up.name}@127.0.0.1:{lab.sshd.port}", "--password-stdin",
+                  input=lab.password + "\n")
+    assert cp.returncode == 1
+    line = cp.stderr.strip()
+    assert "\n" not in line and "would not connect" in line and "AllowTcpForwarding" in line, line
+
+
+def test_a_chroot_sshd_refuses_is_named(ssh_accounts: Accounts, make_sshd, acct_dir: Path) -> None:  # noqa: F811
+    """A ChrootDirectory under /tmp (1777): sshd ends the session after the sign-in."""
+    a = ssh_accounts
+    bad = make_dir(acct_dir / "chroot", a.daemon, 0o755)
+    sshd = make_sshd(matches=[f"Match User {a.up_a.name}\n    ChrootDirectory {bad}\n    ForceCommand internal-sftp"])
+    state = make_dir(acct_dir / "state", a.up_a, 0o700)
+    sshd.write_known_hosts(state / "known_hosts", owner=a.up_a)
+    src = make_dir(acct_dir / "src", a.up_a, 0o700)
+    cp = a.run_as(a.up_a, "sync", src, "--study", STUDY, "--to", sshd.url(a.up_a, "/"), "--password-stdin",
+                  input=a.passwords[a.up_a.name] + "\n", env={"DITTOHEAD_STATE_DIR": str(state)})
+    assert cp.returncode == 1
+    assert "ended the SFTP session" in cp.stderr and "sshd's log" in cp.stderr, cp.stderr

@@ -144,10 +144,13 @@ class TerminalPrompts:
         return getpass.getpass(prompt, stream=sys.stderr)
 
     def confirm(self, text: str) -> bool | None:
+        """``text``'s last line is the question, answered y or n (no: the default)."""
         if not sys.stdin.isatty():
             return None
-        click.echo(text, err=True)
-        return click.confirm("Trust it", default=False, err=True)
+        *before, question = text.splitlines()
+        if before:
+            click.echo("\n".join(before), err=True)
+        return click.confirm(question.rstrip("?") + "?", default=False, err=True)
 
 
 def ssh_options(f: Callable[..., Any]) -> Callable[..., Any]:

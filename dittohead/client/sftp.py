@@ -138,11 +138,16 @@ class SFTPTransport:
         self._boxes: dict[str, str] = {}
         self._sender: ThreadPoolExecutor | None = None
         self._warned_fsync = False
-        with self._op():
-            chan = session.transport.open_session(timeout=session.timeout)
-            chan.settimeout(session.timeout)
-            chan.invoke_subsystem("sftp")
-            self.sftp = _SFTP(chan)
+        try:
+            with self._op():
+                chan = session.transport.open_session(timeout=session.timeout)
+                chan.settimeout(session.timeout)
+                chan.invoke_subsystem("sftp")
+                self.sftp = _SFTP(chan)
+        except TransportError as e:
+            raise TransportError(f"{e}: signed in, but the server ended the SFTP session at once (a "
+                                 "ChrootDirectory sshd refuses, or no sftp subsystem: its admin finds why in "
+                                 "sshd's log)") from None
         ext = self.sftp.extensions
         self.has_fsync = "fsync@openssh.com" in ext
         self.has_posix_rename = "posix-rename@openssh.com" in ext
@@ -278,7 +283,7 @@ class SFTPTransport:
             raise TransportError(f"{self.where}: study {study!r} does not admit this account (permission "
                                  "denied: the admin admits a group of uploaders with 'study add --uploaders')") from None
         if inbox is None or not stat.S_ISDIR(inbox.st_mode or 0):
-            raise NoSuchStudy(f"{self.where}:{self.path}: no study {study!r} (the admin adds it with 'dittohead study add')")
+            raise NoSuchStudy(f"{self.where}: no study {study!r} in {self.path} (the admin adds it with 'dittohead study add')")
         self._boxes[study] = posixpath.join(base, study)
 
     def list_have(self, study: str) -> list[str]:

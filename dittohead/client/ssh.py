@@ -360,11 +360,10 @@ def connect(target: Resolved, prompts: Prompts, *, password: Callable[[str], str
     sock = None
     try:
         for hop in target.jump:
-            r = resolve(hop, jump=[])
+            r = _hop(hop, target)
             t = _open(r, policy, prompts, password, timeout, sock)
             hops.append(t)
-            with link_errors(r.shown):
-                sock = t.open_channel("direct-tcpip", (target.host, target.port), ("127.0.0.1", 0), timeout=timeout)
+            sock = _forward(t, r, target, timeout)
         t = _open(target, policy, prompts, password, timeout, sock)
     except BaseException:
         for h in reversed(hops):
@@ -383,11 +382,10 @@ def host_key(target: Resolved, prompts: Prompts, *, password: Callable[[str], st
     sock = None
     try:
         for hop in target.jump:
-            r = resolve(hop, jump=[])
+            r = _hop(hop, target)
             t = _open(r, policy, prompts, password, timeout, sock)
             hops.append(t)
-            with link_errors(r.shown):
-                sock = t.open_channel("direct-tcpip", (target.host, target.port), ("127.0.0.1", 0), timeout=timeout)
+            sock = _forward(t, r, target, timeout)
         t = _start(target, policy, timeout, sock)
         hops.append(t)
         return t.get_remote_server_key(), hops
@@ -396,6 +394,25 @@ def host_key(target: Resolved, prompts: Prompts, *, password: Callable[[str], st
             with contextlib.suppress(Exception):
                 h.close()
         raise
+
+
+def _hop(hop: Address, target: Resolved) -> Resolved:
+    """A gateway's address resolved; without identity files of its own it is offered the
+    target's (a collector's one key usually opens both)."""
+    r = resolve(hop, jump=[])
+    if r.explicit_identity or not target.explicit_identity:
+        return r
+    return Resolved(r.shown, r.host, r.port, r.user, target.identities, True, (), r.known_hosts)
+
+
+def _forward(t: paramiko.Transport, gateway: Resolved, target: Resolved, timeout: float) -> paramiko.Channel:
+    """A channel through the gateway ``t`` to the target's SSH port."""
+    with link_errors(gateway.shown):
+        try:
+            return t.open_channel("direct-tcpip", (target.host, target.port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as e:
+            raise TransportError(f"{gateway.shown}: the gateway would not connect to {target.shown} "
+                                 f"({e.text}; its admin allows it with AllowTcpForwarding)") from None
 
 
 def _start(r: Resolved, policy: HostKeyPolicy, timeout: float, sock) -> paramiko.Transport:
@@ -486,10 +503,14 @@ def _sign_in(t: paramiko.Transport, r: Resolved, prompts: Prompts,
                 del secret
             if t.is_authenticated():
                 return
+    takes = ", ".join(sorted(allowed)) or "nothing"
+    if "a password" in tried:
+        how = ", ".join(dict.fromkeys(tried))
+        raise paramiko.AuthenticationException(f"cannot sign in as {r.user}: refused (tried {how})")
     how = ", ".join(dict.fromkeys(tried)) or "nothing: no ssh-agent, no key file, no terminal to ask for a password"
     raise paramiko.AuthenticationException(
-        f"cannot sign in as {r.user} (tried {how}; the server takes {', '.join(sorted(allowed)) or 'nothing'}). "
-        "For scripts: an ssh-agent, --identity KEYFILE, or --password-stdin")
+        f"cannot sign in as {r.user} (tried {how}; the server takes {takes}). "
+        "Without a terminal: an ssh-agent, --identity KEYFILE, or --password-stdin")
 
 
 def _agent_keys() -> tuple:

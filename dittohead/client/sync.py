@@ -98,10 +98,10 @@ class SyncSummary:
         return self.submissions[-1] if self.submissions else None
 
     def line(self) -> str:
-        files = f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged files"
+        files = f"{self.new} new, {self.changed} changed, {plural(self.unchanged, 'unchanged file')}"
         if self.dry_run:
             if not (self.new or self.changed):
-                return f"sync (dry run): nothing to send ({self.unchanged} unchanged files){self.skipped()}"
+                return f"sync (dry run): nothing to send ({plural(self.unchanged, 'unchanged file')}){self.skipped()}"
             parts = f" as {self.parts} submissions" if self.parts > 1 else ""
             return (f"sync (dry run): would send {files}{parts}; {human_bytes(self.bytes_read)} read, "
                     f"about {human_bytes(self.bytes_sent)} to send{self.skipped()}")
