@@ -458,58 +458,69 @@ def _open(r: Resolved, policy: HostKeyPolicy, prompts: Prompts,
 
 def _sign_in(t: paramiko.Transport, r: Resolved, prompts: Prompts,
              password: Callable[[str], str | None]) -> None:
+    """Keys first (the agent's, then the identity files), then a password. The methods the
+    server takes are learned from its first refusal, not asked for first: each failed attempt
+    costs a delay that OpenSSH adds on purpose."""
     who = f"{r.user}@{r.shown}"
-    try:
-        t.auth_none(r.user)
-        return  # the server lets this account in with no credentials
-    except paramiko.BadAuthenticationType as e:
-        allowed = set(e.allowed_types)
-    except paramiko.AuthenticationException:
-        allowed = {"publickey", "password", "keyboard-interactive"}
+    allowed: set[str] | None = None  # unknown until the server refuses something
     tried: list[str] = []
 
-    def try_key(key: paramiko.PKey) -> bool:
+    def attempt(method: Callable[..., object], *args: object) -> bool:
+        nonlocal allowed
         try:
-            t.auth_publickey(r.user, key)
+            method(r.user, *args)
+        except paramiko.BadAuthenticationType as e:
+            allowed = set(e.allowed_types)
+            return False
         except paramiko.AuthenticationException:
             return False
         return t.is_authenticated()
 
-    if "publickey" in allowed:
+    def takes(*methods: str) -> bool:
+        return allowed is None or bool(allowed.intersection(methods))
+
+    if takes("publickey"):
         agent_keys = _agent_keys()
         if agent_keys:
             tried.append("the ssh-agent's keys")
         for key in agent_keys:
-            if try_key(key):
+            if not takes("publickey"):
+                break
+            if attempt(t.auth_publickey, key):
                 return
         for path in r.identities:
+            if not takes("publickey"):
+                break
             key = _load_key(path, prompts, r.explicit_identity)
             if key is None:
                 continue
             tried.append(path)
-            if try_key(key):
+            if attempt(t.auth_publickey, key):
                 return
-    if allowed & {"password", "keyboard-interactive"}:
-        for _ in range(PASSWORD_TRIES):
-            secret = password(f"{who}'s password: ")
-            if secret is None:
-                break
-            tried.append("a password")
-            try:
-                t.auth_password(r.user, secret)  # falls back to keyboard-interactive by itself
-            except paramiko.AuthenticationException:
-                continue
-            finally:
-                del secret
-            if t.is_authenticated():
+    for _ in range(PASSWORD_TRIES):
+        if not takes("password", "keyboard-interactive"):
+            break
+        secret = password(f"{who}'s password: ")
+        if secret is None:
+            break
+        tried.append("a password")
+        try:
+            # falls back to keyboard-interactive by itself
+            if attempt(t.auth_password, secret):
                 return
-    takes = ", ".join(sorted(allowed)) or "nothing"
+        finally:
+            del secret
+    # Nothing was refused, so nothing was tried: ask what the server takes (or whether this
+    # account needs no credentials at all).
+    if allowed is None and attempt(t.auth_none):
+        return
+    shown = ", ".join(sorted(allowed or ())) or "nothing"
     if "a password" in tried:
         how = ", ".join(dict.fromkeys(tried))
         raise paramiko.AuthenticationException(f"cannot sign in as {r.user}: refused (tried {how})")
     how = ", ".join(dict.fromkeys(tried)) or "nothing: no ssh-agent, no key file, no terminal to ask for a password"
     raise paramiko.AuthenticationException(
-        f"cannot sign in as {r.user} (tried {how}; the server takes {takes}). "
+        f"cannot sign in as {r.user} (tried {how}; the server takes {shown}). "
         "Without a terminal: an ssh-agent, --identity KEYFILE, or --password-stdin")
 
 
