@@ -1,4 +1,4 @@
-"""Admin commands: init, study add, watch, fsck."""
+"""Admin commands: init, study add, study set, watch, fsck."""
 
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ from dittohead.cli.base import (
     progress_enabled,
     store_option,
 )
-from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE, DittoheadError
-from dittohead.store.layout import MAX_ATTEMPTS, ServerRoot, StudySettings, check_study_name
+from dittohead.errors import EXIT_DAMAGE, EXIT_FAILURE, DittoheadError, UsageError
+from dittohead.store.layout import (
+    MAX_ATTEMPTS,
+    ServerRoot,
+    StudySettings,
+    check_study_name,
+    group_id,
+    is_member,
+)
 from dittohead.units import human_bytes, plural
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,27 @@ def study() -> None:
     """Manage studies (each has its own drop box and history)."""
 
 
+_READERS_HELP = ("Members of GROUP read the study's view: its folder in the mount (everyone else gets "
+                 "'permission denied') and what export writes (folders setgid GROUP 2750, files 0440). "
+                 "Export gives its files GROUP, so the account that exports (the daemon's) must be a "
+                 "member of it. Default: everyone who can reach the mount or the export reads it.")
+
+
+def _check_export_dest(export_to: str) -> str:
+    export_to = os.path.abspath(export_to)
+    if not os.path.isdir(os.path.dirname(export_to)):
+        raise click.BadParameter(f"{os.path.dirname(export_to)}: no such folder (the export's "
+                                 "parent must exist; the export makes DEST itself)", param_hint="'--export'")
+    return export_to
+
+
+def _note_membership(readers: str | None) -> None:
+    """A note on stderr where this account could not give an export's files to ``readers``."""
+    if readers and not is_member(group_id(readers)):
+        click.echo(f"note: this account is not a member of group {readers}: export needs it to give the "
+                   f"study's files that group (usermod -aG {readers} ACCOUNT, then sign in again)", err=True)
+
+
 @study.command("add")
 @click.argument("name")
 @store_option
@@ -52,20 +80,60 @@ def study() -> None:
               help="Only members of GROUP may submit to this study (its drop box is closed to everyone "
                    "else). The daemon's account must be a member of GROUP. Default: any account that "
                    "can reach the server root.")
-def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...], uploaders: str | None) -> None:
+@click.option("--readers", metavar="GROUP", help=_READERS_HELP)
+def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...], uploaders: str | None,
+              readers: str | None) -> None:
     """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed.
 
-    Run it as the daemon's account, like init. See docs/server-root.md for the permission model.
+    Run it as the daemon's account, like init. See docs/server-root.md for the permission model;
+    'study set' changes --readers and --export later.
     """
     check_study_name(name)
     if export_to:
-        export_to = os.path.abspath(export_to)
-        if not os.path.isdir(os.path.dirname(export_to)):
-            raise click.BadParameter(f"{os.path.dirname(export_to)}: no such folder (the export's "
-                                     "parent must exist; the export makes DEST itself)", param_hint="'--export'")
-    box = ServerRoot(store).add_study(StudySettings(name, export_to, notify, uploaders))
+        export_to = _check_export_dest(export_to)
+    box = ServerRoot(store).add_study(StudySettings(name, export_to, notify, uploaders, readers))
     who = f"members of group {uploaders}" if uploaders else "collectors"
-    click.echo(f"added study {name}: {who} sync into {box.inbox}")
+    click.echo(f"added study {name}: {who} sync into {box.inbox}"
+               + (f"; members of group {readers} read it" if readers else ""))
+    _note_membership(readers)
+
+
+@study.command("set")
+@click.argument("name")
+@store_option
+@click.option("--readers", metavar="GROUP", help=_READERS_HELP)
+@click.option("--no-readers", is_flag=True, help="Let everyone who can reach the mount or the export read the study.")
+@click.option("--export", "export_to", metavar="DEST", type=click.Path(file_okay=False),
+              help="After each ingest, watch exports the study's view into DEST (adding only).")
+@click.option("--no-export", is_flag=True, help="watch no longer exports the study (what is in DEST stays).")
+def study_set(name: str, store: str, readers: str | None, no_readers: bool, export_to: str | None,
+              no_export: bool) -> None:
+    """Change the settings of study NAME: who reads it (--readers), where watch exports it.
+
+    The mount shows a change within seconds, without a remount. An export already written
+    takes the new group and modes at the next 'dittohead export --verify' (the next export
+    gives them to what it adds). Without options, prints the study's settings.
+    """
+    if readers is not None and no_readers:
+        raise UsageError("--readers and --no-readers: give one of them")
+    if export_to is not None and no_export:
+        raise UsageError("--export and --no-export: give one of them")
+    changes: dict[str, str | None] = {}
+    if readers is not None or no_readers:
+        changes["readers"] = readers or None
+    if export_to is not None or no_export:
+        changes["export"] = _check_export_dest(export_to) if export_to else None
+    root = ServerRoot(store)
+    if changes:
+        s = root.change_study(name, **changes)
+    else:
+        root.config()
+        root.require_study(name)
+        s = root.study_settings(name)
+    click.echo(f"study {name}: readers {s.readers or '(everyone)'}; uploaders {s.uploaders or '(everyone)'}; "
+               f"export {s.export or '(none)'}")
+    if "readers" in changes:
+        _note_membership(s.readers)
 
 
 def _report(r: IngestResult) -> None:

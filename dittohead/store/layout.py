@@ -20,10 +20,12 @@ in it for the daemon before ``init``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from dittohead import format as fmt
 from dittohead import fsutil
@@ -93,6 +95,12 @@ class StudySettings:
     export: str | None = None
     notify: tuple[str, ...] = ()
     uploaders: str | None = None  # the one group whose members may submit, if set
+    readers: str | None = None  # the one group whose members read the study's view (mount, export)
+
+    def doc(self) -> dict:
+        """The settings file's JSON document (store/studies/NAME.json)."""
+        return {"name": self.name, "export": self.export, "notify": list(self.notify),
+                "uploaders": self.uploaders, "readers": self.readers}
 
 
 def check_study_name(name: str) -> str:
@@ -189,7 +197,8 @@ class ServerRoot:
         path = self.settings_path(study)
         try:
             doc = json.loads(fsutil.read_limited(path, fmt.CONFIG_MAX_SIZE))
-            return StudySettings(study, doc.get("export"), tuple(doc.get("notify", ())), doc.get("uploaders"))
+            return StudySettings(study, doc.get("export"), tuple(doc.get("notify", ())), doc.get("uploaders"),
+                                 doc.get("readers"))
         except FileNotFoundError:
             return StudySettings(study)
         except (OSError, ValueError) as e:
@@ -253,6 +262,8 @@ class ServerRoot:
         if os.path.exists(box.path):
             raise AlreadyExists(f"study {settings.name!r} exists already")
         gid = group_id(settings.uploaders) if settings.uploaders else None
+        if settings.readers:
+            group_id(settings.readers)  # a group that exists, or a usage error
         folders = box.folders(uploaders=gid is not None)
         _mkdir(box.path, 0o700)  # closed until it has its group
         if gid is not None:
@@ -266,11 +277,42 @@ class ServerRoot:
         for sub, mode in folders[1:]:
             _mkdir(sub, mode)
         os.chmod(box.path, folders[0][1])
-        doc = {"name": settings.name, "export": settings.export, "notify": list(settings.notify),
-               "uploaders": settings.uploaders}
-        fsutil.write_new(self.settings_path(settings.name), json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+        fsutil.write_new(self.settings_path(settings.name), _settings_bytes(settings), mode=0o600)
         fsutil.fsync_dir(self.dropbox_root)
         return box
+
+    def change_study(self, study: str, **changes: Any) -> StudySettings:
+        """Change settings of the existing study ``study`` (``readers``, ``export``: the fields
+        of StudySettings), and return them as they are now. The settings file is replaced at
+        once (written, fsynced, renamed over the old one): a reader sees the old settings or
+        the new ones. It is the admin's configuration, not the study's history: the one file
+        under store/ that is ever replaced.
+
+        NoSuchStudy if there is no such study; a UsageError for a readers group that does not
+        exist. The uploaders' group is not changed here (it is the drop box folder's group)."""
+        self.config()
+        self.require_study(study)
+        unknown = set(changes) - {"readers", "export", "notify"}
+        if unknown:
+            raise UsageError(f"cannot change {', '.join(sorted(unknown))} of a study here")
+        if changes.get("readers"):
+            group_id(changes["readers"])
+        settings = dataclasses.replace(self.study_settings(study), **changes)
+        path = self.settings_path(study)
+        tmp = fsutil.tmp_name(os.path.dirname(path))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_settings_bytes(settings))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsutil.fsync_dir(os.path.dirname(path))
+        return settings
 
     def permission_problems(self) -> list[str]:
         """What differs from the permission model: one line per folder whose mode, owner or
@@ -319,6 +361,15 @@ class ServerRoot:
             if st.st_gid != want_gid:
                 out.append(f"{path}: group {_group_name(st.st_gid)}, want {_group_name(want_gid)}")
         return out
+
+
+def _settings_bytes(settings: StudySettings) -> bytes:
+    return json.dumps(settings.doc(), indent=2).encode() + b"\n"
+
+
+def is_member(gid: int) -> bool:
+    """Whether this process may give a file it owns the group ``gid`` (a member of it, or root)."""
+    return os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups()
 
 
 def group_id(name: str) -> int:
