@@ -35,6 +35,8 @@ COMMANDS = {
     "versions": "dittohead.cli.read:versions",
     "cat": "dittohead.cli.read:cat",
     "export": "dittohead.cli.read:export",
+    "mount": "dittohead.cli.mount:mount",
+    "umount": "dittohead.cli.mount:umount",
 }
 
 
@@ -87,7 +89,7 @@ def cli(verbose: int) -> None:
     """dittohead: get research data off lab PCs into a locked-down store, once, safely, for ever.
 
     \b
-    Admin:         init, study add, watch, fsck
+    Admin:         init, study add, watch, fsck, mount, umount
     Collector:     sync, trust-host
     Study runner:  log, ls, versions, cat, export
 

@@ -27,6 +27,7 @@ from dittohead.store.layout import ServerRoot
 from dittohead.store.objects import LocalObjectStore, ObjectStore
 
 log = logging.getLogger(__name__)
+READERS_PRUNE_AT = 64  # reading threads with a connection open before those of ended threads are closed
 
 
 def _listdir(path: str) -> list[str]:
@@ -116,8 +117,10 @@ class Store:
         self.objects: ObjectStore = objects or LocalObjectStore(root.store)
         self.writer = False
         self._index: Index | None = None  # the writer's
-        self._local = threading.local()  # a reader thread's, as .index
-        self._readers: list[Index] = []
+        # Each reading thread's own connection, by the thread's id in the system: a thread that
+        # libfuse made calls in through ctypes with a new Python thread state each time, so a
+        # threading.local would give it a new connection for every call.
+        self._readers: dict[int, Index] = {}
         self._readers_lock = threading.Lock()
         self._private: str | None = None  # the folder of a reader's own index, if it needed one
 
@@ -136,10 +139,19 @@ class Store:
 
     def _close_readers(self) -> None:
         with self._readers_lock:
-            for idx in self._readers:
+            for idx in self._readers.values():
                 idx.close()
             self._readers.clear()
-            self._local = threading.local()
+
+    def _prune_readers(self) -> None:
+        """Close the connections of threads that have ended (with the lock held; Linux only:
+        elsewhere they stay open until ``close``)."""
+        try:
+            alive = {int(t) for t in os.listdir("/proc/self/task")}
+        except OSError:
+            return
+        for tid in [t for t in self._readers if t not in alive]:
+            self._readers.pop(tid).close()
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Store]:
@@ -165,11 +177,14 @@ class Store:
     @property
     def index(self) -> Index:
         if not self.writer:
-            mine: Index | None = getattr(self._local, "index", None)
+            tid = threading.get_native_id()
+            mine: Index | None = self._readers.get(tid)
             if mine is None:
-                mine = self._local.index = self._open_reader()
+                mine = self._open_reader()
                 with self._readers_lock:
-                    self._readers.append(mine)
+                    if len(self._readers) >= READERS_PRUNE_AT:
+                        self._prune_readers()
+                    self._readers[tid] = mine
             return mine
         if self._index is None:
             idx: Index | None = None

@@ -1,0 +1,356 @@
+"""What the mount answers: the view (dittohead/view.py) as files and folders, read-only.
+
+``MountOps`` takes paths as the kernel gives them (``/STUDY/current/a/b.txt``, or without the
+study's name for a mount of one study) and returns stat dicts, listings and bytes, raising
+``OSError`` with an errno where FUSE wants one. It imports no FUSE: the tests call it directly,
+and ``dittohead.fuse.mount`` hands it to mfusepy.
+
+- **Who sees what**: each study's folders and files carry the owner, group and modes its
+  settings give (``StudyView.access``); the mount runs with ``default_permissions``, so the
+  kernel refuses everyone else. The mount's top folder lists the studies (0755).
+- **Cost**: a lookup or a listing costs index queries (the view), and the nodes a listing
+  returns are kept (``NODE_CACHE`` of them, least recently used out) so that the ``getattr``
+  the kernel sends for each entry right after (``ls -l``, ``du``) is a dictionary look-up.
+  They are kept only while the study's last submission is the one they were read at, which is
+  looked up at most every ``REFRESH`` seconds: a new ingest shows within that, plus the
+  kernel's own cache of attributes (``mount.ATTR_TIMEOUT``).
+- **Reads**: an open file keeps the version it opened, even after a newer one is ingested.
+  Every chunk is verified against its id before a byte of it is returned; a mismatch is EIO
+  and one log line, never wrong bytes. One cache of verified chunks serves every open file
+  (``CHUNK_CACHE`` bytes); a file read sequentially has its next chunks read and verified ahead
+  on a thread (``READ_AHEAD`` chunks).
+- **Writes**: every call that would change anything fails with EROFS (the mount is ``ro`` too,
+  so the kernel refuses most of them before they get here).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dittohead.display import escape
+from dittohead.errors import DittoheadError, IntegrityError, NotFound
+from dittohead.store.repo import Store
+from dittohead.view import ChunkCache, Dir, File, FileReader, Node, StoreView, StudyView
+
+log = logging.getLogger("dittohead.mount")
+
+NODE_CACHE = 200_000  # nodes kept from listings and look-ups (a few hundred bytes each)
+REFRESH = 0.5  # seconds between looks at a study's last submission
+CHUNK_CACHE = 64 << 20  # bytes of verified chunks, for every open file together
+READ_AHEAD = 4  # chunks read and verified ahead of a sequential reader
+BLOCK_SIZE = 128 * 1024  # st_blksize: what a reader is told to read at a time
+TOP_MODE = 0o755
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class _Study:
+    view: StudyView
+    seq: int = -1  # the last submission the kept nodes were read at
+    checked: float = 0.0  # when that was last looked up (time.monotonic)
+    access: tuple[int, int, int, int] = (0, 0, 0o755, 0o444)  # (uid, gid, folder mode, file mode), as then
+
+
+@dataclass
+class _Handle:
+    node: Node
+    reader: FileReader | None  # None for the log
+    next_offset: int = 0  # where a sequential reader reads next
+    ahead: int = -1  # the last chunk index read ahead
+
+
+class MountOps:
+    """The mount's answers for a store (every study, one folder each) or for one study (its
+    folders at the top). Safe to call from many threads at once."""
+
+    def __init__(self, store: Store, study: str | None = None) -> None:
+        self.store = store
+        self.only = study
+        self._studies: dict[str, _Study] = {}
+        self._nodes: OrderedDict[str, tuple[int, Node]] = OrderedDict()  # path -> (seq, node)
+        self._lock = threading.Lock()
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self.cache = SharedChunks(CHUNK_CACHE)
+        self._ahead = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="dittohead-readahead")
+        self._top_times = time.time_ns()
+        self._uid, self._gid = _owner(store)
+        if study is not None:
+            self._study(study)  # NotFound now, not at the first look
+
+    def close(self) -> None:
+        self._ahead.shutdown(wait=False, cancel_futures=True)
+
+    # -- paths
+
+    def _split(self, path: str) -> tuple[str | None, str]:
+        """(study, view path) for a mount path; (None, "") for the top of a mount of every study."""
+        parts = [p for p in path.split("/") if p]
+        if self.only is not None:
+            return self.only, "/".join(parts)
+        if not parts:
+            return None, ""
+        return parts[0], "/".join(parts[1:])
+
+    def _study(self, name: str) -> _Study:
+        s = self._studies.get(name)
+        if s is None:
+            if self.only is None and name not in self._study_names():
+                raise _err(errno.ENOENT)
+            try:
+                view = StudyView(self.store, name)
+            except NotFound:
+                raise _err(errno.ENOENT) from None
+            with self._lock:
+                s = self._studies.setdefault(name, _Study(view))
+        return s
+
+    def _study_names(self) -> list[str]:
+        return StoreView(self.store).studies()
+
+    def _current_seq(self, s: _Study) -> int:
+        """The study's last submission (and its owner, group and modes), looked up at most every
+        REFRESH seconds."""
+        now = time.monotonic()
+        if now - s.checked >= REFRESH:
+            s.seq, s.access, s.checked = s.view.refresh(), _access(s.view, self._uid, self._gid), now
+        return s.seq
+
+    def _node(self, path: str) -> tuple[_Study, Node]:
+        name, vpath = self._split(path)
+        if name is None:
+            raise _err(errno.ENOENT)
+        s = self._study(name)
+        seq = self._current_seq(s)
+        key = f"{name}\0{vpath}"
+        with self._lock:
+            kept = self._nodes.get(key)
+            if kept is not None and kept[0] == seq:
+                self._nodes.move_to_end(key)
+                return s, kept[1]
+        try:
+            node = s.view.lookup(vpath)
+        except NotFound:
+            raise _err(errno.ENOENT) from None
+        except DittoheadError as e:
+            log.error("%s: %s", escape(path), e)
+            raise _err(errno.EIO) from None
+        self._keep(key, seq, node)
+        return s, node
+
+    def _keep(self, key: str, seq: int, node: Node) -> None:
+        with self._lock:
+            self._nodes[key] = (seq, node)
+            self._nodes.move_to_end(key)
+            while len(self._nodes) > NODE_CACHE:
+                self._nodes.popitem(last=False)
+
+    # -- attributes
+
+    def _top_stat(self) -> dict:
+        t = self._top_times
+        return {"st_mode": stat.S_IFDIR | TOP_MODE, "st_nlink": 2, "st_uid": self._uid, "st_gid": self._gid,
+                "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t}
+
+    def _stat(self, s: _Study, node: Node) -> dict:
+        uid, gid, dir_mode, file_mode = s.access
+        if isinstance(node, Dir):
+            t = node.mtime_ns
+            return {"st_mode": stat.S_IFDIR | dir_mode, "st_nlink": 2, "st_uid": uid, "st_gid": gid,
+                    "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": BLOCK_SIZE}
+        size, mtime, ctime = _file_times(node)
+        return {"st_mode": stat.S_IFREG | file_mode, "st_nlink": 1, "st_uid": uid, "st_gid": gid,
+                "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK_SIZE,
+                "st_atime": mtime, "st_mtime": mtime, "st_ctime": ctime}
+
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        if fh is not None:
+            h = self._handles.get(fh)
+            if h is not None:
+                name, _ = self._split(path)
+                if name is not None:
+                    return self._stat(self._study(name), h.node)
+        name, _ = self._split(path)
+        if name is None:
+            return self._top_stat()
+        s, node = self._node(path)
+        return self._stat(s, node)
+
+    def readdir(self, path: str, fh: int | None = None) -> list[tuple[str, dict, int]]:
+        name, vpath = self._split(path)
+        if name is None:
+            top = [(".", self._top_stat(), 0), ("..", self._top_stat(), 0)]
+            out = []
+            for n in self._study_names():
+                try:
+                    s = self._study(n)
+                    self._current_seq(s)
+                    out.append((n, {"st_mode": stat.S_IFDIR | s.access[2]}, 0))
+                except OSError:
+                    continue
+            return top + out
+        s, node = self._node(path)
+        if not isinstance(node, Dir):
+            raise _err(errno.ENOTDIR)
+        try:
+            listed = s.view.children(node)
+        except NotFound:
+            raise _err(errno.ENOENT) from None
+        seq = s.seq
+        _, _, dir_mode, file_mode = s.access
+        here = self._stat(s, node)
+        out = [(".", here, 0), ("..", here, 0)]
+        prefix = f"{name}\0{vpath}/" if vpath else f"{name}\0"
+        for child, cnode in listed:
+            self._keep(prefix + child, seq, cnode)
+            out.append((child, {"st_mode": (stat.S_IFDIR | dir_mode) if isinstance(cnode, Dir)
+                                else (stat.S_IFREG | file_mode)}, 0))
+        return out
+
+    def statfs(self, path: str) -> dict:
+        st = os.statvfs(self.store.root.path)
+        return {"f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks, "f_bfree": 0,
+                "f_bavail": 0, "f_files": st.f_files, "f_ffree": 0, "f_favail": 0, "f_namemax": 1024}
+
+    def access(self, path: str, amode: int) -> int:
+        if amode & os.W_OK:
+            raise _err(errno.EROFS)
+        return 0
+
+    # -- reading
+
+    def open(self, path: str, flags: int) -> int:
+        if flags & _WRITE_FLAGS:
+            raise _err(errno.EROFS)
+        _, node = self._node(path)
+        if isinstance(node, Dir):
+            raise _err(errno.EISDIR)
+        reader = FileReader(self.store, node.version, self.cache) if isinstance(node, File) else None
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = _Handle(node, reader)
+        return fh
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        h = self._handles.get(fh)
+        if h is None:
+            raise _err(errno.EBADF)
+        try:
+            if h.reader is None:
+                name, _ = self._split(path)
+                assert name is not None
+                return _read_log(self._study(name).view, h.node, offset, size)
+            data = h.reader.read(offset, size)
+        except IntegrityError as e:
+            log.error("%s: %s", escape(path), e)
+            raise _err(errno.EIO) from None
+        except OSError as e:
+            log.error("%s: cannot read the store: %s", escape(path), e.strerror or e)
+            raise _err(errno.EIO) from None
+        if offset == h.next_offset:  # sequential: read the next chunks ahead
+            self._read_ahead(h, offset + len(data))
+        h.next_offset = offset + len(data)
+        return data
+
+    def _read_ahead(self, h: _Handle, end: int) -> None:
+        r = h.reader
+        if r is None or not r.chunks:
+            return
+        i = bisect.bisect_right(r.offsets, max(0, end - 1))  # the chunk after the one read last
+        for j in range(max(i, h.ahead + 1), min(i + READ_AHEAD, len(r.chunks))):
+            h.ahead = j
+            self._ahead.submit(_warm, self.cache, self.store, r.chunks[j][0])
+
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._handles.pop(fh, None)
+        return 0
+
+    # -- nothing changes
+
+    def _refuse(self, *args: object) -> int:
+        raise _err(errno.EROFS)
+
+    chmod = chown = create = link = mkdir = mknod = rename = rmdir = symlink = _refuse
+    truncate = unlink = utimens = write = setxattr = removexattr = _refuse
+
+
+class SharedChunks(ChunkCache):
+    """The mount's chunk cache: a chunk being read (by a reader, or ahead of one) is read once;
+    whoever else asks for it meanwhile waits for that read instead of reading it again."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self._reading: dict[bytes, threading.Event] = {}
+        self._reading_lock = threading.Lock()
+
+    def get(self, store: Store, cid: bytes) -> bytes:
+        while True:
+            with self._reading_lock:
+                busy = self._reading.get(cid)
+                if busy is None:
+                    mine = self._reading[cid] = threading.Event()
+                    break
+            busy.wait()
+            with self._lock:
+                data = self._items.get(cid)
+            if data is not None:
+                return data
+            # the read failed, or the chunk left the cache already: read it (again) ourselves
+        try:
+            return super().get(store, cid)
+        finally:
+            with self._reading_lock:
+                del self._reading[cid]
+            mine.set()
+
+
+def _warm(cache: ChunkCache, store: Store, cid: bytes) -> None:
+    try:
+        cache.get(store, cid)
+    except (DittoheadError, OSError):
+        pass  # the reader that needs it meets the error itself, and says it
+
+
+def _owner(store: Store) -> tuple[int, int]:
+    st = os.stat(store.root.store)
+    return st.st_uid, st.st_gid
+
+
+def _access(view: StudyView, uid: int, gid: int) -> tuple[int, int, int, int]:
+    """(owner, group, folder mode, file mode) of a study's tree (``StudyView.access``)."""
+    access = getattr(view, "access", None)
+    if access is None:
+        return uid, gid, 0o755, 0o444
+    return access.uid, access.gid, access.dir_mode, access.file_mode
+
+
+def _file_times(node: Node) -> tuple[int, int, int]:
+    """(size, mtime, ctime) in ns of a file node: a version's size and the time its source file
+    had (else its ingest time), changed at its ingest; the log's size and last ingest."""
+    if isinstance(node, File):
+        v = node.version
+        return v.size, (v.mtime_ns if v.mtime_ns > 0 else v.ingested_ns), v.ingested_ns
+    size, mtime = getattr(node, "size", 0), getattr(node, "mtime_ns", 0)
+    return size, mtime, mtime
+
+
+def _read_log(view: StudyView, node: Node, offset: int, size: int) -> bytes:
+    read_log = getattr(view, "read_log", None)
+    if read_log is None:
+        raise _err(errno.EIO)
+    return read_log(node, offset, size)

@@ -1,0 +1,246 @@
+"""The mount's answers (dittohead/fuse/ops.py), called directly, without FUSE: every file of
+every version reads back as `cat` gives it, attributes, EROFS for every change, a new ingest
+seen while open files keep their version, damage as EIO, many threads at once.
+(Real mounts: test_mount_real.py.)"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import Server, write_file
+
+from dittohead.fuse import ops as ops_mod
+from dittohead.fuse.ops import MountOps
+from dittohead.store.repo import Store
+
+STUDY = "s"
+BIG = random.Random(7).randbytes(5 << 20)  # several chunks
+
+
+def _walk(ops: MountOps, top: str) -> dict[str, dict]:
+    """path -> stat for everything under ``top``, by readdir and getattr as the kernel would."""
+    out = {}
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        for name, attrs, _ in ops.readdir(d):
+            if name in (".", ".."):
+                continue
+            path = f"{d.rstrip('/')}/{name}"
+            st = ops.getattr(path)
+            assert stat.S_IFMT(st["st_mode"]) == stat.S_IFMT(attrs["st_mode"]), path
+            out[path] = st
+            if stat.S_ISDIR(st["st_mode"]):
+                stack.append(path)
+    return out
+
+
+def _read_all(ops: MountOps, path: str, piece: int = 131072) -> bytes:
+    fh = ops.open(path, os.O_RDONLY)
+    try:
+        out, off = [], 0
+        while True:
+            data = ops.read(path, piece, off, fh)
+            if not data:
+                return b"".join(out)
+            out.append(data)
+            off += len(data)
+    finally:
+        ops.release(path, fh)
+
+
+@pytest.fixture
+def filled(server: Server, tmp_path: Path) -> Server:
+    src = tmp_path / "src"
+    write_file(src / "a" / "one.txt", b"one\n")
+    write_file(src / "big.bin", BIG)
+    write_file(src / "empty", b"")
+    server.sync(src)
+    server.ingest()
+    write_file(src / "a" / "one.txt", b"one, again\n")
+    write_file(src / "a" / "b" / "deep.txt", b"deep\n")
+    server.sync(src)
+    server.ingest()
+    return server
+
+
+@pytest.fixture
+def ops(filled: Server):
+    store = Store.open(str(filled.root))
+    o = MountOps(store)
+    yield o
+    o.close()
+    store.close()
+
+
+def test_every_file_of_every_version_reads_as_cat_gives_it(filled: Server, ops: MountOps) -> None:
+    tree = _walk(ops, "/")
+    files = {p: st for p, st in tree.items() if stat.S_ISREG(st["st_mode"])}
+    assert f"/{STUDY}/current/big.bin" in files and f"/{STUDY}/log.jsonl" in files
+    checked = 0
+    for path, st in files.items():
+        data = _read_all(ops, path, piece=random.Random(path).choice([4096, 65536, 131072, 1 << 20]))
+        assert len(data) == st["st_size"], path
+        parts = path.split("/")[2:]
+        if parts[0] == "current":
+            assert data == filled.cat("/".join(parts[1:])), path
+            checked += 1
+        elif parts[0] == "versions":
+            n = int(parts[-1].split("_", 1)[0])
+            assert data == filled.cat("/".join(parts[1:-1]), version=n), path
+            checked += 1
+    assert checked >= 8
+
+
+def test_attributes(filled: Server, ops: MountOps) -> None:
+    st = ops.getattr(f"/{STUDY}/current/big.bin")
+    v = filled.versions("big.bin")[-1]
+    assert st["st_size"] == len(BIG) and st["st_blocks"] == (len(BIG) + 511) // 512
+    assert stat.S_ISREG(st["st_mode"]) and not st["st_mode"] & 0o222
+    assert st["st_mtime"] == v["mtime_ns"]
+    top = ops.getattr("/")
+    assert stat.S_ISDIR(top["st_mode"])
+    d = ops.getattr(f"/{STUDY}/current/a")
+    assert stat.S_ISDIR(d["st_mode"]) and not d["st_mode"] & 0o022
+    for missing in (f"/{STUDY}/current/nope", "/nostudy", f"/{STUDY}/versions/big.bin/0009_x.bin"):
+        with pytest.raises(OSError) as e:
+            ops.getattr(missing)
+        assert e.value.errno == errno.ENOENT
+
+
+def test_every_change_is_refused_with_erofs(ops: MountOps) -> None:
+    path = f"/{STUDY}/current/a/one.txt"
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(OSError) as e:
+            ops.open(path, flags)
+        assert e.value.errno == errno.EROFS
+    for call in (ops.chmod, ops.chown, ops.create, ops.link, ops.mkdir, ops.mknod, ops.rename,
+                 ops.rmdir, ops.symlink, ops.truncate, ops.unlink, ops.utimens, ops.write,
+                 ops.setxattr, ops.removexattr):
+        with pytest.raises(OSError) as e:
+            call(path, 0)
+        assert e.value.errno == errno.EROFS, call
+    with pytest.raises(OSError) as e:
+        ops.access(path, os.W_OK)
+    assert e.value.errno == errno.EROFS
+    assert ops.access(path, os.R_OK) == 0
+
+
+def test_a_new_ingest_shows_and_an_open_file_keeps_its_version(filled: Server, ops: MountOps, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops_mod, "REFRESH", 0.0)
+    path = f"/{STUDY}/current/a/one.txt"
+    fh = ops.open(path, os.O_RDONLY)
+    assert ops.read(path, 100, 0, fh) == b"one, again\n"
+    src = tmp_path / "src"
+    write_file(src / "a" / "one.txt", b"one, the third time\n")
+    write_file(src / "new.txt", b"new\n")
+    filled.sync(src)
+    filled.ingest()
+    assert ops.read(path, 100, 0, fh) == b"one, again\n"  # the version it opened
+    assert ops.getattr(path, fh)["st_size"] == len(b"one, again\n")
+    ops.release(path, fh)
+    assert ops.getattr(path)["st_size"] == len(b"one, the third time\n")
+    assert _read_all(ops, path) == b"one, the third time\n"
+    assert _read_all(ops, f"/{STUDY}/current/new.txt") == b"new\n"
+    names = [n for n, _, _ in ops.readdir(f"/{STUDY}/versions/a/one.txt")]
+    assert sum(n.startswith("000") for n in names) == 3
+
+
+def test_a_damaged_chunk_is_eio_and_one_log_line(filled: Server, tmp_path: Path, caplog) -> None:
+    work = tmp_path / "copy"
+    shutil.copytree(filled.root, work)
+    with Store.open(str(work)) as store:
+        v = store.index.versions(STUDY, "big.bin")[-1]
+        from dittohead.view import FileReader
+
+        r = FileReader(store, v)
+        cid, _ = r.chunks[1]
+        pid, offset, length = store.index.chunk(cid)
+        pack = work / "store" / "packs" / pid.hex()[:2] / f"{pid.hex()}.pack"
+        data = bytearray(pack.read_bytes())
+        data[offset + length // 2] ^= 1
+        pack.write_bytes(bytes(data))
+        ops = MountOps(store)
+        try:
+            path = f"/{STUDY}/current/big.bin"
+            fh = ops.open(path, os.O_RDONLY)
+            assert ops.read(path, r.offsets[1], 0, fh) == BIG[: r.offsets[1]]
+            caplog.clear()
+            with caplog.at_level(logging.ERROR), pytest.raises(OSError) as e:
+                ops.read(path, 10, r.offsets[1], fh)
+            assert e.value.errno == errno.EIO
+            lines = [rec for rec in caplog.records if rec.name == "dittohead.mount"]
+            assert len(lines) == 1 and "big.bin" in lines[0].getMessage()
+        finally:
+            ops.close()
+
+
+def test_sequential_reads_are_read_ahead(ops: MountOps) -> None:
+    path = f"/{STUDY}/versions/big.bin"
+    name = next(n for n, _, _ in ops.readdir(path) if n.startswith("0001"))
+    path += "/" + name
+    fh = ops.open(path, os.O_RDONLY)
+    h = ops._handles[fh]
+    assert h.reader is not None and len(h.reader.chunks) >= 3
+    ops.read(path, 4096, 0, fh)
+    ops._ahead.submit(lambda: None).result()  # the read-ahead queued before this has started
+    for cid, _ in h.reader.chunks[1 : 1 + ops_mod.READ_AHEAD]:
+        ops.cache.get(ops.store, cid)  # waits for the read ahead, if it is in flight
+    with ops.cache._lock:
+        cached = set(ops.cache._items)
+    assert {cid for cid, _ in h.reader.chunks[1 : 1 + ops_mod.READ_AHEAD]} <= cached
+    ops.release(path, fh)
+
+
+def test_many_threads_read_the_right_bytes(filled: Server, ops: MountOps) -> None:
+    want = {f"/{STUDY}/current/big.bin": BIG, f"/{STUDY}/current/a/one.txt": b"one, again\n",
+            f"/{STUDY}/current/a/b/deep.txt": b"deep\n", f"/{STUDY}/current/empty": b""}
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(30):
+            path = rng.choice(sorted(want))
+            data = want[path]
+            fh = ops.open(path, os.O_RDONLY)
+            off = rng.randrange(0, max(1, len(data)))
+            size = rng.choice([1, 4096, 131072, 1 << 20])
+            got = ops.read(path, size, off, fh)
+            ops.release(path, fh)
+            if got != data[off : off + size]:
+                errors.append(f"{path} at {off}+{size}")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_one_study_at_the_top(filled: Server) -> None:
+    with Store.open(str(filled.root)) as store:
+        ops = MountOps(store, STUDY)
+        try:
+            names = [n for n, _, _ in ops.readdir("/")]
+            assert names == [".", "..", "current", "log.jsonl", "submissions", "versions"]
+            assert _read_all(ops, "/current/a/b/deep.txt") == b"deep\n"
+            log = _read_all(ops, "/log.jsonl")
+            assert log.count(b"\n") == 2 and log.isascii()
+        finally:
+            ops.close()
+
+
+def test_nodes_kept_are_bounded(ops: MountOps, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops_mod, "NODE_CACHE", 5)
+    _walk(ops, "/")
+    assert len(ops._nodes) <= 5
