@@ -89,9 +89,11 @@ def cli(verbose: int) -> None:
     """dittohead: get research data off lab PCs into a locked-down store, once, safely, for ever.
 
     \b
-    Admin:         init, study add, watch, fsck, mount, umount
+    Admin:         init, study, watch, fsck, mount, umount
     Collector:     sync, trust-host
-    Study runner:  log, ls, versions, cat, export
+    Reading:       log, ls, versions, cat, export (an account that can read the store)
+
+    Study runners read the mount or the export (docs/study-runners.md).
 
     Options that take the server root accept it from DITTOHEAD_STORE too.
     """

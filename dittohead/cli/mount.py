@@ -26,7 +26,7 @@ def mount(store: str, mountpoint: str, study: str | None, foreground: bool) -> N
     A study's files show the owner, group and modes set for it ('study add --readers GROUP'),
     and the kernel lets only those accounts in. New submissions appear within 2 seconds. Every
     byte read is checked against its hash: damage is an I/O error, never wrong bytes. Run it as
-    the daemon's account (a systemd unit: docs/study-runners.md); 'dittohead umount' ends it.
+    the daemon's account (a systemd unit: docs/mount.md); 'dittohead umount' ends it.
 
     \b
     Examples:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import errno
 import logging
 import os
 import shutil
@@ -65,12 +66,14 @@ def load_mfusepy() -> Any:
 
 def adapter(mfusepy: Any, ops: MountOps) -> Any:
     """An mfusepy Operations object answering with ``ops``: only the calls ``ops`` answers are
-    registered with libfuse."""
+    registered with libfuse. Its ``mounted`` says whether libfuse got as far as running it."""
 
     class DittoheadFS(mfusepy.Operations):
         use_ns = True  # times in integer nanoseconds
+        mounted = False
 
         def init_with_config(self, conn: Any, config: Any) -> None:
+            DittoheadFS.mounted = True
             if conn is not None:  # requests and read-ahead of up to MAX_REQUEST bytes
                 with contextlib.suppress(AttributeError):
                     conn.max_write = MAX_REQUEST  # libfuse 3 sizes every request by it, reads too
@@ -112,8 +115,20 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
     return DittoheadFS()
 
 
+def _dead_mount(path: str) -> bool:
+    """A FUSE mount whose process has ended: the kernel answers "not connected"."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
 def check_mountpoint(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
+    if _dead_mount(path):
+        raise UsageError(f"{mountpoint}: a mount whose process has ended is still there: "
+                         f"'dittohead umount {mountpoint}' first")
     if not os.path.isdir(path):
         raise UsageError(f"{mountpoint}: no such folder (make it first: mkdir)")
     if os.path.ismount(path):
@@ -141,13 +156,31 @@ def mount(root: str, mountpoint: str, study: str | None = None, *, foreground: b
     }
     if _libfuse_major(mfusepy) == 2:
         options.update(entry_timeout=ATTR_TIMEOUT, attr_timeout=ATTR_TIMEOUT, negative_timeout=NEGATIVE_TIMEOUT)
+    if not foreground:
+        _log_to_syslog()
+    fs = adapter(mfusepy, ops)
     try:
-        mfusepy.FUSE(adapter(mfusepy, ops), path, **options)
-    except RuntimeError as e:  # mfusepy: libfuse could not mount (its own lines went to stderr)
-        raise MountUnavailable(f"{mountpoint}: libfuse could not mount it ({e})") from None
+        mfusepy.FUSE(fs, path, **options)
+    except RuntimeError as e:  # libfuse's loop ended with an error status
+        # Ended by a signal (Ctrl-C, SIGTERM) after it ran, libfuse 3 says 8 and has unmounted.
+        if not fs.mounted or os.path.ismount(path):
+            raise MountUnavailable(f"{mountpoint}: libfuse could not mount it (status {e}; its own "
+                                   "message, if any, is above)") from None
     finally:
         ops.close()
         store.close()
+
+
+def _log_to_syslog() -> None:
+    """In the background nothing reads stderr (libfuse points it at /dev/null): errors (a
+    damaged chunk) go to syslog, where there is one."""
+    if not os.path.exists("/dev/log"):
+        return
+    import logging.handlers
+
+    handler = logging.handlers.SysLogHandler(address="/dev/log")
+    handler.setFormatter(logging.Formatter("dittohead-mount: %(message)s"))
+    logging.getLogger("dittohead").addHandler(handler)
 
 
 def _allow_other() -> bool:
@@ -169,15 +202,16 @@ def _libfuse_major(mfusepy: Any) -> int:
 def umount(mountpoint: str) -> None:
     """Unmount a dittohead mount (fusermount3 -u, else fusermount -u, else umount)."""
     path = os.path.abspath(mountpoint)
-    if not os.path.ismount(path):
+    dead = _dead_mount(path)
+    if not dead and not os.path.ismount(path):
         raise UsageError(f"{mountpoint}: nothing is mounted there")
     for tool in ("fusermount3", "fusermount"):
         exe = shutil.which(tool) or (f"/usr/bin/{tool}" if os.path.exists(f"/usr/bin/{tool}") else None)
         if exe:
-            argv = [exe, "-u", path]
+            argv = [exe, "-u", *(["-z"] if dead else []), path]
             break
     else:
-        argv = ["umount", path]
+        argv = ["umount", *(["-l"] if dead else []), path]
     cp = subprocess.run(argv, capture_output=True, text=True, check=False)
     if cp.returncode != 0:
         why = cp.stderr.strip().splitlines()[-1] if cp.stderr.strip() else f"{argv[0]} exited {cp.returncode}"

@@ -168,7 +168,7 @@ class MountOps:
     def _stat(self, s: _Study, node: Node) -> dict:
         uid, gid, dir_mode, file_mode = s.access
         if isinstance(node, Dir):
-            t = node.mtime_ns
+            t = node.mtime_ns or self._top_times  # a study with no submission yet: the mount's start
             return {"st_mode": stat.S_IFDIR | dir_mode, "st_nlink": 2, "st_uid": uid, "st_gid": gid,
                     "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": BLOCK_SIZE}
         size, mtime, ctime = _file_times(node)
