@@ -82,20 +82,25 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
                 config.entry_timeout = config.attr_timeout = ATTR_TIMEOUT
                 config.negative_timeout = NEGATIVE_TIMEOUT
 
-        def getattr(self, path: str, fh: int | None = None) -> dict:
-            return ops.getattr(path, fh)
+        def getattr(self, path: str, fi: Any = None) -> dict:
+            return ops.getattr(path, None if fi is None else fi.fh)
 
         def readdir(self, path: str, fh: int) -> list:
             return ops.readdir(path, fh)
 
-        def open(self, path: str, flags: int) -> int:
-            return ops.open(path, flags)
+        def open(self, path: str, fi: Any) -> int:  # raw_fi: the kernel's caching is set per file
+            fi.fh = ops.open(path, fi.flags)
+            if ops.changes(fi.fh):
+                fi.direct_io = 1  # the kernel keeps no pages: each fd reads its own version
+            else:
+                fi.keep_cache = 1  # a version's bytes never change: keep them across opens
+            return 0
 
-        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            return ops.read(path, size, offset, fh)
+        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+            return ops.read(path, size, offset, fi.fh)
 
-        def release(self, path: str, fh: int) -> int:
-            return ops.release(path, fh)
+        def release(self, path: str, fi: Any) -> int:
+            return ops.release(path, fi.fh)
 
         def statfs(self, path: str) -> dict:
             return ops.statfs(path)
@@ -160,7 +165,7 @@ def mount(root: str, mountpoint: str, study: str | None = None, *, foreground: b
         _log_to_syslog()
     fs = adapter(mfusepy, ops)
     try:
-        mfusepy.FUSE(fs, path, **options)
+        mfusepy.FUSE(fs, path, raw_fi=True, **options)
     except RuntimeError as e:  # libfuse's loop ended with an error status
         # Ended by a signal (Ctrl-C, SIGTERM) after it ran, libfuse 3 says 8 and has unmounted.
         if not fs.mounted or os.path.ismount(path):

@@ -68,6 +68,7 @@ class _Study:
 class _Handle:
     node: Node
     reader: FileReader | None  # None for the log
+    changes: bool  # the path may show other bytes later (current/, log.jsonl): keep no cache of it
     next_offset: int = 0  # where a sequential reader reads next
     ahead: int = -1  # the last chunk index read ahead
 
@@ -239,11 +240,21 @@ class MountOps:
         if isinstance(node, Dir):
             raise _err(errno.EISDIR)
         reader = FileReader(self.store, node.version, self.cache) if isinstance(node, File) else None
+        _, vpath = self._split(path)
+        changes = reader is None or vpath.split("/", 1)[0] == "current"
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = _Handle(node, reader)
+            self._handles[fh] = _Handle(node, reader, changes)
         return fh
+
+    def changes(self, fh: int) -> bool:
+        """Whether the open file ``fh``'s path may show other bytes later (a new version in
+        current/, new lines in the log): the kernel must then keep no cache of it, or a file
+        kept open would read a newer version's bytes (``mount`` opens it with direct_io). A
+        version's file in versions/ or submissions/ never changes: the kernel may keep it."""
+        h = self._handles.get(fh)
+        return h is None or h.changes
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         h = self._handles.get(fh)
