@@ -106,8 +106,18 @@ def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, .
 @click.option("--export", "export_to", metavar="DEST", type=click.Path(file_okay=False),
               help="After each ingest, watch exports the study's view into DEST (adding only).")
 @click.option("--no-export", is_flag=True, help="watch no longer exports the study (what is in DEST stays).")
+@click.option("--notify", multiple=True, metavar="ADDR",
+              help="Where watch sends this study's notices: an e-mail address or an Apprise URL "
+                   "(repeatable; replaces the list). --notify '' empties it.")
+@click.option("--notify-success/--no-notify-success", default=None,
+              help="Also send a notice for each ingest (who, from which site, files, bytes).")
+@click.option("--quota", metavar="SIZE",
+              help="Notify when the study holds more than SIZE in the store (e.g. 500G); 'none' removes it.")
+@click.option("--hook", metavar="COMMAND",
+              help="A command watch runs after each ingest of the study (docs/watch.md); '' removes it.")
 def study_set(name: str, store: str, readers: str | None, no_readers: bool, export_to: str | None,
-              no_export: bool) -> None:
+              no_export: bool, notify: tuple[str, ...], notify_success: bool | None, quota: str | None,
+              hook: str | None) -> None:
     """Change the settings of study NAME: who reads it (--readers), where watch exports it.
 
     The mount shows a change within seconds, without a remount. An export already written
@@ -123,6 +133,24 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
         changes["readers"] = readers or None
     if export_to is not None or no_export:
         changes["export"] = _check_export_dest(export_to) if export_to else None
+    more: dict[str, object] = {}
+    if notify:
+        more["notify"] = tuple(a for a in notify if a)
+    if notify_success is not None:
+        more["notify_success"] = notify_success
+    if quota is not None:
+        more["quota"] = None if quota.lower() == "none" else _size(quota, "--quota")
+    if hook is not None:
+        if hook:
+            import shlex
+
+            try:
+                if not shlex.split(hook):
+                    raise ValueError("empty")
+            except ValueError as e:
+                raise UsageError(f"--hook: not a command line ({e})") from None
+        more["hook"] = hook or None
+    changes.update(more)  # type: ignore[arg-type]
     root = ServerRoot(store)
     if changes:
         s = root.change_study(name, **changes)
@@ -131,9 +159,32 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
         root.require_study(name)
         s = root.study_settings(name)
     click.echo(f"study {name}: readers {s.readers or '(everyone)'}; uploaders {s.uploaders or '(everyone)'}; "
-               f"export {s.export or '(none)'}")
+               f"export {s.export or '(none)'}; notify {', '.join(map(_masked, s.notify)) or '(nobody)'}"
+               f"{' (also of each ingest)' if s.notify_success else ''}; "
+               f"quota {human_bytes(s.quota) if s.quota is not None else '(none)'}; hook {s.hook or '(none)'}")
     if "readers" in changes:
         _note_membership(s.readers)
+
+
+def _masked(address: str) -> str:
+    """A notification address as it may be printed: an URL's password as ***."""
+    import re
+
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", address)
+
+
+def _size(text: str, option: str) -> int:
+    """A size in bytes: 123, 500M, 2G, 1.5T (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num)
+    except ValueError:
+        raise UsageError(f"{option}: {text!r} is not a size (e.g. 500G)") from None
+    if value < 0:
+        raise UsageError(f"{option}: {text!r} is not a size (e.g. 500G)")
+    return int(value * units[unit])
 
 
 def _report(r: IngestResult) -> None:

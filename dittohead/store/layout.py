@@ -96,11 +96,15 @@ class StudySettings:
     notify: tuple[str, ...] = ()
     uploaders: str | None = None  # the one group whose members may submit, if set
     readers: str | None = None  # the one group whose members read the study's view (mount, export)
+    notify_success: bool = False  # notify (``notify``) of each ingest too, not only of failures
+    quota: int | None = None  # bytes the study may hold in the store before watch notifies
+    hook: str | None = None  # a command watch runs after each ingest (docs/watch.md)
 
     def doc(self) -> dict:
         """The settings file's JSON document (store/studies/NAME.json)."""
         return {"name": self.name, "export": self.export, "notify": list(self.notify),
-                "uploaders": self.uploaders, "readers": self.readers}
+                "uploaders": self.uploaders, "readers": self.readers, "notify_success": self.notify_success,
+                "quota": self.quota, "hook": self.hook}
 
 
 def check_study_name(name: str) -> str:
@@ -197,8 +201,12 @@ class ServerRoot:
         path = self.settings_path(study)
         try:
             doc = json.loads(fsutil.read_limited(path, fmt.CONFIG_MAX_SIZE))
+            quota = doc.get("quota")
+            if quota is not None and (not isinstance(quota, int) or quota < 0):
+                raise ValueError(f"quota {quota!r} is not a number of bytes")
             return StudySettings(study, doc.get("export"), tuple(doc.get("notify", ())), doc.get("uploaders"),
-                                 doc.get("readers"))
+                                 doc.get("readers"), bool(doc.get("notify_success", False)), quota,
+                                 doc.get("hook"))
         except FileNotFoundError:
             return StudySettings(study)
         except (OSError, ValueError) as e:
@@ -292,7 +300,7 @@ class ServerRoot:
         exist. The uploaders' group is not changed here (it is the drop box folder's group)."""
         self.config()
         self.require_study(study)
-        unknown = set(changes) - {"readers", "export", "notify"}
+        unknown = set(changes) - {"readers", "export", "notify", "notify_success", "quota", "hook"}
         if unknown:
             raise UsageError(f"cannot change {', '.join(sorted(unknown))} of a study here")
         if changes.get("readers"):
