@@ -46,6 +46,7 @@ from dittohead.store.repo import Store
 from dittohead.view import (
     CONFLICT_SUFFIX,
     Dir,
+    File,
     StudyView,
     version_name,
     version_os_mtime,
@@ -684,14 +685,14 @@ class _Exporter:
         for vpath, node in self.view.walk("versions"):
             if isinstance(node, Dir):
                 self.folders.open(vpath.split("/"), create=False)  # reports a symlink or file in the way
-            else:
+            elif isinstance(node, File):
                 self.version(vpath.split("/"), node.version)
         self.flush()
         for top in ("submissions", "current"):
             for vpath, node in self.view.walk(top):
                 if isinstance(node, Dir):
                     self.folder(vpath.split("/"))
-                else:
+                elif isinstance(node, File):
                     self.entry(vpath.split("/"), node.version)
 
     def since(self, after: int, upto: int) -> None:
@@ -715,7 +716,7 @@ class _Exporter:
             for vpath, node in view.walk(top):
                 if isinstance(node, Dir):
                     self.folder(vpath.split("/"))
-                else:
+                elif isinstance(node, File):
                     self.entry(vpath.split("/"), node.version)
         for folder in sorted(aside, key=lambda p: p.count("/")):  # shallowest first
             self.folder(f"current/{folder}".split("/"))

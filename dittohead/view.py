@@ -14,6 +14,14 @@ open (by the mount) shows each new ingest as soon as it is in the index; ``last_
 submission it has seen last, and folders' times follow it. Nothing here recurses on a path's
 depth, and ``walk`` keeps one folder's listing per level, not the study.
 
+The study's top folder also holds ``log.jsonl`` (``LOG_NAME``): the study's log, one JSON object
+per ingested submission in seq order (``submission_record``, what ``dittohead log --json`` gives),
+so that a study runner, who may not read the store, reads from the mount what ``log`` tells an
+admin. It is rendered once per view and then only appended to (``StudyView.read_log``).
+
+Who may read the view is the study's setting (``study add/set --readers GROUP``):
+``StudyView.access`` gives the owner, group and modes that the mount shows and the export writes.
+
 Where one name is a file in one submission and a folder in another (``a`` then ``a/b``), the
 folder keeps the name and the file is shown as ``a~file`` (in ``versions/PATH/``, a version file
 whose name is that of a folder there is shown so too), unless the folder also holds a path of
@@ -25,24 +33,45 @@ verified on read. This module imports no FUSE and no transport.
 from __future__ import annotations
 
 import bisect
+import json
+import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from dittohead.chunking import unpack_chunk_list
 from dittohead.display import escape
-from dittohead.errors import NotFound
+from dittohead.errors import NotFound, StoreError, UsageError
 from dittohead.paths import from_bytes, to_bytes
-from dittohead.store.index import FILE, FOLDER, TOP_KEY, FolderChain, Version, folder_key
+from dittohead.store.index import (
+    FILE,
+    FOLDER,
+    TOP_KEY,
+    FolderChain,
+    Submission,
+    Version,
+    folder_key,
+)
+from dittohead.store.layout import group_id
 from dittohead.store.repo import Store
-from dittohead.units import utc_stamp
+from dittohead.units import utc_iso, utc_stamp
 
 CONFLICT_SUFFIX = "~file"
 _SUFFIX = CONFLICT_SUFFIX.encode()
 _SITE_BAD = re.compile(r"[^A-Za-z0-9._-]+")
-AREAS = ("current", "submissions", "versions")  # the study's top folder, sorted
+AREAS = ("current", "submissions", "versions")  # the study's top folder's folders, sorted
+LOG_NAME = "log.jsonl"  # the study's log, beside them
+# Who reads a study's view (StudyView.access): with a readers group, its members only; without,
+# everyone who can reach the mount or the export.
+READERS_DIR_MODE = 0o2750
+READERS_FILE_MODE = 0o440
+OPEN_DIR_MODE = 0o755
+OPEN_FILE_MODE = 0o444
+# A log.jsonl rendered by more new submissions than this at once lists them in one query.
+_LOG_BULK = 64
 
 
 def site_slug(site: str) -> str:
@@ -83,7 +112,58 @@ class File:
     version: Version
 
 
-Node = Dir | File
+@dataclass(frozen=True)
+class LogFile:
+    """The study's ``log.jsonl`` as it was when this node was made: through submission ``seq``
+    (0: none yet), ``size`` bytes long, ``mtime_ns`` that submission's ingest time. Later
+    submissions only append lines, so its first ``size`` bytes never change (``read_log``)."""
+
+    seq: int
+    size: int
+    mtime_ns: int
+
+
+Node = Dir | File | LogFile
+
+
+@dataclass(frozen=True)
+class Access:
+    """The owner, group and modes of a study's view, in the mount and in the export: the owner
+    of store/ (the daemon's account); the study's readers group, or store/'s group without one;
+    with readers folders setgid 2750 and files 0440 (nothing for others), without 0755 and 0444."""
+
+    uid: int
+    gid: int
+    dir_mode: int
+    file_mode: int
+
+
+def submission_record(s: Submission) -> dict[str, Any]:
+    """One submission as ``dittohead log --json`` lists it, and as a line of log.jsonl."""
+    return {"seq": s.seq, "name": s.name, "ingested_ns": s.ingested_ns, "ingested": utc_iso(s.ingested_ns),
+            "site": s.site, "user": s.user, "host": s.host, "client_created_ns": s.created_ns,
+            "files": s.files, "bytes": s.size, "new_versions": s.new_versions,
+            "new_chunk_bytes": s.new_chunk_bytes, "manifest": s.manifest.hex()}
+
+
+def log_line(s: Submission) -> bytes:
+    """The line of log.jsonl for ``s``: its ``submission_record`` as one line of ASCII JSON
+    (anything else escaped, as ``--json`` prints it), ending in a newline."""
+    return json.dumps(submission_record(s), ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def render_log(store: Store, study: str, after: int, upto: int) -> bytes:
+    """The lines of log.jsonl for submissions ``after`` + 1 to ``upto``, in seq order."""
+    return b"".join(log_line(s) for s in _submissions(store, study, after, upto))
+
+
+def _submissions(store: Store, study: str, after: int, upto: int) -> list[Submission]:
+    """Submissions ``after`` + 1 to ``upto`` of ``study``: one query for many, point look-ups
+    for a few (what a view kept open meets: one or two new ones at a time)."""
+    idx = store.index
+    if upto - after > _LOG_BULK:
+        return [s for s in idx.submissions(study) if after < s.seq <= upto]
+    return [s for seq in range(after + 1, upto + 1) if (s := idx.submission(study, seq)) is not None]
 
 
 def _join(folder: str, name: str) -> str:
@@ -106,14 +186,83 @@ def _shown(folders: set[bytes], files: dict[bytes, Version]) -> list[tuple[bytes
 class StudyView:
     """One study's view, answered from the index on each call (nothing is built up front).
 
-    Safe to use from several threads: it holds no state but the latest submission it has seen,
-    and reads through ``store.index``, the calling thread's own connection to the index."""
+    Safe to use from several threads: it holds the latest submission it has seen, the study's
+    log.jsonl as rendered so far (under a lock) and its access as last read, and reads through
+    ``store.index``, the calling thread's own connection to the index."""
 
     def __init__(self, store: Store, study: str) -> None:
         self.store = store
         self.study = study
         self._seen = (-1, 0)  # (last seq, its ingest time), as last read
         self.cache = ChunkCache()  # one for every file this view opens, from every thread
+        # log.jsonl through submission _log_seq, and that one's ingest time; only ever appended to
+        self._log = bytearray()
+        self._log_seq = 0
+        self._log_mtime = 0
+        self._log_lock = threading.Lock()
+        self._access: tuple[tuple, Access] | None = None  # (what it was read from, the access)
+
+    # -- who reads it
+    @property
+    def access(self) -> Access:
+        """The owner, group and modes of this study's view (``Access``), as its settings say now.
+
+        Costs two stat calls (store/ and the study's settings file); the settings are read again
+        only when their file changed (inode, size, times), so a change (``study set``) shows at
+        the next call. A readers group that no longer exists, or settings that cannot be read,
+        leave the view closed: store/'s group, with the readers' modes."""
+        root = self.store.root
+        top = os.stat(root.store)
+        try:
+            st = os.stat(root.settings_path(self.study))
+            file_key: tuple | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except FileNotFoundError:
+            file_key = None
+        key = (top.st_uid, top.st_gid, file_key)
+        cached = self._access
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            readers = root.study_settings(self.study).readers if file_key else None
+            gid = group_id(readers) if readers else top.st_gid
+        except (StoreError, UsageError):
+            readers, gid = "?", top.st_gid
+        if readers:
+            access = Access(top.st_uid, gid, READERS_DIR_MODE, READERS_FILE_MODE)
+        else:
+            access = Access(top.st_uid, gid, OPEN_DIR_MODE, OPEN_FILE_MODE)
+        self._access = (key, access)
+        return access
+
+    # -- the study's log
+    def log_file(self) -> LogFile:
+        """log.jsonl as of now (``LogFile``): what the index holds, rendered as far as that."""
+        return self._log_file(self.refresh())
+
+    def _log_file(self, seq: int) -> LogFile:
+        with self._log_lock:
+            if seq > self._log_seq:
+                self._render_log(seq)
+            return LogFile(self._log_seq, len(self._log), self._log_mtime)
+
+    def _render_log(self, upto: int) -> None:
+        """Append the lines of the submissions after ``_log_seq`` up to ``upto`` (lock held)."""
+        for s in _submissions(self.store, self.study, self._log_seq, upto):
+            self._log += log_line(s)
+            self._log_mtime = s.ingested_ns
+        self._log_seq = upto
+
+    def read_log(self, node: LogFile, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` of log.jsonl as it was at ``node`` (through
+        ``node.seq``): an open file keeps reading what it opened, however many submissions
+        came since."""
+        end = min(node.size, offset + size)
+        if offset < 0 or offset >= end:
+            return b""
+        with self._log_lock:
+            if len(self._log) < node.size:  # a node of another view of the study
+                self._render_log(node.seq)
+            return bytes(self._log[offset:end])
 
     # -- what the index holds now
     def refresh(self) -> int:
@@ -157,6 +306,8 @@ class StudyView:
         if not parts:
             return Dir(mtime_ns=mtime)
         area, rest = parts[0], parts[1:]
+        if area == LOG_NAME:
+            return None if rest else self._log_file(self._seen[0])
         if area == "current":
             return self._in_tree("current", 0, rest, mtime)
         if area == "versions":
@@ -293,7 +444,9 @@ class StudyView:
         mtime = self._seen[1]
         out: list[tuple[bytes, Node]]
         if d.area == "":
-            return [(a, Dir(a, mtime_ns=mtime)) for a in AREAS]
+            top: list[tuple[str, Node]] = [(a, Dir(a, mtime_ns=mtime)) for a in AREAS]
+            top.append((LOG_NAME, self._log_file(self._seen[0])))
+            return sorted(top, key=lambda e: e[0].encode())
         if d.area == "submissions":
             subs = [(submission_dir_name(s.seq, s.ingested_ns, s.site), Dir("submission", seq=s.seq, mtime_ns=s.ingested_ns))
                     for s in idx.submissions(self.study)]
@@ -440,4 +593,5 @@ def version_os_mtime(version: Version) -> float:
     return version.mtime_ns / 1e9 if version.mtime_ns > 0 else version.ingested_ns / 1e9
 
 
-__all__ = ["Dir", "File", "FileReader", "Node", "StoreView", "StudyView", "submission_dir_name", "version_name"]
+__all__ = ["LOG_NAME", "Access", "Dir", "File", "FileReader", "LogFile", "Node", "StoreView", "StudyView",
+           "log_line", "render_log", "submission_dir_name", "submission_record", "version_name"]

@@ -33,6 +33,7 @@ from dittohead.view import (
     Dir,
     File,
     FileReader,
+    LogFile,
     StudyView,
     submission_dir_name,
     version_name,
@@ -92,7 +93,8 @@ def _model(subs: list[dict[str, int]]) -> dict[str, dict[str, tuple]]:
             if not vs or vs[-1][1] != h:
                 vs.append((seq, h))
             entries[seq][p] = len(vs)
-    out: dict[str, dict[str, tuple]] = {"": {"current": ("dir",), "submissions": ("dir",), "versions": ("dir",)}}
+    out: dict[str, dict[str, tuple]] = {"": {"current": ("dir",), "log.jsonl": ("log",), "submissions": ("dir",),
+                                             "versions": ("dir",)}}
     _tree(out, "current", {p: len(vs) for p, vs in history.items()})
     out["submissions"] = {}
     for seq, files in entries.items():
@@ -114,8 +116,8 @@ def _listing(view: StudyView, folder: str) -> dict[str, tuple]:
     got = view.listdir(folder)
     names = [name for name, _ in got]
     assert names == sorted(names, key=to_bytes), folder  # sorted by the names' bytes
-    return {name: ("dir",) if isinstance(node, Dir) else ("file", node.version.path, node.version.n)
-            for name, node in got}
+    return {name: ("dir",) if isinstance(node, Dir) else ("log",) if isinstance(node, LogFile)
+            else ("file", node.version.path, node.version.n) for name, node in got}
 
 
 def _same_as_model(view: StudyView, model: dict[str, dict[str, tuple]]) -> None:
@@ -125,6 +127,8 @@ def _same_as_model(view: StudyView, model: dict[str, dict[str, tuple]]) -> None:
             node = view.lookup(f"{folder}/{name}" if folder else name)
             if what[0] == "dir":
                 assert isinstance(node, Dir), (folder, name)
+            elif what[0] == "log":
+                assert isinstance(node, LogFile), (folder, name)
             else:
                 assert isinstance(node, File) and (node.version.path, node.version.n) == what[1:], (folder, name)
             if what[0] == "file" and name + CONFLICT_SUFFIX not in want:

@@ -22,7 +22,7 @@ from dittohead.display import escape, json_path, unescape
 from dittohead.errors import EXIT_FAILURE, IntegrityError, NotFound
 from dittohead.store.repo import Store
 from dittohead.units import human_bytes, utc_iso
-from dittohead.view import Dir, File, FileReader, Node, StudyView
+from dittohead.view import Dir, File, FileReader, Node, StudyView, submission_record
 
 T = TypeVar("T")
 
@@ -72,11 +72,8 @@ def log_cmd(store: str, study: str, as_json: bool) -> None:
     st = _open(store, study)
     subs = st.index.submissions(study)
     if as_json:
-        print_json({"study": study, "submissions": [
-            {"seq": s.seq, "name": s.name, "ingested_ns": s.ingested_ns, "ingested": utc_iso(s.ingested_ns),
-             "site": s.site, "user": s.user, "host": s.host, "client_created_ns": s.created_ns,
-             "files": s.files, "bytes": s.size, "new_versions": s.new_versions,
-             "new_chunk_bytes": s.new_chunk_bytes, "manifest": s.manifest.hex()} for s in subs]})
+        # one record per submission, as each line of the view's log.jsonl (dittohead.view)
+        print_json({"study": study, "submissions": [submission_record(s) for s in subs]})
         return
     if not subs:
         click.echo(f"{study}: no submissions yet")
