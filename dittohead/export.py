@@ -42,18 +42,24 @@ from dittohead import fsutil, paths
 from dittohead.display import escape, portable_name, unescape
 from dittohead.errors import DittoheadError, IntegrityError
 from dittohead.store.index import Version
+from dittohead.store.layout import is_member
 from dittohead.store.repo import Store
 from dittohead.view import (
     CONFLICT_SUFFIX,
+    LOG_NAME,
+    OPEN_DIR_MODE,
+    Access,
     Dir,
     File,
     StudyView,
+    log_line,
+    render_log,
     version_name,
     version_os_mtime,
     write_version,
 )
 
-FILE_MODE = 0o444
+FILE_MODE = 0o444  # a version file without a readers group (as the umask leaves it)
 # Version files made durable together (one sync of DEST's filesystem), then linked into place.
 FLUSH_BYTES = 256 * 1024 * 1024
 FLUSH_FILES = 4096
@@ -92,6 +98,8 @@ class ExportSummary:
     damaged: list[str] = field(default_factory=list)  # "PATH vN: why", versions not exported
     escaped_new: int = 0  # names DEST refused, written escaped and listed in NAMES_FILE by this export
     since: int | None = None  # this export looked only at what came after submission #since
+    log_lines: int = 0  # lines added to DEST/log.jsonl
+    access_set: int = 0  # folders and files of earlier exports given the study's group and modes (verify)
 
     @property
     def clean(self) -> bool:
@@ -111,6 +119,8 @@ class ExportSummary:
         if self.damaged:
             s += (f"; {len(self.damaged)} versions not exported: damaged in the store "
                   "(run 'dittohead fsck --read-data')")
+        if self.access_set:
+            s += f"; {self.access_set} earlier folders and files given the study's group and modes"
         if self.escaped_new:
             s += (f"; {self.escaped_new} names this destination refuses written escaped "
                   f"(listed in {os.path.join(dest, NAMES_FILE)})")
@@ -140,6 +150,83 @@ def _lookup(dir_fd: int, name: str, alt: str | None = None) -> tuple[str, os.sta
     return name, None
 
 
+class _Perms:
+    """The group and modes the export gives what it writes: the view's (``StudyView.access``;
+    docs/view.md, "Who reads it").
+
+    With a readers group, every folder it makes is setgid in that group (2750) and every file
+    0440, set through the descriptor it made them with (fchown, fchmod: no second walk);
+    escaped-names.tsv, which it appends to, is 0640 (0644 without), and log.jsonl is writable
+    by its owner only while lines are added to it. Without one, folders keep mkdir's mode and
+    files FILE_MODE, as the umask leaves them (what every export wrote before readers existed).
+    With ``repair`` (``export --verify``), what an earlier export made, met on the way (DEST
+    itself included), is given them too (0755 and 0444 without readers): the exporting
+    account's own folders and files only, never anyone else's in a shared DEST."""
+
+    def __init__(self, access: Access, readers: str | None, repair: bool, summary: ExportSummary) -> None:
+        self.readers = readers
+        self.gid = access.gid if readers else None
+        self.dir_mode = access.dir_mode if readers else OPEN_DIR_MODE
+        self.file_mode = access.file_mode if readers else FILE_MODE
+        self.repair = repair
+        self.active = self.gid is not None or repair  # anything to do beyond the modes made with
+        self.summary = summary
+        self.euid = os.geteuid()
+        if self.gid is not None and not is_member(self.gid):
+            raise DittoheadError(self._not_member())
+
+    def _not_member(self, where: str = "") -> str:
+        return (f"{where}cannot give the export's files to group {self.readers} (the study's readers): "
+                f"the account that exports must be a member of it (usermod -aG {self.readers} ACCOUNT, "
+                "then sign in again)")
+
+    def _chown(self, fd: int, where: str) -> None:
+        assert self.gid is not None
+        try:
+            os.fchown(fd, -1, self.gid)
+        except PermissionError:
+            raise DittoheadError(self._not_member(f"{escape(where)}: ") + " (or DEST's filesystem keeps "
+                                 "no groups)") from None
+
+    def new_folder(self, fd: int, where: str) -> None:
+        """A folder the export has just made."""
+        if self.gid is not None:
+            self._chown(fd, where)  # first: chown may clear set-id bits
+            os.fchmod(fd, self.dir_mode)
+
+    def new_file(self, fd: int, where: str, writable: bool = False) -> None:
+        """A file the export has just made (``writable``: one it appends to, for its owner)."""
+        if self.gid is not None:
+            self._chown(fd, where)
+            os.fchmod(fd, self.file_mode | (0o200 if writable else 0))
+
+    def folder(self, fd: int, where: str) -> None:
+        """A folder found there (with ``repair``: given the group and mode, if it is ours)."""
+        if self.repair:
+            self._fix(fd, os.fstat(fd), self.dir_mode, where)
+
+    def file(self, fd: int, st: os.stat_result, where: str, writable: bool = False) -> None:
+        """A file found there, whose attributes are ``st`` (with ``repair``: as ``folder``)."""
+        if self.repair:
+            self._fix(fd, st, self.file_mode | (0o200 if writable else 0), where)
+
+    def file_wrong(self, st: os.stat_result) -> bool:
+        """Whether ``repair`` would change the file whose attributes are ``st``."""
+        return self.repair and self._wrong(st, self.file_mode)
+
+    def _wrong(self, st: os.stat_result, mode: int) -> bool:
+        return st.st_uid == self.euid and (
+            stat.S_IMODE(st.st_mode) != mode or (self.gid is not None and st.st_gid != self.gid))
+
+    def _fix(self, fd: int, st: os.stat_result, mode: int, where: str) -> None:
+        if not self._wrong(st, mode):
+            return
+        if self.gid is not None and st.st_gid != self.gid:
+            self._chown(fd, where)
+        os.fchmod(fd, mode)
+        self.summary.access_set += 1
+
+
 class _Escapes:
     """The names DEST refused, and the escaped names written instead: DEST/NAMES_FILE, read as
     the export begins, added to (and made durable) before an escaped file is linked into place.
@@ -149,14 +236,17 @@ class _Escapes:
     ``a%3Ab`` is the other path's, never ``a:b``'s.
     """
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, perms: _Perms | None = None) -> None:
         self.root_fd = root_fd
+        self.perms = perms
         self.known: dict[str, str] = {}  # view path -> path as written
         self.added = 0
         try:
             fd = os.open(NAMES_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=root_fd)
         except FileNotFoundError:
             return
+        if perms is not None:
+            perms.file(fd, os.fstat(fd), NAMES_FILE, writable=True)
         with os.fdopen(fd, encoding="utf-8", errors="replace", newline="\n") as f:
             for line in f:
                 written, tab, view = line.rstrip("\n").partition("\t")
@@ -180,6 +270,8 @@ class _Escapes:
                      dir_fd=self.root_fd)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             if not os.fstat(fd).st_size:
+                if self.perms is not None:
+                    self.perms.new_file(fd, NAMES_FILE, writable=True)
                 f.write(NAMES_HEADER)
             f.write(f"{escape(written)}\t{escape(view)}\n")
             f.flush()
@@ -207,8 +299,9 @@ class _Folders:
     MAX_OPEN = 64
 
     def __init__(self, root_fd: int, root: str, summary: ExportSummary, escapes: _Escapes,
-                 in_view: Callable[[Sequence[str]], bool]) -> None:
+                 in_view: Callable[[Sequence[str]], bool], perms: _Perms | None = None) -> None:
         self.root_fd = root_fd
+        self.perms = perms  # given to the folders it opens (made, or found: _Perms)
         self.root = root
         self.summary = summary
         self.escapes = escapes
@@ -309,7 +402,7 @@ class _Folders:
         known = self.alt(here)
         for candidate in (name, known) if known else (name,):
             try:
-                return self._opened(os.open(candidate, _DIR_FLAGS, dir_fd=parent), here, candidate)
+                return self._opened(os.open(candidate, _DIR_FLAGS, dir_fd=parent), here, candidate, made=False)
             except FileNotFoundError:
                 pass
             except OSError as e:
@@ -324,10 +417,11 @@ class _Folders:
         alt = self.portable(here)
         names = (name, alt) if alt != name else (name,)
         for candidate in names:
+            made = True
             try:
                 os.mkdir(candidate, dir_fd=parent)
             except FileExistsError:  # made meanwhile: opening it decides
-                pass
+                made = False
             except OSError as e:
                 if candidate == name and len(names) > 1 and e.errno in _REFUSED:
                     continue  # DEST refuses the name: the escaped one, then
@@ -336,7 +430,7 @@ class _Folders:
                 self._in_the_way(here)
                 return None
             try:
-                return self._opened(os.open(candidate, _DIR_FLAGS, dir_fd=parent), here, candidate)
+                return self._opened(os.open(candidate, _DIR_FLAGS, dir_fd=parent), here, candidate, made=made)
             except OSError as e:
                 if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS, errno.ENOENT):  # ENOENT: removed meanwhile
                     raise
@@ -344,7 +438,17 @@ class _Folders:
                 return None
         return None  # not reached: the last candidate returns or reports
 
-    def _opened(self, fd: int, here: tuple[str, ...], on_disk: str) -> tuple[int, str]:
+    def _opened(self, fd: int, here: tuple[str, ...], on_disk: str, made: bool) -> tuple[int, str]:
+        if self.perms is not None and self.perms.active:
+            try:
+                where = self.path((*self.disk, on_disk))  # self.disk: the folders above it
+                if made:
+                    self.perms.new_folder(fd, where)
+                else:
+                    self.perms.folder(fd, where)
+            except BaseException:
+                os.close(fd)
+                raise
         if on_disk != here[-1]:  # made (or found made by a run that stopped) under the escaped name
             self.escapes.record("/".join(here), self.written(on_disk))
         return fd, on_disk
@@ -400,7 +504,7 @@ def _move_aside(folders: _Folders, dir_fd: int, parts: Sequence[str]) -> bool:
 
 
 def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str,
-                  alt: Callable[[], str] | None = None) -> bool:
+                  alt: Callable[[], str] | None = None, perms: _Perms | None = None) -> bool:
     """Make ``dst`` (in ``dst_fd``) a hard link to the version file ``src`` (in ``src_fd``),
     never overwriting, or a copy of it where hard links fail; where the destination refuses
     the name ``dst``, under the name ``alt()`` gives. False, with nothing made, if ``src`` is
@@ -422,7 +526,9 @@ def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str,
     with os.fdopen(fd, "rb") as fi:
         if _identity(os.fstat(fd)) != ident:
             return False
-        with fsutil.new_file_at(dst_fd, dst, mode=FILE_MODE, alt=alt) as fo:
+        with fsutil.new_file_at(dst_fd, dst, mode=perms.file_mode if perms else FILE_MODE, alt=alt) as fo:
+            if perms is not None:
+                perms.new_file(fo.fileno(), dst)
             while chunk := fi.read(1 << 20):
                 fo.write(chunk)
     return True
@@ -533,8 +639,18 @@ def export_study(store: Store, study: str, dest: str,
             f"export writes every name as its bytes and needs Python's UTF-8 mode where the locale's "
             f"encoding is {sys.getfilesystemencoding()}: set PYTHONUTF8=1")
     dest = os.path.abspath(dest)
+    perms = _Perms(view.access, store.root.study_settings(study).readers, verify, summary)
+    made = not os.path.isdir(dest)
     os.makedirs(dest, exist_ok=True)
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)  # DEST itself: the admin's path
+    try:
+        if made:
+            perms.new_folder(root_fd, dest)
+        else:
+            perms.folder(root_fd, dest)
+    except BaseException:
+        os.close(root_fd)
+        raise
     last = _LastExport(store, study, dest)
     upto = view.last_seq  # what this export covers at least (a later ingest: the next one's)
     after = None if verify else last.load(root_fd)
@@ -543,20 +659,21 @@ def export_study(store: Store, study: str, dest: str,
     last.forget()  # until this export ends clean
     completed = False
     try:
-        escapes = _Escapes(root_fd)
+        escapes = _Escapes(root_fd, perms)
 
         def in_view(parts: Sequence[str]) -> bool:
             return view.exists("/".join(parts))
 
-        folders = _Folders(root_fd, dest, summary, escapes, in_view)  # where the export writes
+        folders = _Folders(root_fd, dest, summary, escapes, in_view, perms)  # where the export writes
         sources = _Folders(root_fd, dest, summary, escapes, in_view)  # versions/, where links are made from
         try:
-            exporter = _Exporter(store, view, folders, sources, summary, progress)
+            exporter = _Exporter(store, view, folders, sources, summary, progress, perms)
             if after is None:
                 exporter.everything()
             else:
                 summary.since = after
                 exporter.since(after, upto)
+            _export_log(store, study, root_fd, dest, upto, after, perms, summary)
             completed = True
         finally:
             folders.close()
@@ -568,6 +685,94 @@ def export_study(store: Store, study: str, dest: str,
             last.save(upto, root_fd)
         os.close(root_fd)
     return summary
+
+
+def _export_log(store: Store, study: str, root_fd: int, dest: str, upto: int, after: int | None,
+                perms: _Perms, summary: ExportSummary) -> None:
+    """DEST/log.jsonl through submission ``upto``: made, or appended to with the lines it lacks.
+
+    The bytes already there never change. The file counts as the export's own only if it is a
+    regular file owned by the exporting account; its bytes must be the start of the log as the
+    view renders it (a line cut short by a crash is finished), or else it is left as it is and
+    reported in the way. After a clean export (``after``), only its last line is compared, with
+    the line its submission renders to, and only the lines after it are rendered: the cost of
+    what is new, not of the study's history. The file is read-only (``_Perms``), made writable
+    for its owner only while lines are added."""
+    where = os.path.join(dest, LOG_NAME)
+    try:
+        fd = os.open(LOG_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root_fd)
+    except FileNotFoundError:
+        data = render_log(store, study, 0, upto)
+        try:
+            with fsutil.new_file_at(root_fd, LOG_NAME, mode=perms.file_mode) as f:
+                perms.new_file(f.fileno(), where)
+                f.write(data)
+        except FileExistsError:  # made meanwhile by someone else
+            summary.in_the_way(where)
+            return
+        summary.log_lines += data.count(b"\n")
+        return
+    except OSError as e:
+        if e.errno not in (*_NOT_A_FOLDER, *_NOT_OURS, errno.ENXIO):
+            raise
+        summary.in_the_way(where)  # a symlink, or not ours to read
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != perms.euid:
+            summary.in_the_way(where)
+            return
+        more = _log_to_add(store, study, fd, st.st_size, upto, after)
+        if more is None:
+            summary.in_the_way(where)
+            return
+        if more:
+            mode = stat.S_IMODE(st.st_mode)
+            os.fchmod(fd, mode | 0o200)  # writable, for its owner, while it is appended to
+            wfd = os.open(LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root_fd)
+            try:
+                now = os.fstat(wfd)
+                if _identity(now) != _identity(st) or now.st_size != st.st_size:  # swapped, or another export's
+                    summary.in_the_way(where)
+                    return
+                view = memoryview(more)
+                while view:
+                    view = view[os.write(wfd, view):]
+            finally:
+                os.close(wfd)
+                os.fchmod(fd, mode)
+            summary.log_lines += more.count(b"\n")
+        perms.file(fd, os.fstat(fd), where)
+    finally:
+        os.close(fd)
+
+
+def _log_to_add(store: Store, study: str, fd: int, size: int, upto: int, after: int | None) -> bytes | None:
+    """What DEST's log.jsonl (``fd``, ``size`` bytes) lacks of the log through ``upto``; None
+    if what is there is not the start of the log."""
+    if size == 0:
+        return render_log(store, study, 0, upto)
+    if after is not None:  # after a clean export: its last line, and the lines since
+        tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+        if tail.endswith(b"\n") and (b"\n" in tail[:-1] or len(tail) == size):
+            last = tail[:-1].rsplit(b"\n", 1)[-1] + b"\n"
+            try:
+                seq = json.loads(last)["seq"]
+            except (ValueError, KeyError, TypeError):
+                seq = None
+            s = store.index.submission(study, seq) if isinstance(seq, int) else None
+            if s is not None and log_line(s) == last:
+                return render_log(store, study, seq, upto) if seq < upto else b""
+    # everything: the whole file against the whole log
+    want = render_log(store, study, 0, upto)
+    have = os.pread(fd, size + 1, 0)
+    if len(have) != size:
+        return None  # changed while read
+    if want.startswith(have):
+        return want[len(have):]
+    if have.startswith(want):
+        return b""  # an index behind DEST: the next export
+    return None
 
 
 class _VersionFiles:
@@ -634,8 +839,9 @@ class _Exporter:
     earlier export brought)."""
 
     def __init__(self, store: Store, view: StudyView, folders: _Folders, sources: _Folders,
-                 summary: ExportSummary, progress: Callable[[int], None] | None) -> None:
+                 summary: ExportSummary, progress: Callable[[int], None] | None, perms: _Perms) -> None:
         self.store = store
+        self.perms = perms
         self.view = view
         self.folders = folders
         self.summary = summary
@@ -742,13 +948,16 @@ class _Exporter:
             # An earlier export's (_VersionFiles.earlier), or in the way.
             if self.files.earlier(v, st):
                 summary.unchanged += 1
+                if self.perms.file_wrong(st):
+                    self.repair(dir_fd, folders.find(dir_fd, where)[0], st, folders.path(where))
             else:
                 summary.in_the_way(folders.path(where))
             return
         t = version_os_mtime(v)
         tmp = fsutil.tmp_basename()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE, dir_fd=dir_fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.perms.file_mode,
+                         dir_fd=dir_fd)
         except OSError as e:
             if e.errno not in _REFUSED:
                 raise
@@ -756,6 +965,8 @@ class _Exporter:
             return
         try:
             with os.fdopen(fd, "wb") as f:
+                if self.perms.active:
+                    self.perms.new_file(f.fileno(), folders.path(where))
                 write_version(self.store, v, f)
                 f.flush()
                 os.utime(f.fileno(), (t, t))
@@ -772,6 +983,21 @@ class _Exporter:
             self.progress(v.size)
         if self.pending_bytes >= FLUSH_BYTES or len(self.pending) >= FLUSH_FILES:
             self.flush()
+
+    def repair(self, dir_fd: int, name: str, st: os.stat_result, where: str) -> None:
+        """Give an earlier export's version file ``name`` in ``dir_fd``, whose attributes were
+        ``st``, the study's group and mode (``_Perms``): opened without following a symlink,
+        and only if it is still that file."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError:
+            return  # gone or swapped meanwhile: the next --verify
+        try:
+            now = os.fstat(fd)
+            if _identity(now) == _identity(st):
+                self.perms.file(fd, now, where)
+        finally:
+            os.close(fd)
 
     def folder(self, here: list[str]) -> None:
         """A folder of submissions/ or current/ (``here``: its view path's names)."""
@@ -809,7 +1035,7 @@ class _Exporter:
         try:
             if st is None:
                 try:
-                    if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(here)):
+                    if _link_or_copy(src_fd, src, ident, dir_fd, name, folders.escaper(here), self.perms):
                         summary.linked += 1
                     else:  # the version file was swapped since it was written
                         summary.in_the_way(folders.path(files.parts(v)))
@@ -821,7 +1047,7 @@ class _Exporter:
                     return
                 src_fd, src, ident = found
                 tmp = fsutil.tmp_basename()
-                if _link_or_copy(src_fd, src, ident, dir_fd, tmp):
+                if _link_or_copy(src_fd, src, ident, dir_fd, tmp, perms=self.perms):
                     os.replace(tmp, on_disk, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                     summary.current_updated += 1
                 else:

@@ -15,6 +15,7 @@ way is left as it is.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -51,9 +52,11 @@ def files_under(top: Path) -> dict[str, os.stat_result]:
 
 
 def snapshot(top: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file but log.jsonl, which an export appends to (tests/test_view_access_log.py)."""
     return {
         rel: (st.st_ino, st.st_mtime_ns, (top / rel).read_bytes())
         for rel, st in files_under(top).items()
+        if rel != "log.jsonl"
     }
 
 
@@ -126,6 +129,10 @@ def check_layout(
             assert rel in files, f"submission {seq} holds {rel!r}, which was not sent in it"
             assert (top / rel).read_bytes() == files[rel], f"submissions/{matching[0]}/{rel}"
             expected.add(f"submissions/{matching[0]}/{rel}")
+
+    # log.jsonl: one line per submission, what `log --json` lists (tests/test_view_access_log.py)
+    assert [json.loads(line) for line in (dest / "log.jsonl").read_bytes().splitlines()] == server.log()
+    expected.add("log.jsonl")
 
     assert set(present) == expected, (
         f"unexpected: {sorted(set(present) - expected)}; missing: {sorted(expected - set(present))}"

@@ -263,7 +263,9 @@ def test_export_writes_every_file_under_its_own_name(golden: Path, tmp_path: Pat
         (golden / "store" / "index.sqlite").unlink()
     dest = os.fsencode(tmp_path / "export")
     ok("export", "--store", golden, "--study", STUDY, os.fsdecode(dest))
-    assert sorted(os.listdir(dest)) == [b"current", b"submissions", b"versions"]
+    assert sorted(os.listdir(dest)) == [b"current", b"log.jsonl", b"submissions", b"versions"]
+    with open(os.path.join(dest, b"log.jsonl"), "rb") as f:
+        assert [json.loads(line)["seq"] for line in f] == [s["seq"] for s in EXPECTED["submissions"]]
     paths = by_path()
     current = files_under(os.path.join(dest, b"current"))
     assert set(current) == set(paths), sorted(set(current) ^ set(paths))

@@ -48,7 +48,7 @@ def test_watch_exports_each_ingest_into_the_study_destination(tmp_path: Path, mo
     # A study without --export is never exported anywhere.
     _ok("sync", src, "--study", "bar", "--to", root, "--site", "A")
     _ok("watch", "--store", root, "--once")
-    assert sorted(p.name for p in out.iterdir()) == ["current", "submissions", "versions"]
+    assert sorted(p.name for p in out.iterdir()) == ["current", "log.jsonl", "submissions", "versions"]
 
 
 def test_a_failing_export_is_reported_and_the_ingest_stands(tmp_path: Path, monkeypatch) -> None:
