@@ -35,7 +35,8 @@ def _argv(name: str, server: Server, tmp: Path) -> list[object]:
     assert cmd is not None
     src = tmp / "src"
     write_file(src / "a.txt", b"alpha\n")
-    values = {"path": "a.txt", "dest": tmp / "out", "source": src}
+    values = {"path": "a.txt", "dest": tmp / "out", "source": src, "mountpoint": tmp / "mnt"}
+    (tmp / "mnt").mkdir(exist_ok=True)
     args: list[object] = [name]
     for p in cmd.params:
         if isinstance(p, click.Argument) and p.required:

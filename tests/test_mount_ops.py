@@ -244,3 +244,26 @@ def test_nodes_kept_are_bounded(ops: MountOps, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(ops_mod, "NODE_CACHE", 5)
     _walk(ops, "/")
     assert len(ops._nodes) <= 5
+
+
+def test_a_mount_started_before_the_first_ingest_sees_it(server: Server, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No index yet: the mount reads a private one built from the store, and switches to the
+    real one once an ingest has made it."""
+    monkeypatch.setattr(ops_mod, "REFRESH", 0.0)
+    index = server.root / "store" / "index.sqlite"
+    for p in server.root.glob("store/index.sqlite*"):
+        p.unlink()
+    with Store.open(str(server.root)) as store:
+        ops = MountOps(store)
+        try:
+            assert [n for n, _, _ in ops.readdir(f"/{STUDY}/current")] == [".", ".."]
+            assert not index.exists()
+            src = tmp_path / "src"
+            write_file(src / "first.txt", b"first\n")
+            server.sync(src)
+            server.ingest()
+            assert index.exists()
+            assert _read_all(ops, f"/{STUDY}/current/first.txt") == b"first\n"
+        finally:
+            ops.close()

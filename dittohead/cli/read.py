@@ -212,8 +212,10 @@ def export(store: str, study: str, dest: str, verify: bool) -> None:
     DEST/current/PATH                        the latest version of every path
     DEST/versions/PATH/NNNN_STAMP_SITE.EXT   every version
     DEST/submissions/STAMP_SITE_SEQ/PATH     each submission as received
+    DEST/log.jsonl                           who sent what, when, from where (lines only added)
     A second export after new versions adds them and updates current/ (where the filesystem
     has hard links); nothing is deleted. A file or folder in the way is left and reported.
+    With 'study set --readers GROUP', folders are setgid GROUP 2750 and files 0440.
     After an export that ended clean, the next one writes and looks at only what is new since
     (while DEST's own folders are as it left them); --verify looks at everything.
     """

@@ -149,7 +149,7 @@ def mount(root: str, mountpoint: str, study: str | None = None, *, foreground: b
     path = check_mountpoint(mountpoint)
     with contextlib.closing(Store.open(root)) as probe:  # the store and the study exist
         probe.root.config()
-        if study is not None and study not in probe.root.studies() and study not in probe.index.studies():
+        if study is not None and study not in probe.root.studies() and study not in probe.log_studies():
             raise NoSuchStudy(f"no study {study!r} in {root}")
     # A fresh Store: its index connections are made by the threads that use them, after libfuse
     # has forked into the background.

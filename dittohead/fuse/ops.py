@@ -127,6 +127,7 @@ class MountOps:
         REFRESH seconds."""
         now = time.monotonic()
         if now - s.checked >= REFRESH:
+            self.store.use_real_index()  # a mount started before the store's first ingest
             s.seq, s.access, s.checked = s.view.refresh(), _access(s.view, self._uid, self._gid), now
         return s.seq
 

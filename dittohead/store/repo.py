@@ -123,6 +123,7 @@ class Store:
         self._readers: dict[int, Index] = {}
         self._readers_lock = threading.Lock()
         self._private: str | None = None  # the folder of a reader's own index, if it needed one
+        self._stale: set[str] = set()  # private indexes given up for the real one (use_real_index)
 
     @classmethod
     def open(cls, path: str) -> Store:
@@ -179,6 +180,11 @@ class Store:
         if not self.writer:
             tid = threading.get_native_id()
             mine: Index | None = self._readers.get(tid)
+            if mine is not None and mine.path in self._stale:  # a private index given up: this thread's own
+                with self._readers_lock:
+                    self._readers.pop(tid, None)
+                mine.close()
+                mine = None
             if mine is None:
                 mine = self._open_reader()
                 with self._readers_lock:
@@ -207,6 +213,33 @@ class Store:
             self.catch_up()
         assert self._index is not None
         return self._index
+
+    def use_real_index(self) -> bool:
+        """For a long-running reader (the mount): where this store reads from a private index
+        (the real one was missing or unusable when it first looked), switch to the real index
+        once it is usable (an ingest has made it). Each thread's connection to the private one
+        is closed by that thread, at its next use. True if it switched."""
+        with self._readers_lock:
+            private = self._private
+            if private is None:
+                return False
+            path = self.root.index_path
+            try:
+                if not (os.path.exists(path) and _sqlite_file_intact(path)):
+                    return False
+                idx = Index(path, readonly=True)
+                try:
+                    if not idx.schema_ok:
+                        return False
+                finally:
+                    idx.close()
+            except sqlite3.DatabaseError:
+                return False
+            self._stale.add(os.path.join(private, "index.sqlite"))
+            self._private = None
+        shutil.rmtree(private, ignore_errors=True)  # open connections keep their (unlinked) files
+        log.info("reading the index %s now", path)
+        return True
 
     def _open_reader(self) -> Index:
         """A read-only connection to the index, or to a reader's own where it cannot be used."""
