@@ -5,11 +5,13 @@
 #   make bench        set up .venv and the tools compared against, then run benchmarks/bench.py
 #   make bench-scale  set up .venv (and GNU time), then run benchmarks/scale.py (dittohead at scale)
 #   make bench-sftp   set up .venv and OpenSSH, then run benchmarks/sftp.py (sync over SSH, as root)
+#   make bench-mount  set up .venv, FUSE, restic and borg, then run benchmarks/mount.py (the mount)
 #   make lint         ruff check and mypy
 #   make clean        remove caches and the demo's and benchmarks' output (distclean: .venv too)
 #
 # Extra arguments: make test PYTEST_ARGS='-k ingest -x'; make demo DEMO_ARGS='--dir /tmp/d';
-# make bench-scale SCALE_ARGS='--scale 0.1'; make bench-sftp SFTP_ARGS='--scale 0.25'.
+# make bench-scale SCALE_ARGS='--scale 0.1'; make bench-sftp SFTP_ARGS='--scale 0.25';
+# make bench-mount MOUNT_ARGS='--scale 0.1 --scale-1m 0.1'.
 # Nothing here reads standard input: safe in CI, as root, with no terminal.
 
 SHELL := bash
@@ -32,12 +34,16 @@ BENCH_DEBS ?= rsync restic borgbackup
 SCALE_DEBS ?= time
 # sftp.py runs a private sshd and compares dittohead with OpenSSH's sftp and rsync over ssh.
 SFTP_DEBS ?= openssh-server openssh-client rsync
+# mount.py mounts with dittohead (fuse3), restic and borg; borg mount needs python3-llfuse, which
+# borgbackup only recommends (install-debs leaves recommends out).
+MOUNT_DEBS ?= fuse3 restic borgbackup python3-llfuse
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 SCALE_ARGS ?=
 SFTP_ARGS ?=
+MOUNT_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests were collected") as success.
 NO_TESTS_OK ?=
 
@@ -45,11 +51,11 @@ NO_TESTS_OK ?=
 TEST_STAMP := $(VENV)/.installed-test
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: help setup demo test bench bench-scale bench-sftp lint clean distclean system-deps bench-deps \
-	scale-deps sftp-deps
+.PHONY: help setup demo test bench bench-scale bench-sftp bench-mount lint clean distclean \
+	system-deps bench-deps scale-deps sftp-deps mount-deps
 
 help:
-	@sed -n '3,12s/^# \{0,1\}//p' Makefile
+	@sed -n '3,14s/^# \{0,1\}//p' Makefile
 
 # --- the virtualenv -----------------------------------------------------------------------
 
@@ -112,6 +118,9 @@ scale-deps:
 sftp-deps:
 	$(call install-debs,$(SFTP_DEBS))
 
+mount-deps:
+	$(call install-debs,$(MOUNT_DEBS))
+
 # --- what people run ----------------------------------------------------------------------
 
 demo: $(TEST_STAMP)
@@ -141,6 +150,12 @@ bench-scale: scale-deps $(TEST_STAMP)
 bench-sftp: sftp-deps $(TEST_STAMP)
 	$(VPY) -m compileall -q dittohead
 	$(VPY) benchmarks/sftp.py $(SFTP_ARGS)
+
+# dittohead mount against restic mount and borg mount on bench.py's study, then dittohead alone
+# on scale.py's study of 1M versions (benchmarks/README.md, "The mount (mount.py)").
+bench-mount: mount-deps $(TEST_STAMP)
+	$(VPY) -m compileall -q dittohead
+	$(VPY) benchmarks/mount.py $(MOUNT_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
