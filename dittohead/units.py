@@ -17,11 +17,13 @@ def human_bytes(n: float) -> str:
 
 def utc_stamp(ns: int) -> str:
     """20261121T101502Z: the server's ingest time in names and listings."""
-    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    d = _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC)  # formatted by hand: strftime is 3x slower
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}T{d.hour:02d}{d.minute:02d}{d.second:02d}Z"
 
 
 def utc_iso(ns: int) -> str:
-    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    d = _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC)
+    return f"{d.year:04d}-{d.month:02d}-{d.day:02d} {d.hour:02d}:{d.minute:02d}:{d.second:02d} UTC"
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

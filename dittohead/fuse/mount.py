@@ -39,7 +39,6 @@ log = logging.getLogger("dittohead.mount")
 ATTR_TIMEOUT = 1.0  # seconds the kernel keeps a name's attributes (and the name itself)
 NEGATIVE_TIMEOUT = 1.0  # ... and that a name does not exist
 FSNAME = "dittohead"
-MAX_REQUEST = 1 << 20  # bytes a read request may ask for (the kernel's default is 128 KiB)
 
 
 class MountUnavailable(DittoheadError):
@@ -74,10 +73,6 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
 
         def init_with_config(self, conn: Any, config: Any) -> None:
             DittoheadFS.mounted = True
-            if conn is not None:  # requests and read-ahead of up to MAX_REQUEST bytes
-                with contextlib.suppress(AttributeError):
-                    conn.max_write = MAX_REQUEST  # libfuse 3 sizes every request by it, reads too
-                    conn.max_readahead = MAX_REQUEST
             if config is not None:  # libfuse 3
                 config.entry_timeout = config.attr_timeout = ATTR_TIMEOUT
                 config.negative_timeout = NEGATIVE_TIMEOUT

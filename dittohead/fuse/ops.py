@@ -43,10 +43,10 @@ from dittohead.view import ChunkCache, Dir, File, FileReader, Node, StoreView, S
 
 log = logging.getLogger("dittohead.mount")
 
-NODE_CACHE = 200_000  # nodes kept from listings and look-ups (a few hundred bytes each)
+NODE_CACHE = 32_768  # nodes kept from listings and look-ups (about 2 kB each, with their keys)
 REFRESH = 0.5  # seconds between looks at a study's last submission
 CHUNK_CACHE = 64 << 20  # bytes of verified chunks, for every open file together
-READ_AHEAD = 4  # chunks read and verified ahead of a sequential reader
+READ_AHEAD = 8  # chunks read and verified ahead of a sequential reader (8: 0.18 s for 150 MiB, 4: 0.20-0.23)
 BLOCK_SIZE = 128 * 1024  # st_blksize: what a reader is told to read at a time
 TOP_MODE = 0o755
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
