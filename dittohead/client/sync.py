@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import os
 import re
@@ -130,7 +131,34 @@ def next_part_name(name: str) -> str:
     return f"{m[1]}.{int(m[2]) + 1:04d}" if m else f"{name}.0002"
 
 
-def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary) -> None:
+def ago(seconds: float) -> str:
+    """How long ago, in words: "just now", "7 min ago", "3 h ago", "2 days ago"."""
+    minutes = int(max(seconds, 0) // 60)
+    if minutes < 1:
+        return "just now"
+    if minutes < 120:
+        return f"{minutes} min ago"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h ago"
+    return f"{minutes // (24 * 60)} days ago"
+
+
+_NAME_TIME_RE = re.compile(r"^(\d{8}T\d{6}Z)-")
+
+
+def _made_ns(name: str) -> int | None:
+    """When this client began submission ``name`` (``new_submission_name``), by its own clock."""
+    m = _NAME_TIME_RE.match(name)
+    if not m:
+        return None
+    try:
+        return int(calendar.timegm(time.strptime(m[1], "%Y%m%dT%H%M%SZ")) * 1_000_000_000)
+    except ValueError:
+        return None
+
+
+def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSummary,
+               now_ns: Callable[[], int] = time.time_ns) -> None:
     def ingested(name: str) -> bool:
         raw = t.read_receipt(study, name)
         if raw is None:
@@ -144,6 +172,7 @@ def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSumm
         cache.set_state(name, cc.INGESTED)
         return True
 
+    waiting: list[str] = []
     for name in cache.submissions((cc.COMMITTING, cc.PENDING)):
         if ingested(name):
             continue
@@ -164,18 +193,40 @@ def _reconcile(t: Transport, cache: cc.StateCache, study: str, summary: SyncSumm
                                  "(rejected by the server?): its files are sent again")
         else:
             cache.set_state(name, cc.PENDING)
+            waiting.append(name)
+    if waiting:  # one note, however many: the oldest says how long the server has been behind
+        made = _made_ns(waiting[0])
+        when = f" (sent {ago((now_ns() - made) / 1e9)})" if made else ""
+        if len(waiting) == 1:
+            summary.notes.append(f"earlier submission {waiting[0]} is waiting to be ingested{when}")
+        else:
+            summary.notes.append(f"{len(waiting)} earlier submissions are waiting to be ingested; "
+                                 f"the oldest is {waiting[0]}{when}")
 
 
 def _refresh_have(t: Transport, cache: cc.StateCache, study: str) -> None:
     known = cache.read_segments()
-    for seg in t.list_have(study):
-        if seg in known:
-            continue
-        try:
-            ids = records.decode_have(t.read_have(study, seg), what=f"have-segment {seg}")
-        except (FormatError, ValueError):  # ValueError: larger than the limit
-            continue  # a damaged segment only means re-sending chunks the server may have
-        cache.add_segment(seg, ids)
+    tried: set[str] = set()
+    # The daemon merges small segments (daemon/housekeeping.py): it writes the merged one, then
+    # removes the small ones. A segment gone between the listing and the read is in one written
+    # before it went: listing again finds that one.
+    for _ in range(3):
+        gone = False
+        for seg in t.list_have(study):
+            if seg in known or seg in tried:
+                continue
+            try:
+                ids = records.decode_have(t.read_have(study, seg), what=f"have-segment {seg}")
+            except FileNotFoundError:
+                gone = True
+                continue
+            except (FormatError, ValueError):  # ValueError: larger than the limit
+                tried.add(seg)
+                continue  # a damaged segment only means re-sending chunks the server may have
+            cache.add_segment(seg, ids)
+            known.add(seg)
+        if not gone:
+            return
 
 
 def _resume_staging(t: Transport, cache: cc.StateCache, study: str) -> tuple[str | None, set[bytes]]:
@@ -217,7 +268,7 @@ def sync(opts: SyncOptions, t: Transport, cache: cc.StateCache,
     try:
         t.check_study(opts.study)
         if not opts.dry_run:
-            _reconcile(t, cache, opts.study, summary)
+            _reconcile(t, cache, opts.study, summary, now_ns)
         name, staged_ids = (None, set()) if opts.dry_run else _resume_staging(t, cache, opts.study)
         cached = cache.load_files()
         last_sent = cache.last_sent()
