@@ -28,6 +28,7 @@ COMMANDS = {
     "study": "dittohead.cli.admin:study",
     "watch": "dittohead.cli.admin:watch",
     "fsck": "dittohead.cli.admin:fsck",
+    "status": "dittohead.cli.status:status",
     "sync": "dittohead.cli.collect:sync",
     "trust-host": "dittohead.cli.collect:trust_host",
     "log": "dittohead.cli.read:log_cmd",
@@ -89,7 +90,7 @@ def cli(verbose: int) -> None:
     """dittohead: get research data off lab PCs into a locked-down store, once, safely, for ever.
 
     \b
-    Admin:         init, study, watch, fsck, mount, umount
+    Admin:         init, study, watch, status, fsck, mount, umount
     Collector:     sync, trust-host
     Reading:       log, ls, versions, cat, export (an account that can read the store)
 
