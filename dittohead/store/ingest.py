@@ -23,6 +23,16 @@ that fails its hash (or whose pack is missing) is **held back**, not rejected. I
 that list any of its paths wait behind it, left in the inbox (each path's history keeps the
 order of arrival); everything else is ingested as usual.
 
+Locks (one writer, many readers; docs/server-root.md): a study is ingested by one ingest at a
+time, holding the study's lock (``StudyLock``: a flock on its ``processing/``), which keeps its
+submissions in their order; studies go on beside one another (``watch``'s workers, one process
+per submission). Taking and verifying a submission reads the index read-only, as any reader
+does, and writes only the daemon's own copies and new server packs, into the ingest's own
+folder of ``store/tmp/`` (``WorkDir``, swept by ``sweep_tmp`` once its ingest has ended); only
+the commit (packs and manifest into place, the log record, the index) holds the store's lock,
+for a moment. The index is caught up under that lock, and asked again whether the submission is
+in the log, so that no commit is made twice.
+
 Crash safety (invariant 2): every step before the commit point only adds content-addressed
 objects (a redo writes the same names); every step after it is derived from the log and redone
 if missing. ``processing/`` is resumed first at every start: a submission the log names is
@@ -39,7 +49,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -67,6 +77,148 @@ from dittohead.store.repo import Store, manifest_key, pack_key
 log = logging.getLogger(__name__)
 
 STATE_NAME = "STATE"  # processing/NAME/STATE: the daemon's record of where a submission stands
+WORKDIR_PREFIX = "ingest-"  # store/tmp/ingest-PID-RANDOM/: one ingest's temporaries (WorkDir)
+WORKDIR_GRACE_NS = 60 * 10**9  # a folder this young is left alone by the sweep, locked or not
+
+
+class Stopped(BaseException):
+    """A stop asked for by a signal (``watch``'s worker on SIGTERM), met outside a commit: the
+    attempt at the submission in hand ends, and does not count against it."""
+
+
+def _flock(fd: int, wait: float) -> bool:
+    """flock(2) ``fd`` exclusively, waiting up to ``wait`` seconds; False if another holds it."""
+    import fcntl
+
+    deadline = time.monotonic() + wait
+    pause = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
+class StudyLock:
+    """One ingest per study at a time: an exclusive flock on the study's ``processing/`` folder
+    (the daemon's own, 0700; no file is added anywhere). Whoever holds it alone takes, verifies
+    and commits the study's submissions, in their order; other studies go on beside it. The
+    system drops it when its holder ends, however."""
+
+    def __init__(self, box: StudyDropbox) -> None:
+        self.box = box
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        fd = os.open(self.box.processing, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            got = _flock(fd, wait)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not got:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class WorkDir:
+    """One ingest's own folder for its temporaries: ``store/tmp/ingest-PID-RANDOM/``, flocked
+    for as long as the ingest lives, so that the sweep (``sweep_tmp``) removes only the folders
+    of ingests that have ended (killed, or crashed), never those of a live one beside it."""
+
+    def __init__(self, store_dir: str) -> None:
+        self.parent = os.path.join(store_dir, "tmp")
+        self.path: str | None = None
+        self._fd: int | None = None
+
+    def new_tmp(self) -> tuple[str, TmpFile]:
+        """A new temporary file in this folder (made and locked on first use), written around
+        the page cache where the filesystem allows, as ``LocalObjectStore.new_tmp`` does."""
+        if self.path is None:
+            os.makedirs(self.parent, mode=0o700, exist_ok=True)
+            path = os.path.join(self.parent, f"{WORKDIR_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
+            os.mkdir(path, 0o700)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            _flock(fd, 0.0)  # a folder this new is never swept (WORKDIR_GRACE_NS)
+            self.path, self._fd = path, fd
+        path = fsutil.tmp_name(self.path)
+        fd = directio.open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return path, directio.Writer(fd, hashed=True)
+
+    def close(self) -> None:
+        """Remove the folder and whatever is left in it (nothing, after a commit or a discard)."""
+        path, fd = self.path, self._fd
+        self.path = self._fd = None
+        if path is not None:
+            _remove_workdir(path)
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_workdir(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+
+
+def sweep_tmp(store_dir: str) -> list[str]:
+    """Remove what ingests that ended (killed, crashed) left in store/tmp/: the folders of
+    ended ingests (``WorkDir``: nobody holds its lock, and it is older than a minute) and loose
+    temporaries of earlier dittoheads. By the holder of the store's lock only; returns what it
+    removed."""
+    tmp = os.path.join(store_dir, "tmp")
+    removed: list[str] = []
+    try:
+        names = os.listdir(tmp)
+    except FileNotFoundError:
+        return removed
+    now = time.time_ns()
+    for name in names:
+        path = os.path.join(tmp, name)
+        if name.startswith(".tmp-"):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(path)
+                removed.append(name)
+            continue
+        if not name.startswith(WORKDIR_PREFIX):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if now - os.fstat(fd).st_ctime_ns < WORKDIR_GRACE_NS or not _flock(fd, 0.0):
+                continue  # being made, or its ingest lives
+            _remove_workdir(path)
+            removed.append(name)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@dataclass
+class StudyRun:
+    """What one ``Ingestor.run_study`` did: its results, the submissions it left where they are
+    (held back and not due, or waiting behind one that is), and whether more is waiting (it
+    stopped at its ``limit``)."""
+
+    results: list[IngestResult] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,13 +232,19 @@ class IngestResult:
     new_chunk_bytes: int = 0
     reason: str = ""
     held: bool = False  # neither ingested nor rejected: left for the next run (``reason`` says why)
+    site: str = ""  # as the manifest says (ingested; rejected, where its manifest decoded)
+    user: str = ""
+    host: str = ""
+    tried: bool = True  # False: left untouched, not verified (held back and not due, or behind one)
 
 
 class StorePackWriter:
-    """Server-written packs: chunks go to temporary files, linked into the store on commit."""
+    """Server-written packs: chunks go to temporary files (``new_tmp``: in the ingest's own
+    folder of store/tmp/, ``WorkDir``), linked into the store on commit."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, new_tmp: Callable[[], tuple[str, TmpFile]] | None = None) -> None:
         self.store = store
+        self._new_tmp = new_tmp or store.objects.new_tmp
         self.done: list[tuple[bytes, str, list[pack.PackEntry]]] = []  # (pack id, tmp path, entries)
         self._cur: tuple[str, TmpFile, pack.PackWriter] | None = None
         self.ids: set[bytes] = set()
@@ -99,7 +257,7 @@ class StorePackWriter:
         if cid in self.ids:
             return
         if self._cur is None:
-            path, f = self.store.objects.new_tmp()
+            path, f = self._new_tmp()
             self._cur = (path, f, pack.PackWriter(f))
         self._cur[2].add(cid, data)
         self.ids.add(cid)
@@ -107,17 +265,23 @@ class StorePackWriter:
             self._close_current()
 
     def adopt(self, pid: bytes, path: str, entries: list[pack.PackEntry]) -> None:
-        """Take an uploaded pack into the store as it is (see ``Ingestor._adoptable``)."""
+        """Take an uploaded pack into the store as it is (see ``Ingestor._adoptable``). Its
+        copy is made durable now, on the syncing thread, so that the commit (under the store's
+        lock) finds nothing of it left to write out."""
         self.ids.update(pe.id for pe in entries)
         self.adopted.append((pid, path, entries))
+        self._syncing.append(self._sync_pool().submit(_make_durable, path))
+
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-ingest")
+        return self._pool
 
     def _close_current(self) -> None:
         assert self._cur is not None
         path, f, w = self._cur
         pid, _ = w.finish()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dittohead-ingest")
-        self._syncing.append(self._pool.submit(f.finish))
+        self._syncing.append(self._sync_pool().submit(f.finish))
         self.done.append((pid, path, w.entries))
         self._cur = None
 
@@ -131,10 +295,14 @@ class StorePackWriter:
                 self._pool.shutdown(wait=True)
                 self._pool = None
 
-    def commit(self) -> list[tuple[bytes, list[pack.PackEntry]]]:
+    def finish(self) -> None:
+        """Write out and fsync everything (before the commit, outside the store's lock)."""
         if self._cur is not None:
             self._close_current()
         self._wait()
+
+    def commit(self) -> list[tuple[bytes, list[pack.PackEntry]]]:
+        self.finish()
         out = []
         for pid, path, entries in self.done:
             self.store.objects.put_file(pack_key(pid), path)
@@ -155,6 +323,14 @@ class StorePackWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.done = []
+
+
+def _make_durable(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -269,23 +445,43 @@ class _FileHashes:
 
 
 class Ingestor:
-    """Ingests every committed submission of every study of one store (one at a time, locked)."""
+    """Ingests the committed submissions of a store's studies.
+
+    Each study is ingested by one ingest at a time (``StudyLock``), in the order of arrival;
+    studies go on beside one another, in other processes (``watch``'s workers) or in turn
+    (``run_once``). A submission is taken and verified with the store only read (the index
+    read-only, as any reader may); only its commit (packs and manifest into place, the study-log
+    record, the index) holds the store's lock (``locked``): one writer, briefly.
+    """
+
+    LOCK_WAIT = 30.0  # seconds: an fsck that repairs the index holds the lock that long at most, mostly
 
     def __init__(self, store: Store, *, clock: Callable[[], int] = time.time_ns,
-                 max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, commit_wait: float | None = None,
+                 critical: Callable[[], contextlib.AbstractContextManager[object]] | None = None) -> None:
         self.store = store
         self.root = store.root
         self.clock = clock
         self.max_attempts = max_attempts
+        # How long a verified submission waits for the store's lock to be committed (another
+        # study's commit, an fsck repairing the index); past it, the attempt ends, not counted.
+        self.commit_wait = self.LOCK_WAIT if commit_wait is None else commit_wait
+        # Around each commit: ``watch``'s worker defers a stop asked for meanwhile (SIGTERM)
+        # until the commit in hand is done.
+        self.critical = critical or contextlib.nullcontext
+        self.workdir = WorkDir(self.root.store)
 
-    LOCK_WAIT = 30.0  # seconds: an fsck that repairs the index holds the lock that long at most, mostly
+    def close(self) -> None:
+        self.workdir.close()
 
     @contextlib.contextmanager
-    def locked(self):
-        """Hold the store's lock (the one writer's), waiting up to LOCK_WAIT for it: an fsck
-        repairing the index holds it for a moment; another ingest's pass is refused after that."""
+    def locked(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the store's lock (the one writer's), waiting up to ``wait`` seconds (LOCK_WAIT)
+        for it: another study's commit holds it for a moment, an fsck repairing the index for
+        longer; past that, LockedError."""
         lock = FileLock(self.root.lock_path)
-        deadline = time.monotonic() + self.LOCK_WAIT
+        deadline = time.monotonic() + (self.LOCK_WAIT if wait is None else wait)
+        pause = 0.005
         while True:
             try:
                 lock.acquire()
@@ -293,8 +489,9 @@ class Ingestor:
             except Held:
                 if time.monotonic() >= deadline:
                     raise LockedError(f"{self.root.path}: another ingest (or an fsck repairing the index) "
-                                      f"is running (lock {self.root.lock_path})") from None
-                time.sleep(0.1)
+                                      f"holds the store's lock (lock {self.root.lock_path})") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
         try:
             with self.store.writing():  # the one writer: only under the lock
                 yield
@@ -302,42 +499,99 @@ class Ingestor:
             lock.release()
 
     def run_once(self, on_result: Callable[[IngestResult], None] | None = None) -> list[IngestResult]:
-        """Ingest everything committed now; returns one result per submission handled.
+        """Ingest everything committed now, study after study; returns one result per
+        submission handled.
 
         ``on_result`` is called for each submission ingested or rejected. One held back (``held``:
         damage in the store, see the module's docstring) is logged as an error instead, in one
         line, and returned with ``ok`` false: it is neither, and the next run tries it again.
+        A study another ingest is at (``watch``'s worker) is waited for up to LOCK_WAIT, then
+        left to it: LockedError at the end, after the other studies.
         """
         results: list[IngestResult] = []
         with self.locked():
-            self._sweep_tmp()
+            sweep_tmp(self.root.store)
             if not self.root.has_work():
                 return results  # idle: not even the index needs opening
             self.store.upgrade_logs()  # a store of dittohead 0.2: once
             self.store.catch_up()  # after a crash past a commit point
+        busy = []
+        try:
             for study in self.root.studies():
-                box = self.root.dropbox(study)
-                waiting: dict[str, str] = {}  # path -> the held-back submission that lists it
-                for item in self._pending(box, waiting):
-                    r = item if isinstance(item, IngestResult) else self._process(box, item, waiting)
+                run = self.run_study(study, wait=self.LOCK_WAIT, on_result=on_result)
+                if run is None:
+                    busy.append(study)
+                    continue
+                for r in run.results:
                     results.append(r)
                     if r.held:
                         log.error("held back %s/%s (not rejected; the next run tries it again): %s",
                                   r.study, r.submission, r.reason)
-                    elif on_result:
-                        on_result(r)
+        finally:
+            self.close()
+        if busy:
+            raise LockedError(f"another ingest (the watch daemon's worker?) was at study {', '.join(busy)} "
+                              f"for {self.LOCK_WAIT:g} s: left to it")
         return results
 
-    def _sweep_tmp(self) -> None:
-        """Remove what an interrupted ingest left in store/tmp/ (never part of the store)."""
-        tmp = os.path.join(self.root.store, "tmp")
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(tmp):
-                if name.startswith(".tmp-"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(tmp, name))
+    def run_study(self, study: str, *, skip: Collection[str] = (), limit: int | None = None, wait: float = 0.0,
+                  on_result: Callable[[IngestResult], None] | None = None,
+                  progress: Callable[[str, str], None] | None = None) -> StudyRun | None:
+        """Ingest the study's waiting submissions, in order, holding its ``StudyLock`` (waiting
+        up to ``wait`` seconds for it: None if another ingest holds it all that time).
 
-    def _pending(self, box: StudyDropbox, waiting: dict[str, str]) -> Iterator[str | IngestResult]:
+        ``skip``: submissions held back earlier that are not to be tried again yet (they and
+        those that list their paths are left where they are, untouched); ``limit``: how many
+        submissions to take and verify at most (a bad name's rejection does not count);
+        ``on_result`` is called for each submission ingested or rejected (not for one left or
+        held back); ``progress(name, step)`` as a submission's ingest goes ("taking",
+        "committing", "finishing").
+        """
+        box = self.root.dropbox(study)
+        lock = StudyLock(box)
+        try:
+            if not lock.acquire(wait):
+                return None
+        except FileNotFoundError:  # a study being added, or removed by hand
+            return StudyRun()
+        run = StudyRun()
+        try:
+            self._prepare(box)
+            waiting: dict[str, str] = {}  # path -> the held-back submission that lists it
+            taken = 0
+            for item in self._pending(box, waiting, frozenset(skip)):
+                if limit is not None and taken >= limit:
+                    run.more = True
+                    break
+                if isinstance(item, IngestResult):
+                    r = item
+                else:
+                    taken += 1
+                    r = self._process(box, item, waiting, progress)
+                run.results.append(r)
+                if not r.tried:
+                    run.left.append(r.submission)
+                elif not r.held and on_result:
+                    on_result(r)
+        finally:
+            self.workdir.close()
+            lock.release()
+        return run
+
+    def _prepare(self, box: StudyDropbox) -> None:
+        """Before the study's submissions are verified against the index read-only: an index
+        that is missing, unreadable or of an earlier dittohead, one that lags the study's log
+        (a commit an ingest died after), or a log of dittohead 0.2 are first set right by the
+        writer, under the store's lock."""
+        if self.store.index_current(box.name):
+            return
+        with self.locked(self.commit_wait):
+            sweep_tmp(self.root.store)
+            self.store.upgrade_logs()
+            self.store.catch_up()
+
+    def _pending(self, box: StudyDropbox, waiting: dict[str, str],
+                 skip: frozenset[str] = frozenset()) -> Iterator[str | IngestResult]:
         """processing/ first (resumed after a crash, or held back by the last run), then the inbox,
         each in order of arrival (the server's clock); an arrival gets its folder in processing/
         only when its turn comes.
@@ -346,15 +600,22 @@ class Ingestor:
         are bytes until checked) or was used by an earlier submission of the study (the name is
         how the client finds its receipt). An arrival that lists a path of a submission held
         back in this run (``waiting``, kept up to date by ``_process`` as the caller goes) stays
-        in the inbox, untouched, so that it keeps its place in the order.
+        in the inbox, untouched, so that it keeps its place in the order. A held-back submission
+        in ``skip`` is not tried now: it is left (``tried`` false), and holds back those that
+        list its paths just as if it had been.
         """
         resumed = []
         with contextlib.suppress(FileNotFoundError), os.scandir(box.processing) as it:
             for e in it:  # folders the daemon made, under names it checked
                 resumed.append((_State.read(e.path).arrived_ns, e.name))
         for _, name in sorted(resumed):
+            if name in skip:
+                for p in self._listed_paths(box, os.fsencode(name)):
+                    waiting.setdefault(p, name)
+                yield IngestResult(box.name, name, False, held=True, tried=False,
+                                   reason="held back; not tried again yet")
+                continue
             yield name
-        idx = self.store.index
         for arrived, raw in intake.arrivals(box.inbox):
             checked = intake.submission_name(raw)
             if checked is None:
@@ -363,7 +624,9 @@ class Ingestor:
             name = checked
             if os.path.lexists(os.path.join(box.processing, name)):
                 continue  # resumed above: held back, or its folder is being released
-            if idx.submission_named(box.name, name) is not None or os.path.lexists(os.path.join(box.done, name)):
+            # (the index asked afresh each time: a commit between two arrivals closes a reader's)
+            if (self.store.index.submission_named(box.name, name) is not None
+                    or os.path.lexists(os.path.join(box.done, name))):
                 yield self._fail(box, name, f"the name {name!r} was used by an earlier submission", raw=raw)
                 continue
             paths = self._listed_paths(box, raw) if waiting else set()
@@ -373,7 +636,7 @@ class Ingestor:
                           "and waits behind it in the inbox")
                 for p in paths:
                     waiting.setdefault(p, name)
-                yield IngestResult(box.name, name, False, held=True, reason=reason)
+                yield IngestResult(box.name, name, False, held=True, reason=reason, tried=False)
                 continue
             folder = os.path.join(box.processing, name)
             os.mkdir(folder, 0o700)
@@ -396,7 +659,8 @@ class Ingestor:
         except (OSError, ValueError, DittoheadError, MemoryError):
             return set()
 
-    def _process(self, box: StudyDropbox, name: str, waiting: dict[str, str]) -> IngestResult:
+    def _process(self, box: StudyDropbox, name: str, waiting: dict[str, str],
+                 progress: Callable[[str, str], None] | None = None) -> IngestResult:
         """Ingest one submission; ``waiting`` maps the paths of the study's submissions held back
         earlier in this run to their names (a later one that lists such a path waits too).
 
@@ -405,7 +669,13 @@ class Ingestor:
         rejects it; an attempt the daemon dies in (killed, out of memory) is counted in its
         state, and after ``max_attempts`` of those it is set aside, rejected with that reason,
         instead of being tried first on every start.
+
+        Taking and verifying hold only the study's lock (the caller's); the commit takes the
+        store's lock, and the index, caught up under it, is asked again whether the submission
+        is in the log already (an attempt that died past its commit point), so that nothing is
+        ever committed twice.
         """
+        step = progress or (lambda n, s: None)
         idx = self.store.index
         folder = os.path.join(box.processing, name)
         done = idx.submission_named(box.name, name)
@@ -419,8 +689,10 @@ class Ingestor:
                                   f"{state.attempts} attempts at ingesting it; set aside")
             state.attempts += 1
             state.write(folder)
+            step(name, "taking")
             try:
                 plan = self._take_and_verify(box, name, folder, waiting)
+                plan.writer.finish()  # written out and fsynced before the lock is taken
             except _HeldBack as e:
                 state.end_attempt(folder)
                 for p in e.paths:
@@ -430,7 +702,7 @@ class Ingestor:
                 return self._fail(box, name, str(e))
             except MemoryError:
                 return self._fail(box, name, "too large to verify within the daemon's memory")
-            except (OSError, StoreError, sqlite3.Error, KeyboardInterrupt, SystemExit):
+            except (OSError, StoreError, sqlite3.Error, KeyboardInterrupt, SystemExit, Stopped):
                 # The server's own trouble (a full disk, the store), or a stop: this run ends,
                 # and the attempt does not count against the submission.
                 state.end_attempt(folder)
@@ -439,17 +711,31 @@ class Ingestor:
                 log.exception("internal error while verifying %s/%s", box.name, name)
                 return self._fail(box, name, f"internal error while verifying it ({type(e).__name__}: "
                                   f"{escape(str(e))[:200]}); report this")
-            try:
-                self._commit(box, name, plan)
-            except BaseException:
-                plan.writer.discard()
-                state.end_attempt(folder)
-                raise
-            done = idx.submission_named(box.name, name)
-            assert done is not None
-        self._finish(box, name, done.seq)
+            with contextlib.ExitStack() as commit:
+                try:
+                    with self.locked(self.commit_wait):
+                        commit.enter_context(self.critical())
+                        step(name, "committing")
+                        widx = self.store.index  # the writer's, caught up with the logs
+                        done = widx.submission_named(box.name, name)
+                        if done is None:
+                            self._commit(box, name, plan)
+                            done = widx.submission_named(box.name, name)
+                        else:
+                            plan.writer.discard()
+                except BaseException:
+                    plan.writer.discard()
+                    state.end_attempt(folder)
+                    raise
+                assert done is not None
+                step(name, "finishing")
+                self._finish(box, name, done.seq)
+        else:
+            step(name, "finishing")
+            self._finish(box, name, done.seq)
         log.info("ingested %s/%s as #%d", box.name, name, done.seq)
-        return IngestResult(box.name, name, True, done.seq, done.files, done.new_versions, done.new_chunk_bytes)
+        return IngestResult(box.name, name, True, done.seq, done.files, done.new_versions, done.new_chunk_bytes,
+                            site=done.site, user=done.user, host=done.host)
 
     def _take_and_verify(self, box: StudyDropbox, name: str, folder: str, waiting: dict[str, str]) -> _Plan:
         """Copy the submission into ``folder`` afresh (whatever an interrupted attempt copied
@@ -487,7 +773,7 @@ class Ingestor:
         needed = set(referenced) - held.keys()
         to_write = needed - idx.has_chunks(needed)
 
-        writer = StorePackWriter(self.store)
+        writer = StorePackWriter(self.store, self.workdir.new_tmp)
         plan = _Plan(data, m, mf.manifest_id(data), writer)
         hashing = _FileHashes(self._entries_to_hash(box, m))
         try:
@@ -668,7 +954,9 @@ class Ingestor:
         text = f"rejected: {reason}\n".encode("utf-8", "backslashreplace")
         folder = os.path.join(box.processing, name)
         kept_as = name if raw is None or len(name.encode()) <= 200 else f"badname-{blake3(raw).hexdigest()[:16]}"
+        site = user = ""
         if raw is None and os.path.isdir(folder):
+            site, user = _who(folder)
             # Decided first, in processing/: a crash from here on finishes the rejection.
             fsutil.write_new(os.path.join(folder, fmt.REASON_NAME), text, mode=0o600, exist_ok=True)
             _drop_copies(folder, keep=(fmt.MANIFEST_NAME, fmt.REASON_NAME))
@@ -681,7 +969,17 @@ class Ingestor:
             self._release(box, raw if raw is not None else os.fsencode(name))
         fsutil.fsync_dir(box.failed)
         log.info("rejected %s/%s: %s", box.name, name, reason)
-        return IngestResult(box.name, name, False, reason=reason)
+        return IngestResult(box.name, name, False, reason=reason, site=site, user=user)
+
+
+def _who(folder: str) -> tuple[str, str]:
+    """The site and user that the daemon's copy of a manifest names, for a rejection's notice
+    ("", "" where it is missing or does not decode: its decoding is what failed, perhaps)."""
+    try:
+        m = mf.decode(fsutil.read_limited(os.path.join(folder, fmt.MANIFEST_NAME), fmt.MANIFEST_MAX_SIZE))
+    except Exception:  # noqa: BLE001 (whatever the bytes are: this is only for the notice's words)
+        return "", ""
+    return m.site, m.user
 
 
 def _drop_copies(folder: str, keep: tuple[str, ...]) -> None:

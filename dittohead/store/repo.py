@@ -241,6 +241,29 @@ class Store:
         log.info("reading the index %s now", path)
         return True
 
+    def index_current(self, study: str) -> bool:
+        """Whether the index can be read as it is for an ingest of ``study`` (which verifies
+        with the store only read): it is there, sound and of this dittohead, and it holds every
+        record of the study's log (a log of dittohead 0.2 not yet copied counts as not). If not,
+        the writer sets it right first (``catch_up``, or a rebuild). A cheap look: the index's
+        header, one query, and the next record's name."""
+        path = self.root.index_path
+        if not os.path.exists(path) or not _sqlite_file_intact(path) or self.old_log(study):
+            return False
+        try:
+            idx = Index(path, readonly=True)
+        except sqlite3.Error:
+            return False
+        try:
+            if not idx.schema_ok:
+                return False
+            last = idx.last_seq(study)
+        except sqlite3.Error:
+            return False
+        finally:
+            idx.close()
+        return not self.objects.exists(studylog.record_key(study, last + 1))
+
     def _open_reader(self) -> Index:
         """A read-only connection to the index, or to a reader's own where it cannot be used."""
         path = self.root.index_path
