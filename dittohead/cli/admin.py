@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -198,50 +197,60 @@ def _report(r: IngestResult) -> None:
 @click.command()
 @store_option
 @click.option("--once", is_flag=True, help="Ingest what is committed now, then exit.")
-@click.option("--interval", default=5.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0.1),
-              help="Without --once: how often to look for new submissions.")
+@click.option("--interval", default=None, metavar="SECONDS", type=click.FloatRange(min=0.1),
+              help="Without --once: seconds between two full rescans of every inbox (default: "
+                   "rescan_seconds in ROOT/daemon/watch.json, 60); new submissions are seen at once "
+                   "through inotify.")
 @click.option("--max-attempts", default=MAX_ATTEMPTS, show_default=True, type=click.IntRange(min=1),
-              help="Set a submission aside (rejected, with that reason) once the daemon has died (killed, "
-                   "out of memory) during this many attempts at it.")
-def watch(store: str, once: bool, interval: float, max_attempts: int) -> None:
+              help="Set a submission aside (rejected, with that reason) once the daemon or its worker has "
+                   "died (killed, out of memory) during this many attempts at it.")
+@click.option("--log-file", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Without --once: append the daemon's log to FILE (reopened on SIGHUP) instead of stderr.")
+@click.option("--log-json", is_flag=True, help="Without --once: log one JSON object a line (for log shippers).")
+def watch(store: str, once: bool, interval: float | None, max_attempts: int, log_file: str | None,
+          log_json: bool) -> None:
     """Ingest committed submissions into the store (the server's daemon).
 
     Each submission is verified whole, then added in one commit; a bad one goes to
     dropbox/NAME/failed/ with a REASON file and changes nothing. One that cannot be verified
-    because of damage in the store is held back for the next run, not rejected (run fsck
+    because of damage in the store is held back for a later try, not rejected (run fsck
     --read-data). With --once, exits 1 if any submission was rejected or held back, or an
-    export failed. Without --once, whatever ends a pass (a full disk, a locked store) is
-    reported in one line, and the next pass comes after the interval.
+    export failed, and 4 if another ingest kept a study's lock for 30 s (that study is left to it).
+
+    Without --once it runs until stopped (docs/watch.md): it sees a commit at once (inotify on
+    every inbox, new studies included) and rescans every inbox every --interval seconds; each
+    submission is ingested by a worker process of its own, studies side by side; it logs one
+    line per event, notifies (ROOT/daemon/watch.json, study set --notify) and runs hooks;
+    ROOT/daemon/state.json says what it does (dittohead status). One daemon per server root
+    (a second exits 4, naming the pid that runs).
+
+    SIGTERM or SIGINT: a commit in hand is finished, a submission being verified is left for
+    the next start (its attempt does not count); exits 0 (130 for SIGINT) within 30 seconds.
+    SIGHUP: reads ROOT/daemon/watch.json again (a bad file: one log line, the old settings
+    stay) and reopens --log-file. Under systemd, Type=notify works (READY=1, WATCHDOG=1).
     """
-    if once:
-        root = ServerRoot(store)
-        root.config()  # a usable server root, or a clear error
-        if not root.has_work():  # the common case for a timer-driven --once: answer fast
-            click.echo("watch: nothing to ingest")
-            return
+    if not once:
+        from dittohead.daemon.watcher import Daemon, DaemonOptions
+
+        level = logging.getLogger().getEffectiveLevel()
+        options = DaemonOptions(ServerRoot(store).path, max_attempts, interval, log_file, log_json, level)
+        raise click.exceptions.Exit(Daemon(options).run())
+    if log_file or log_json:
+        raise UsageError("--log-file and --log-json are for the daemon (watch without --once)")
+    root = ServerRoot(store)
+    root.config()  # a usable server root, or a clear error
+    if not root.has_work():  # the common case for a timer-driven --once: answer fast
+        click.echo("watch: nothing to ingest")
+        return
     from dittohead.store.ingest import Ingestor
 
     st = open_store(store)
     ingestor = Ingestor(st, max_attempts=max_attempts)
-    if once:
-        results, failed_exports = _ingest_and_export(st, ingestor)
-        if not results:
-            click.echo("watch: nothing to ingest")
-        if any(not r.ok for r in results) or failed_exports:
-            raise click.exceptions.Exit(EXIT_FAILURE)
-        return
-    click.echo(f"watching {store} every {interval:g} s (Ctrl-C to stop)", err=True)
-    while True:
-        try:
-            _ingest_and_export(st, ingestor)
-        except (DittoheadError, OSError, sqlite3.Error) as e:
-            why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-            click.echo(f"watch: this pass stopped: {why} (the next one in {interval:g} s)", err=True)
-        except Exception as e:  # the daemon outlives a fault of its own
-            log.exception("internal error in a pass of watch")
-            click.echo(f"watch: this pass stopped: internal error: {type(e).__name__}: {e} "
-                       f"(the next one in {interval:g} s)", err=True)
-        time.sleep(interval)
+    results, failed_exports = _ingest_and_export(st, ingestor)
+    if not results:
+        click.echo("watch: nothing to ingest")
+    if any(not r.ok for r in results) or failed_exports:
+        raise click.exceptions.Exit(EXIT_FAILURE)
 
 
 def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult], set[str]]:

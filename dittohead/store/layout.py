@@ -15,6 +15,7 @@ in it for the daemon before ``init``.
         have/                   0755  have-segments, read by clients
         receipts/               0711  one receipt per ingested submission, readable by name
         processing/ done/ failed/  0700
+    ROOT/daemon/                0700  the watch daemon's own: its lock, watch.json, state.json, outbox/
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from dittohead import format as fmt
 from dittohead import fsutil
+from dittohead.daemon.config import DAEMON_DIR
 from dittohead.errors import AlreadyExists, NoSuchStudy, StoreError, UsageError
 from dittohead.store.config import StoreConfig
 
@@ -41,6 +43,7 @@ INBOX_MODE = 0o3733
 HAVE_MODE = 0o755
 RECEIPTS_MODE = 0o711
 PRIVATE_MODE = 0o700
+DAEMON_MODE = 0o700  # ROOT/daemon/: the watch daemon's lock, configuration, state and outbox
 # Attempts the daemon may die in (killed, out of memory) before a submission in processing/ is
 # set aside instead of being tried first at every start (``watch --max-attempts``).
 MAX_ATTEMPTS = 3
@@ -143,6 +146,11 @@ class ServerRoot:
         return os.path.join(self.store, "lock")
 
     @property
+    def daemon_dir(self) -> str:
+        """ROOT/daemon/: what the watch daemon keeps between runs (dittohead/daemon/)."""
+        return os.path.join(self.path, DAEMON_DIR)
+
+    @property
     def dropbox_root(self) -> str:
         return os.path.join(self.path, "dropbox")
 
@@ -231,6 +239,8 @@ class ServerRoot:
                              "account (docs/server-root.md, \"Uploaders chrooted by sshd\")")
         for sub, mode in self.folders():
             _mkdir(sub, mode)
+        if not self._root_is_roots() or os.path.isdir(self.daemon_dir):
+            _mkdir(self.daemon_dir, DAEMON_MODE)  # under root's ROOT, only if the admin made it
         cfg = StoreConfig.new()
         fsutil.write_new(self.config_path, cfg.encode(), mode=0o600)
         fsutil.fsync_dir(self.path)
@@ -244,7 +254,7 @@ class ServerRoot:
         """ROOT is empty, or holds only the empty ``store/`` and ``dropbox/`` an admin made for
         this account (the chroot arrangement)."""
         names = os.listdir(self.path)
-        if not set(names) <= {"store", "dropbox"}:
+        if not set(names) <= {"store", "dropbox", DAEMON_DIR}:
             return False
         for name in names:
             path = os.path.join(self.path, name)
@@ -263,6 +273,13 @@ class ServerRoot:
             (self.quarantine, PRIVATE_MODE),
             (self.dropbox_root, DROPBOX_MODE),
         ]
+
+    def make_daemon_dir(self) -> str:
+        """ROOT/daemon/ for the watch daemon, where a server root made by an earlier dittohead has
+        none (``init`` makes it); PermissionError where ROOT is not this account's."""
+        _mkdir(self.daemon_dir, DAEMON_MODE)
+        fsutil.fsync_dir(self.path)
+        return self.daemon_dir
 
     def add_study(self, settings: StudySettings) -> StudyDropbox:
         self.config()
@@ -342,6 +359,8 @@ class ServerRoot:
                 out.append(f"{self.path}: mode {stat.S_IMODE(root.st_mode):04o}, want {ROOT_MODE:04o}")
         else:
             wanted.insert(0, (self.path, ROOT_MODE, gid))
+        if os.path.lexists(self.daemon_dir):  # made by init, or by watch for an older root
+            wanted.append((self.daemon_dir, DAEMON_MODE, gid))
         for s in self.studies():
             box = self.dropbox(s)
             try:
