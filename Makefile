@@ -6,12 +6,13 @@
 #   make bench-scale  set up .venv (and GNU time), then run benchmarks/scale.py (dittohead at scale)
 #   make bench-sftp   set up .venv and OpenSSH, then run benchmarks/sftp.py (sync over SSH, as root)
 #   make bench-mount  set up .venv, FUSE, restic and borg, then run benchmarks/mount.py (the mount)
+#   make bench-watch  set up .venv, then run benchmarks/watch.py (the watch daemon: latency, throughput)
 #   make lint         ruff check and mypy
 #   make clean        remove caches and the demo's and benchmarks' output (distclean: .venv too)
 #
 # Extra arguments: make test PYTEST_ARGS='-k ingest -x'; make demo DEMO_ARGS='--dir /tmp/d';
 # make bench-scale SCALE_ARGS='--scale 0.1'; make bench-sftp SFTP_ARGS='--scale 0.25';
-# make bench-mount MOUNT_ARGS='--scale 0.1 --scale-1m 0.1'.
+# make bench-mount MOUNT_ARGS='--scale 0.1 --scale-1m 0.1'; make bench-watch WATCH_ARGS='--scale 0.25'.
 # Nothing here reads standard input: safe in CI, as root, with no terminal.
 
 SHELL := bash
@@ -44,6 +45,7 @@ BENCH_ARGS ?=
 SCALE_ARGS ?=
 SFTP_ARGS ?=
 MOUNT_ARGS ?=
+WATCH_ARGS ?=
 # Set to 1 to accept pytest's exit code 5 ("no tests were collected") as success.
 NO_TESTS_OK ?=
 
@@ -51,11 +53,11 @@ NO_TESTS_OK ?=
 TEST_STAMP := $(VENV)/.installed-test
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: help setup demo test bench bench-scale bench-sftp bench-mount lint clean distclean \
+.PHONY: help setup demo test bench bench-scale bench-sftp bench-mount bench-watch lint clean distclean \
 	system-deps bench-deps scale-deps sftp-deps mount-deps
 
 help:
-	@sed -n '3,14s/^# \{0,1\}//p' Makefile
+	@sed -n '3,15s/^# \{0,1\}//p' Makefile
 
 # --- the virtualenv -----------------------------------------------------------------------
 
@@ -156,6 +158,13 @@ bench-sftp: sftp-deps $(TEST_STAMP)
 bench-mount: mount-deps $(TEST_STAMP)
 	$(VPY) -m compileall -q dittohead
 	$(VPY) benchmarks/mount.py $(MOUNT_ARGS)
+
+# The watch daemon as its own account, an uploader syncing into it: commit to receipt of a small
+# submission (median of many), and ingest throughput of bench.py's study (docs/watch.md,
+# "Figures").
+bench-watch: $(TEST_STAMP)
+	$(VPY) -m compileall -q dittohead
+	$(VPY) benchmarks/watch.py $(WATCH_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
