@@ -109,12 +109,16 @@ def _place(tmp: str, dest: str, dir_fd: int | None) -> bool | None:
 def new_file(dest: str, *, mode: int = 0o644, tmp_dir: str | None = None) -> Iterator[BinaryIO]:
     """Write a new file durably: yields a file; on clean exit, fsync and link to ``dest``.
 
+    The file gets ``mode`` exactly, whatever the umask (a daemon run with umask 077 would
+    otherwise publish receipts and have-segments that no collector can read).
     Raises FileExistsError if ``dest`` exists (checked again at the link).
     """
     directory = tmp_dir or os.path.dirname(dest)
     tmp = tmp_name(directory)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -36,3 +36,20 @@ def test_bad_values_change_nothing(server: Server) -> None:
     path.write_text(json.dumps({**json.loads(before), "quota": "big"}))
     r = server.run("study", "set", "s", "--store", server.root)
     assert r.exit_code == 1 and "bad study settings" in r.output
+
+
+def test_receipts_and_have_segments_are_readable_whatever_the_daemons_umask(server: Server, tmp_path: Path) -> None:
+    import os
+
+    from conftest import write_file
+
+    write_file(tmp_path / "src" / "a.txt", b"a\n")
+    server.sync(tmp_path / "src")
+    old = os.umask(0o077)
+    try:
+        server.ingest()
+    finally:
+        os.umask(old)
+    box = server.root / "dropbox" / "s"
+    for f in [*(box / "receipts").iterdir(), *(box / "have").iterdir()]:
+        assert f.stat().st_mode & 0o777 == 0o644, f

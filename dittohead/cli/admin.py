@@ -74,14 +74,20 @@ def _note_membership(readers: str | None) -> None:
 @store_option
 @click.option("--export", "export_to", metavar="DEST", type=click.Path(file_okay=False),
               help="After each ingest, watch exports the study's view into DEST (adding only).")
-@click.option("--notify", multiple=True, metavar="ADDR", help="E-mail address for notifications (repeatable).")
+@click.option("--notify", multiple=True, metavar="ADDR",
+              help="Where watch sends this study's notices: an e-mail address or an Apprise URL (repeatable).")
+@click.option("--notify-success", is_flag=True,
+              help="Also send a notice for each ingest (who, from which site, files, bytes).")
+@click.option("--quota", metavar="SIZE", help="Notify when the study holds more than SIZE in the store (e.g. 500G).")
+@click.option("--hook", metavar="COMMAND",
+              help="A command watch runs after each ingest of the study (docs/watch-housekeeping.md).")
 @click.option("--uploaders", metavar="GROUP",
               help="Only members of GROUP may submit to this study (its drop box is closed to everyone "
                    "else). The daemon's account must be a member of GROUP. Default: any account that "
                    "can reach the server root.")
 @click.option("--readers", metavar="GROUP", help=_READERS_HELP)
-def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...], uploaders: str | None,
-              readers: str | None) -> None:
+def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, ...], notify_success: bool,
+              quota: str | None, hook: str | None, uploaders: str | None, readers: str | None) -> None:
     """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed.
 
     Run it as the daemon's account, like init. See docs/server-root.md for the permission model;
@@ -90,7 +96,9 @@ def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, .
     check_study_name(name)
     if export_to:
         export_to = _check_export_dest(export_to)
-    box = ServerRoot(store).add_study(StudySettings(name, export_to, notify, uploaders, readers))
+    box = ServerRoot(store).add_study(StudySettings(
+        name, export_to, notify, uploaders, readers, notify_success,
+        _size(quota, "--quota") if quota else None, _check_hook(hook) if hook else None))
     who = f"members of group {uploaders}" if uploaders else "collectors"
     click.echo(f"added study {name}: {who} sync into {box.inbox}"
                + (f"; members of group {readers} read it" if readers else ""))
@@ -113,11 +121,13 @@ def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, .
 @click.option("--quota", metavar="SIZE",
               help="Notify when the study holds more than SIZE in the store (e.g. 500G); 'none' removes it.")
 @click.option("--hook", metavar="COMMAND",
-              help="A command watch runs after each ingest of the study (docs/watch.md); '' removes it.")
+              help="A command watch runs after each ingest of the study (docs/watch-housekeeping.md); "
+                   "'' removes it.")
 def study_set(name: str, store: str, readers: str | None, no_readers: bool, export_to: str | None,
               no_export: bool, notify: tuple[str, ...], notify_success: bool | None, quota: str | None,
               hook: str | None) -> None:
-    """Change the settings of study NAME: who reads it (--readers), where watch exports it.
+    """Change the settings of study NAME: who reads it, where watch exports it, whom it notifies,
+    its quota and its hook.
 
     The mount shows a change within seconds, without a remount. An export already written
     takes the new group and modes at the next 'dittohead export --verify' (the next export
@@ -140,15 +150,7 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
     if quota is not None:
         more["quota"] = None if quota.lower() == "none" else _size(quota, "--quota")
     if hook is not None:
-        if hook:
-            import shlex
-
-            try:
-                if not shlex.split(hook):
-                    raise ValueError("empty")
-            except ValueError as e:
-                raise UsageError(f"--hook: not a command line ({e})") from None
-        more["hook"] = hook or None
+        more["hook"] = _check_hook(hook) if hook else None
     changes.update(more)  # type: ignore[arg-type]
     root = ServerRoot(store)
     if changes:
@@ -163,6 +165,17 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
                f"quota {human_bytes(s.quota) if s.quota is not None else '(none)'}; hook {s.hook or '(none)'}")
     if "readers" in changes:
         _note_membership(s.readers)
+
+
+def _check_hook(hook: str) -> str:
+    import shlex
+
+    try:
+        if not shlex.split(hook):
+            raise ValueError("empty")
+    except ValueError as e:
+        raise UsageError(f"--hook: not a command line ({e})") from None
+    return hook
 
 
 def _masked(address: str) -> str:

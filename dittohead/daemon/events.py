@@ -66,10 +66,10 @@ class Event:
         return f"dittohead: the daemon {f.get('what', '')}"
 
     def line(self) -> str:
-        """The one log line."""
+        """The one log line: the subject, then the fields (its kind is in the subject's words)."""
         f = self.fields
-        details = "; ".join(f"{k} {escape(str(v))}" for k, v in f.items() if k not in ("output",))
-        return f"{self.kind}: {self.subject().removeprefix('dittohead: ')}" + (f" ({details})" if details else "")
+        details = "; ".join(f"{k} {escape(str(v))}" for k, v in f.items() if k not in ("output", "seq"))
+        return self.subject().removeprefix("dittohead: ") + (f" ({details})" if details else "")
 
     def json(self) -> str:
         doc = {"time_ns": self.time_ns, "kind": self.kind, "study": self.study, "submission": self.submission,

@@ -101,7 +101,7 @@ class StudySettings:
     readers: str | None = None  # the one group whose members read the study's view (mount, export)
     notify_success: bool = False  # notify (``notify``) of each ingest too, not only of failures
     quota: int | None = None  # bytes the study may hold in the store before watch notifies
-    hook: str | None = None  # a command watch runs after each ingest (docs/watch.md)
+    hook: str | None = None  # a command watch runs after each ingest (docs/watch-housekeeping.md)
 
     def doc(self) -> dict:
         """The settings file's JSON document (store/studies/NAME.json)."""
