@@ -502,9 +502,20 @@ class Daemon:
         self._write_state(force=True)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=watching {self.root.path}")
         self._next_rescan = time.monotonic()
+        faults = 0
         try:
             while self._stop_signal is None:
-                self._turn()
+                try:
+                    self._turn()
+                    faults = 0
+                except Exception as e:  # the daemon outlives a fault of its own: one line, then on
+                    faults += 1
+                    log.debug("internal error in the daemon's loop", exc_info=True)
+                    self.sink.text(f"internal error in the daemon's loop: {type(e).__name__}: {e} (run with -v "
+                                   "for details)", what="error")
+                    pause = time.monotonic() + min(60.0, 2.0 ** faults)
+                    while self._stop_signal is None and time.monotonic() < pause:
+                        time.sleep(0.1)
         except BaseException as e:
             self.sink.text(f"the daemon stops on an error of its own: {type(e).__name__}: {e}", what="error")
             self._shutdown()
@@ -994,6 +1005,7 @@ class Daemon:
                 elif hasattr(part, "config"):
                     part.config = new
             self._next_rescan = min(self._next_rescan, time.monotonic() + self._rescan_seconds())
+            self._state_dirty = True
             self.sink.text(f"SIGHUP: {config_mod.config_path(self.root.path)} read again (a rescan every "
                            f"{self._rescan_seconds():g} s; up to {new.workers} workers)", what="reloaded")
         sd_notify("READY=1")
