@@ -598,7 +598,7 @@ def test_log_file_and_text_lines(site: Site) -> None:
         wait_for(lambda: "watching " in log.read_text(), 60, "the daemon's start")
         name = site.submit(a, "s")
         wait_for(lambda: site.receipt("s", name), 30, "the receipt")
-        wait_for(lambda: f"ingested: s/{name} ingested as #1" in log.read_text(), 5, "the log line")
+        wait_for(lambda: f"s/{name} ingested as #1 (site lab-upa" in log.read_text(), 5, "the log line")
     finally:
         os.kill(p.pid, signal.SIGTERM)
         assert p.wait(timeout=STOP_BOUND + 30) == 0
