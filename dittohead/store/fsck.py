@@ -415,6 +415,8 @@ class Checker:
             except OSError:
                 continue
             for name in names:
+                if name.startswith("."):  # a temporary (a kill's leftover): no client reads it
+                    continue
                 try:
                     decode(fsutil.read_limited(os.path.join(folder, name), fmt.HAVE_MAX_SIZE))
                 except (OSError, ValueError, FormatError) as e:
