@@ -39,7 +39,17 @@ from dataclasses import dataclass
 from dittohead.display import escape
 from dittohead.errors import DittoheadError, IntegrityError, NotFound
 from dittohead.store.repo import Store
-from dittohead.view import ChunkCache, Dir, File, FileReader, Node, StoreView, StudyView
+from dittohead.view import (
+    Access,
+    ChunkCache,
+    Dir,
+    File,
+    FileReader,
+    LogFile,
+    Node,
+    StoreView,
+    StudyView,
+)
 
 log = logging.getLogger("dittohead.mount")
 
@@ -50,6 +60,7 @@ READ_AHEAD = 8  # chunks read and verified ahead of a sequential reader (8: 0.18
 BLOCK_SIZE = 128 * 1024  # st_blksize: what a reader is told to read at a time
 TOP_MODE = 0o755
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_UNREAD = Access(0, 0, 0o755, 0o444)  # a study's access before its first look
 
 
 def _err(code: int) -> OSError:
@@ -61,7 +72,7 @@ class _Study:
     view: StudyView
     seq: int = -1  # the last submission the kept nodes were read at
     checked: float = 0.0  # when that was last looked up (time.monotonic)
-    access: tuple[int, int, int, int] = (0, 0, 0o755, 0o444)  # (uid, gid, folder mode, file mode), as then
+    access: Access = _UNREAD  # its owner, group and modes, as then
 
 
 @dataclass
@@ -128,7 +139,7 @@ class MountOps:
         now = time.monotonic()
         if now - s.checked >= REFRESH:
             self.store.use_real_index()  # a mount started before the store's first ingest
-            s.seq, s.access, s.checked = s.view.refresh(), _access(s.view, self._uid, self._gid), now
+            s.seq, s.access, s.checked = s.view.refresh(), s.view.access, now
         return s.seq
 
     def _node(self, path: str) -> tuple[_Study, Node]:
@@ -168,13 +179,13 @@ class MountOps:
                 "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t}
 
     def _stat(self, s: _Study, node: Node) -> dict:
-        uid, gid, dir_mode, file_mode = s.access
+        a = s.access
         if isinstance(node, Dir):
             t = node.mtime_ns or self._top_times  # a study with no submission yet: the mount's start
-            return {"st_mode": stat.S_IFDIR | dir_mode, "st_nlink": 2, "st_uid": uid, "st_gid": gid,
+            return {"st_mode": stat.S_IFDIR | a.dir_mode, "st_nlink": 2, "st_uid": a.uid, "st_gid": a.gid,
                     "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t, "st_blksize": BLOCK_SIZE}
         size, mtime, ctime = _file_times(node)
-        return {"st_mode": stat.S_IFREG | file_mode, "st_nlink": 1, "st_uid": uid, "st_gid": gid,
+        return {"st_mode": stat.S_IFREG | a.file_mode, "st_nlink": 1, "st_uid": a.uid, "st_gid": a.gid,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": BLOCK_SIZE,
                 "st_atime": mtime, "st_mtime": mtime, "st_ctime": ctime}
 
@@ -200,7 +211,7 @@ class MountOps:
                 try:
                     s = self._study(n)
                     self._current_seq(s)
-                    out.append((n, {"st_mode": stat.S_IFDIR | s.access[2]}, 0))
+                    out.append((n, {"st_mode": stat.S_IFDIR | s.access.dir_mode}, 0))
                 except OSError:
                     continue
             return top + out
@@ -212,7 +223,7 @@ class MountOps:
         except NotFound:
             raise _err(errno.ENOENT) from None
         seq = s.seq
-        _, _, dir_mode, file_mode = s.access
+        dir_mode, file_mode = s.access.dir_mode, s.access.file_mode
         here = self._stat(s, node)
         out = [(".", here, 0), ("..", here, 0)]
         prefix = f"{name}\0{vpath}/" if vpath else f"{name}\0"
@@ -264,8 +275,8 @@ class MountOps:
         try:
             if h.reader is None:
                 name, _ = self._split(path)
-                assert name is not None
-                return _read_log(self._study(name).view, h.node, offset, size)
+                assert name is not None and isinstance(h.node, LogFile)
+                return self._study(name).view.read_log(h.node, offset, size)
             data = h.reader.read(offset, size)
         except IntegrityError as e:
             log.error("%s: %s", escape(path), e)
@@ -343,26 +354,10 @@ def _owner(store: Store) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
-def _access(view: StudyView, uid: int, gid: int) -> tuple[int, int, int, int]:
-    """(owner, group, folder mode, file mode) of a study's tree (``StudyView.access``)."""
-    access = getattr(view, "access", None)
-    if access is None:
-        return uid, gid, 0o755, 0o444
-    return access.uid, access.gid, access.dir_mode, access.file_mode
-
-
-def _file_times(node: Node) -> tuple[int, int, int]:
+def _file_times(node: File | LogFile) -> tuple[int, int, int]:
     """(size, mtime, ctime) in ns of a file node: a version's size and the time its source file
     had (else its ingest time), changed at its ingest; the log's size and last ingest."""
     if isinstance(node, File):
         v = node.version
         return v.size, (v.mtime_ns if v.mtime_ns > 0 else v.ingested_ns), v.ingested_ns
-    size, mtime = getattr(node, "size", 0), getattr(node, "mtime_ns", 0)
-    return size, mtime, mtime
-
-
-def _read_log(view: StudyView, node: Node, offset: int, size: int) -> bytes:
-    read_log = getattr(view, "read_log", None)
-    if read_log is None:
-        raise _err(errno.EIO)
-    return read_log(node, offset, size)
+    return node.size, node.mtime_ns, node.mtime_ns
