@@ -72,7 +72,6 @@ A state.json whose ``stopped_ns`` is null and whose ``pid`` is not running is a 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -90,7 +89,11 @@ from typing import Any
 from dittohead import fsutil
 from dittohead.daemon import config as config_mod
 from dittohead.daemon.config import WatchConfig
+from dittohead.daemon.disks import Monitor
 from dittohead.daemon.events import Event
+from dittohead.daemon.hooks import run_hook
+from dittohead.daemon.housekeeping import Housekeeper
+from dittohead.daemon.notify import Notifier
 from dittohead.display import escape
 from dittohead.errors import LockedError, StoreError, UsageError
 from dittohead.lock import FileLock, Held
@@ -108,69 +111,6 @@ BUSY_RETRY = 1.0  # seconds before a study another ingest holds is tried again
 CRASH_RETRY = 1.0  # seconds before the next worker of a study whose worker died; doubles, to a minute
 STOPPED_RETRY = 30.0  # seconds before a study whose worker met the server's own trouble is tried again
 FAILED_KEPT = 10
-
-
-# -- the optional parts: notifications, disks, housekeeping, hooks -----------------------------
-
-
-def _part(module: str, attr: str) -> Any | None:
-    """``dittohead.daemon.MODULE.ATTR``, or None where this build has no such module (or it
-    cannot be imported: said once in the log); the daemon then does without it."""
-    name = f"dittohead.daemon.{module}"
-    try:
-        return getattr(importlib.import_module(name), attr)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            log.warning("%s cannot be used (%s): the daemon does without it", name, e)
-        return None
-    except ImportError as e:
-        log.warning("%s cannot be used (%s): the daemon does without it", name, e)
-        return None
-
-
-class _NoNotifier:
-    """Where notify.py is not there: events are logged, and notified to nobody."""
-
-    def send(self, event: Event, settings: StudySettings | None) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def pending(self) -> int:
-        return 0
-
-    def close(self, timeout: float = 0.0) -> None:
-        pass
-
-
-class _NoMonitor:
-    def check(self, store: Any, settings: dict[str, StudySettings]) -> list[Event]:
-        return []
-
-
-class _Backoff:
-    """Where housekeeping.py is not there: held-back submissions are retried after a delay that
-    doubles (1 minute, 2, 4... at most an hour), kept in memory only."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, str], tuple[int, float]] = {}
-
-    def run(self, store: Any = None) -> list[Event]:
-        return []
-
-    def held(self, study: str, submission: str, reason: str = "") -> float:
-        n = self._held.get((study, submission), (0, 0.0))[0] + 1
-        at = time.time() + min(60.0 * 2 ** (n - 1), 3600.0)
-        self._held[(study, submission)] = (n, at)
-        return at
-
-    def cleared(self, study: str, submission: str) -> None:
-        self._held.pop((study, submission), None)
-
-    def retry_at(self, study: str, submission: str) -> float | None:
-        got = self._held.get((study, submission))
-        return got[1] if got else None
 
 
 # -- the log -------------------------------------------------------------------------------
@@ -319,14 +259,9 @@ class _Hooks:
         self._lock = threading.Lock()
         self._waiting: dict[str, deque[tuple[StudySettings, Event, float]]] = {}
         self._threads: dict[str, threading.Thread] = {}
-        self._run = _part("hooks", "run_hook")
         self.stopping = False
 
     def submit(self, settings: StudySettings, event: Event, timeout: float) -> None:
-        if self._run is None:
-            log.warning("study %s has a hook, but this dittohead runs no hooks (dittohead/daemon/hooks.py "
-                        "is missing)", settings.name)
-            return
         study = settings.name
         with self._lock:
             self._waiting.setdefault(study, deque()).append((settings, event, timeout))
@@ -345,8 +280,7 @@ class _Hooks:
                     return
                 settings, event, timeout = waiting.popleft()
             try:
-                assert self._run is not None
-                failed = self._run(settings, event, timeout, root=self.root)
+                failed = run_hook(settings, event, timeout, root=self.root)
             except Exception as e:  # a hook's trouble is reported, never the daemon's end
                 log.exception("internal error running the hook of study %s", study)
                 failed = Event("hook_failed", study, event.submission, fields={
@@ -436,9 +370,9 @@ class Daemon:
         self._observer: Any = None
         self._handler: _InboxEvents | None = None
         self.store: Any = None
-        self.notifier: Any = None
-        self.monitor: Any = None
-        self.housekeeper: Any = None
+        self.notifier: Notifier
+        self.monitor: Monitor
+        self.housekeeper: Housekeeper
         self.hooks = _Hooks(self.root.path, self.events)
 
     # -- start and stop
@@ -532,18 +466,9 @@ class Daemon:
         self.events.put(("wake", None, None))
 
     def _make_parts(self) -> None:
-        made = []
-        for module, attr, fallback in (("notify", "Notifier", _NoNotifier), ("disks", "Monitor", _NoMonitor),
-                                       ("housekeeping", "Housekeeper", _Backoff)):
-            cls = _part(module, attr)
-            part: Any = None
-            if cls is not None:
-                try:
-                    part = cls(self.root.path, self.config)
-                except Exception as e:  # noqa: BLE001 - the daemon does without it, and says so
-                    log.error("%s: cannot start it (%s: %s): the daemon does without it", module, type(e).__name__, e)
-            made.append(part if part is not None else fallback())
-        self.notifier, self.monitor, self.housekeeper = made
+        self.notifier = Notifier(self.root.path, self.config)
+        self.monitor = Monitor(self.root.path, self.config)
+        self.housekeeper = Housekeeper(self.root.path, self.config)
 
     def _start_observer(self) -> None:
         try:
@@ -730,11 +655,8 @@ class Daemon:
         st.watch = None
 
     def _held_back(self, study: str) -> list[Any]:
-        held_back = getattr(self.housekeeper, "held_back", None)
-        if held_back is None:
-            return []
         try:
-            return [h for h in held_back() if h.study == study]
+            return [h for h in self.housekeeper.held_back() if h.study == study]
         except Exception:  # noqa: BLE001 - only for the state's words
             return []
 
@@ -998,12 +920,9 @@ class Daemon:
             self.sink.text(f"SIGHUP: {e}; the configuration in use stays", what="reload_failed")
         else:
             self.config = new
-            for part in (self.notifier, self.monitor, self.housekeeper):
-                reconfigure = getattr(part, "reconfigure", None)
-                if reconfigure is not None:
-                    self._safely("reload", reconfigure, new)
-                elif hasattr(part, "config"):
-                    part.config = new
+            self._safely("reload", self.notifier.reconfigure, new)
+            self._safely("reload", self.monitor.reconfigure, new)
+            self.housekeeper.config = new
             self._next_rescan = min(self._next_rescan, time.monotonic() + self._rescan_seconds())
             self._state_dirty = True
             self.sink.text(f"SIGHUP: {config_mod.config_path(self.root.path)} read again (a rescan every "
@@ -1018,7 +937,7 @@ class Daemon:
         self._state_dirty = False
         self._state_written = now
         try:
-            pending = int(self.notifier.pending()) if hasattr(self.notifier, "pending") else 0
+            pending = self.notifier.pending()
         except Exception:  # noqa: BLE001
             pending = 0
         doc = {
