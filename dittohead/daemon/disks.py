@@ -28,7 +28,6 @@ nothing else of the server's (its notices then go to that study's addresses too)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from dittohead import fsutil
 from dittohead.daemon.config import WatchConfig, daemon_dir
 from dittohead.daemon.events import Event
 from dittohead.display import escape
@@ -132,19 +132,10 @@ class Monitor:
 
     def _save(self) -> None:
         data = (json.dumps(self.state, indent=1, sort_keys=True) + "\n").encode()
-        folder = os.path.dirname(self.path)
-        tmp = os.path.join(folder, f".tmp-{LEVELS_NAME}-{os.urandom(6).hex()}")
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            fsutil.replace_file(self.path, data)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             # Kept in memory: told once in this run still; a restart may tell it again.
             log.error("disks: cannot write %s (%s)", self.path, e.strerror or e)
 

@@ -293,19 +293,7 @@ class Housekeeper:
         directory = daemon_dir(self.root.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         data = json.dumps({"held": [h.doc() for h in self.held_back()]}, indent=1).encode() + b"\n"
-        tmp = fsutil.tmp_name(directory)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, held_path(self.root.path))  # the daemon's own state: replaced, not kept
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsutil.fsync_dir(directory)
+        fsutil.replace_file(held_path(self.root.path), data)  # the daemon's own state: replaced, not kept
 
 
 def _is_staging_name(name: str) -> bool:

@@ -468,19 +468,7 @@ class Notifier:
 
     def _write(self, notice: Notice, name: str) -> None:
         data = json.dumps(notice.doc(), ensure_ascii=True, sort_keys=True).encode()
-        tmp = fsutil.tmp_name(self.outbox)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), NOTICE_MODE)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.outbox, name))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsutil.fsync_dir(self.outbox)
+        fsutil.replace_file(os.path.join(self.outbox, name), data, mode=NOTICE_MODE)
 
     def _names(self) -> list[str]:
         try:
