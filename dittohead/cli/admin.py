@@ -179,9 +179,13 @@ def _check_hook(hook: str) -> str:
 
 
 def _masked(address: str) -> str:
-    """A notification address as it may be printed: an URL's password as ***."""
+    """A notification address as it may be printed: an e-mail URL with its password as ***;
+    any other URL as its scheme alone (services keep their tokens in the path: slack://T/B/C)."""
     import re
 
+    scheme, sep, _ = address.partition("://")
+    if sep and scheme.lower() not in ("mailto", "mailtos"):
+        return f"{scheme}://***"
     return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", address)
 
 
