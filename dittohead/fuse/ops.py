@@ -104,7 +104,9 @@ class MountOps:
             self._study(study)  # NotFound now, not at the first look
 
     def close(self) -> None:
-        self._ahead.shutdown(wait=False, cancel_futures=True)
+        """Stop reading ahead, and wait for the reads in flight: the store may be closed next,
+        and a connection closed under a thread that is using it crashes SQLite."""
+        self._ahead.shutdown(wait=True, cancel_futures=True)
 
     # -- paths
 
