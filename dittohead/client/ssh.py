@@ -356,21 +356,10 @@ def connect(target: Resolved, prompts: Prompts, *, password: Callable[[str], str
     ``password`` gives the password for a prompt (None: none to give); by default the prompt is
     ``prompts.secret``. Each hop is signed in to the same way, with its own host key checked."""
     policy = HostKeyPolicy(list(target.known_hosts), prompts, record=record)
-    hops: list[paramiko.Transport] = []
-    sock = None
-    try:
-        for hop in target.jump:
-            r = _hop(hop, target)
-            t = _open(r, policy, prompts, password, timeout, sock)
-            hops.append(t)
-            sock = _forward(t, r, target, timeout)
+    with _closed_on_error() as hops:
+        sock = _through(target, hops, policy, prompts, password, timeout)
         t = _open(target, policy, prompts, password, timeout, sock)
-    except BaseException:
-        for h in reversed(hops):
-            with contextlib.suppress(Exception):
-                h.close()
-        raise
-    return Session(t, hops, target, timeout)
+        return Session(t, list(hops), target, timeout)
 
 
 def host_key(target: Resolved, prompts: Prompts, *, password: Callable[[str], str | None] | None = None,
@@ -378,22 +367,37 @@ def host_key(target: Resolved, prompts: Prompts, *, password: Callable[[str], st
     """The key ``target`` shows, read without signing in (through its hops, which are signed in
     to): for ``trust-host``. The caller closes the transports returned."""
     policy = HostKeyPolicy(list(target.known_hosts), prompts)
-    hops: list[paramiko.Transport] = []
-    sock = None
-    try:
-        for hop in target.jump:
-            r = _hop(hop, target)
-            t = _open(r, policy, prompts, password, timeout, sock)
-            hops.append(t)
-            sock = _forward(t, r, target, timeout)
+    with _closed_on_error() as hops:
+        sock = _through(target, hops, policy, prompts, password, timeout)
         t = _start(target, policy, timeout, sock)
         hops.append(t)
-        return t.get_remote_server_key(), hops
+        return t.get_remote_server_key(), list(hops)
+
+
+@contextlib.contextmanager
+def _closed_on_error() -> Iterator[list[paramiko.Transport]]:
+    """A list of transports opened along the way, closed (last first) if what follows fails."""
+    opened: list[paramiko.Transport] = []
+    try:
+        yield opened
     except BaseException:
-        for h in reversed(hops):
+        for t in reversed(opened):
             with contextlib.suppress(Exception):
-                h.close()
+                t.close()
         raise
+
+
+def _through(target: Resolved, hops: list[paramiko.Transport], policy: HostKeyPolicy, prompts: Prompts,
+             password: Callable[[str], str | None] | None, timeout: float) -> paramiko.Channel | None:
+    """Sign in to each of ``target``'s gateways in turn (each added to ``hops``); the channel
+    to the target through the last one (None without gateways)."""
+    sock = None
+    for hop in target.jump:
+        r = _hop(hop, target)
+        t = _open(r, policy, prompts, password, timeout, sock)
+        hops.append(t)
+        sock = _forward(t, r, target, timeout)
+    return sock
 
 
 def _hop(hop: Address, target: Resolved) -> Resolved:
