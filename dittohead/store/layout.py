@@ -323,20 +323,7 @@ class ServerRoot:
         if changes.get("readers"):
             group_id(changes["readers"])
         settings = dataclasses.replace(self.study_settings(study), **changes)
-        path = self.settings_path(study)
-        tmp = fsutil.tmp_name(os.path.dirname(path))
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(_settings_bytes(settings))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsutil.fsync_dir(os.path.dirname(path))
+        fsutil.replace_file(self.settings_path(study), _settings_bytes(settings), mode=0o600)
         return settings
 
     def permission_problems(self) -> list[str]:
