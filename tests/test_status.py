@@ -25,6 +25,7 @@ from dittohead import format as fmt
 from dittohead.client.sync import _made_ns, ago
 from dittohead.daemon.config import WatchConfig
 from dittohead.daemon.housekeeping import Housekeeper
+from dittohead.store.index import Index
 
 BAD = "20260101T000000Z-bad"
 
@@ -75,6 +76,21 @@ def test_status_json_schema(server: Server, busy: dict[str, str]) -> None:
     assert s["last_ingest"]["seq"] == 1 and isinstance(s["last_ingest"]["time_ns"], int)
     assert t["name"] == "t" and t["waiting"] == {"count": 0, "oldest_ns": None, "names": []}
     assert t["last_ingest"] is None
+
+
+def test_latest_ingests_read_from_the_index(server: Server, tmp_path: Path) -> None:
+    """Index.latest_ingests: what status and the daemon's state show as each study's last ingest."""
+    index = str(server.root / "store" / "index.sqlite")
+    assert not os.path.exists(index)  # a fresh server: nothing ingested, no index yet
+    assert Index.latest_ingests(index, ["s", "t"]) == {"s": (0, 0), "t": (0, 0)}
+    assert not os.path.exists(index)  # a reader's look makes nothing
+    write_file(tmp_path / "src" / "a.txt", b"a\n")
+    server.sync(tmp_path / "src")
+    before = time.time_ns()
+    server.ingest()
+    got = Index.latest_ingests(index, ["s", "t"])
+    assert got["t"] == (0, 0) and got["s"][0] == 1 and before <= got["s"][1] <= time.time_ns(), got
+    assert Index.latest_ingests(index, []) == {}
 
 
 def _state(server: Server, **doc: object) -> None:

@@ -147,20 +147,14 @@ def _failed(box: StudyDropbox) -> dict:
 
 
 def _last_ingests(root: ServerRoot, studies: list[str]) -> tuple[dict[str, tuple[int, int]], str | None]:
+    """Each study's last ingest, and why the index could not tell (None: it could; no index yet
+    is a server where nothing was ingested, and no reason to warn)."""
     from dittohead.store.index import Index
 
-    if not os.path.exists(root.index_path):
-        return {}, None  # nothing ingested yet
     try:
-        idx = Index(root.index_path, readonly=True)
+        return Index.latest_ingests(root.index_path, studies), None
     except (OSError, sqlite3.Error) as e:
         return {}, f"the index cannot be read ({e})"
-    try:
-        return {s: idx.latest_ingest(s) for s in studies}, None
-    except sqlite3.Error as e:
-        return {}, f"the index cannot be read ({e})"
-    finally:
-        idx.close()
 
 
 def status_doc(root_path: str, now_ns: int | None = None) -> dict:

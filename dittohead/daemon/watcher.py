@@ -662,25 +662,15 @@ class Daemon:
 
     def _latest_ingests(self, names: set[str]) -> dict[str, tuple[int, int]]:
         """(last seq, its ingest time) of each study, from the index as it is (none made here)."""
-        out: dict[str, tuple[int, int]] = {}
-        path = self.root.index_path
-        if not names or not os.path.exists(path):
-            return out
+        if not names:
+            return {}
         from dittohead.store.index import Index
 
         try:
-            idx = Index(path, readonly=True)
-        except Exception:  # noqa: BLE001 - only for the state's words
-            return out
-        try:
-            if idx.schema_ok:
-                for name in names:
-                    out[name] = idx.latest_ingest(name)
+            return Index.latest_ingests(self.root.index_path, names)
         except Exception as e:  # noqa: BLE001 - only for the state's words
             log.debug("the last ingests from the index: %s", e)
-        finally:
-            idx.close()
-        return out
+            return {}
 
     def _waiting(self, study: str) -> tuple[set[str], set[str]]:
         """The study's committed arrivals in its inbox, and its folders in processing/."""

@@ -476,6 +476,25 @@ class Index:
                             "ON s.study = t.name AND s.seq = t.last_seq WHERE t.name=?", (study,)).fetchone()
         return (r[0], r[1]) if r else (0, 0)
 
+    @classmethod
+    def latest_ingests(cls, path: str, studies: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """``latest_ingest`` of each of ``studies``, read from the index file at ``path`` as a
+        reader does (read-only: nothing is made or written), for those that only look (the
+        daemon's state, ``status``). No index there yet is a server where nothing was ingested,
+        not an error: every study is (0, 0). An index that cannot be read, or one of another
+        schema (an earlier dittohead's, until the next ingest rebuilds it), raises sqlite3.Error
+        (OSError where the file cannot be opened at all)."""
+        studies = list(studies)
+        if not os.path.exists(path):
+            return dict.fromkeys(studies, (0, 0))
+        idx = cls(path, readonly=True)
+        try:
+            if not idx.schema_ok:
+                raise sqlite3.DatabaseError("an index of another dittohead version (the next ingest rebuilds it)")
+            return {s: idx.latest_ingest(s) for s in studies}
+        finally:
+            idx.close()
+
     def dump(self) -> dict[str, list[tuple]]:
         """Every derived row, for comparing this index with a rebuilt one."""
         return {table: list(self.db.execute(f"SELECT {cols} FROM {table} ORDER BY {order}"))
