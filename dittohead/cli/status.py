@@ -21,15 +21,14 @@ import click
 from dittohead import format as fmt
 from dittohead import fsutil
 from dittohead.cli.base import json_option, print_json, store_option
-from dittohead.daemon.config import daemon_dir
+from dittohead.daemon.config import STATE_NAME, daemon_dir, state_path
 from dittohead.daemon.housekeeping import ABANDONED_PREFIX, HeldBack, load_held
+from dittohead.daemon.notify import OUTBOX
 from dittohead.display import escape
 from dittohead.store.intake import arrivals
 from dittohead.store.layout import ServerRoot, StudyDropbox
 from dittohead.units import plural, utc_iso
 
-STATE_NAME = "state.json"  # ROOT/daemon/state.json: the daemon's own account of itself
-OUTBOX_NAME = "outbox"  # ROOT/daemon/outbox/: notices not sent yet
 FAILED_SHOWN = 5
 START_SLACK = 5.0  # seconds: a process started this much later than the daemon is another one
 
@@ -74,10 +73,9 @@ def _alive(pid: int, started_ns: int | None) -> bool:
 
 
 def daemon_status(root: ServerRoot) -> dict:
-    state_dir = daemon_dir(root.path)
-    doc = _read_json(os.path.join(state_dir, STATE_NAME))
+    doc = _read_json(state_path(root.path))
     outbox = 0
-    with contextlib.suppress(OSError), os.scandir(os.path.join(state_dir, OUTBOX_NAME)) as it:
+    with contextlib.suppress(OSError), os.scandir(os.path.join(daemon_dir(root.path), OUTBOX)) as it:
         outbox = sum(1 for e in it if not e.name.startswith("."))
     out: dict[str, Any] = {"state_file": doc is not None, "running": False, "pid": None, "started_ns": None,
                            "stopped_ns": None, "last_rescan_ns": None, "notifications_pending": None,

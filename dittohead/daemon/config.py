@@ -32,6 +32,7 @@ from dittohead.errors import UsageError
 
 DAEMON_DIR = "daemon"  # ROOT/daemon/
 CONFIG_NAME = "watch.json"
+STATE_NAME = "state.json"  # ROOT/daemon/state.json: the daemon's account of itself, for ``status``
 CONFIG_MAX_SIZE = 64 * 1024
 
 
@@ -53,6 +54,10 @@ def daemon_dir(root_path: str) -> str:
 
 def config_path(root_path: str) -> str:
     return os.path.join(daemon_dir(root_path), CONFIG_NAME)
+
+
+def state_path(root_path: str) -> str:
+    return os.path.join(daemon_dir(root_path), STATE_NAME)
 
 
 def load(root_path: str) -> WatchConfig:

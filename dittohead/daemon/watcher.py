@@ -101,7 +101,6 @@ from dittohead.store.layout import MAX_ATTEMPTS, ServerRoot, StudySettings
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "state.json"  # ROOT/daemon/state.json
 LOCK_NAME = "lock"  # ROOT/daemon/lock: one daemon per server root
 STOP_GRACE = 20.0  # seconds the workers have, after SIGTERM, to finish the commit in hand
 STOP_BOUND = 30.0  # seconds from SIGTERM to the daemon's exit, at most
@@ -950,11 +949,11 @@ class Daemon:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, os.path.join(self.dir, STATE_NAME))
+            os.replace(tmp, config_mod.state_path(self.root.path))
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            log.warning("%s: cannot write it: %s", os.path.join(self.dir, STATE_NAME), e.strerror or e)
+            log.warning("%s: cannot write it: %s", config_mod.state_path(self.root.path), e.strerror or e)
 
 
 def _attempts(processing: str, name: str) -> int:
