@@ -14,11 +14,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import Server, describe, store_snapshot, tree_snapshot, write_file
+
+from dittohead.errors import LockedError
+from dittohead.lock import FileLock, Held
+from dittohead.store.ingest import Ingestor, StudyLock
+from dittohead.store.layout import ServerRoot
+from dittohead.store.repo import Store
 
 # A child process that ingests with Index.apply paused: it writes PAUSED once the study-log
 # record is appended (the commit point) and waits for GO before it updates the index.
@@ -189,3 +196,42 @@ def test_an_ingest_reads_no_record_it_has_nothing_to_add_to(server: Server, tmp_
     assert [s["seq"] for s in server.log()] == [1, 2, 3, 4, 5, 6]
     res = server.run("fsck", "--store", server.root, "--read-data", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == [], describe(res)
+
+
+def test_a_held_lock_is_waited_for_up_to_the_wait_then_refused(server: Server) -> None:
+    """The store's lock (Ingestor.locked) and a study's (StudyLock.acquire) are each waited for,
+    while another holds them, up to the wait given: taken soon after the other lets go, and past
+    the wait refused (LockedError, in one line; False for a study's)."""
+    root = ServerRoot(str(server.root))
+    store = Store.open(str(server.root))
+    ingestor = Ingestor(store)
+    other = FileLock(root.lock_path)
+    held = StudyLock(root.dropbox("s"))
+    try:
+        other.acquire()
+        t0 = time.monotonic()
+        with pytest.raises(LockedError, match="holds the store's lock") as e, ingestor.locked(wait=0.3):
+            pytest.fail("taken while another held it")
+        assert time.monotonic() - t0 >= 0.3 and "\n" not in str(e.value)
+        threading.Timer(0.3, other.release).start()
+        t0 = time.monotonic()
+        with ingestor.locked(wait=30):
+            assert 0.25 <= time.monotonic() - t0 < 10
+            with pytest.raises(Held):
+                FileLock(root.lock_path).acquire()  # held by the ingestor now
+
+        assert held.acquire()
+        mine = StudyLock(root.dropbox("s"))
+        t0 = time.monotonic()
+        assert not mine.acquire(wait=0.3)
+        assert time.monotonic() - t0 >= 0.3
+        threading.Timer(0.3, held.release).start()
+        t0 = time.monotonic()
+        assert mine.acquire(wait=30)
+        assert 0.25 <= time.monotonic() - t0 < 10
+        mine.release()
+    finally:
+        other.release()
+        held.release()
+        ingestor.close()
+        store.close()

@@ -86,21 +86,32 @@ class Stopped(BaseException):
     attempt at the submission in hand ends, and does not count against it."""
 
 
+def _waited(take: Callable[[], bool], wait: float) -> bool:
+    """Try ``take`` (one try at a lock, without waiting: True if it got it) until it succeeds
+    or ``wait`` seconds have passed (at least once), pausing 5 ms between tries, then twice as
+    long each time, up to 0.1 s; False if it never got it."""
+    deadline = time.monotonic() + wait
+    pause = 0.005
+    while not take():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+    return True
+
+
 def _flock(fd: int, wait: float) -> bool:
     """flock(2) ``fd`` exclusively, waiting up to ``wait`` seconds; False if another holds it."""
     import fcntl
 
-    deadline = time.monotonic() + wait
-    pause = 0.005
-    while True:
+    def take() -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
         except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+            return False
+        return True
+
+    return _waited(take, wait)
 
 
 class StudyLock:
@@ -480,18 +491,17 @@ class Ingestor:
         for it: another study's commit holds it for a moment, an fsck repairing the index for
         longer; past that, LockedError."""
         lock = FileLock(self.root.lock_path)
-        deadline = time.monotonic() + (self.LOCK_WAIT if wait is None else wait)
-        pause = 0.005
-        while True:
+
+        def take() -> bool:
             try:
                 lock.acquire()
-                break
             except Held:
-                if time.monotonic() >= deadline:
-                    raise LockedError(f"{self.root.path}: another ingest (or an fsck repairing the index) "
-                                      f"holds the store's lock (lock {self.root.lock_path})") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
+                return False
+            return True
+
+        if not _waited(take, self.LOCK_WAIT if wait is None else wait):
+            raise LockedError(f"{self.root.path}: another ingest (or an fsck repairing the index) "
+                              f"holds the store's lock (lock {self.root.lock_path})")
         try:
             with self.store.writing():  # the one writer: only under the lock
                 yield
