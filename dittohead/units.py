@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 
 
 def human_bytes(n: float) -> str:
@@ -15,6 +16,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+@functools.lru_cache(maxsize=1024)  # a listing of versions names a few ingests many times
 def utc_stamp(ns: int) -> str:
     """20261121T101502Z: the server's ingest time in names and listings."""
     d = _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC)  # formatted by hand: strftime is 3x slower

@@ -33,12 +33,13 @@ verified on read. This module imports no FUSE and no transport.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,7 @@ OPEN_FILE_MODE = 0o444
 _LOG_BULK = 64
 
 
+@functools.lru_cache(maxsize=256)
 def site_slug(site: str) -> str:
     slug = _SITE_BAD.sub("-", site).strip("-.")
     return slug[:40] or "site"
@@ -98,13 +100,16 @@ class Dir:
     (the folder of the submissions), or "submission" (in submission ``seq``'s folder). ``path`` is
     its study path within its area ("" at the area's top) and ``key`` that path's key in the
     index's tree table. ``mtime_ns``: the ingest time of the study's latest submission (of
-    submission ``seq``, in its own folder)."""
+    submission ``seq``, in its own folder). ``kinds``, in versions/: what ``path`` is in the
+    study's tree, where known (a folder, a file or both: which of its folders and version files
+    there are to list)."""
 
     area: str = ""
     path: str = ""
     key: bytes = TOP_KEY
     seq: int = 0
     mtime_ns: int = 0
+    kinds: frozenset[int] = frozenset((FOLDER, FILE))
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
-def _shown(folders: set[bytes], files: dict[bytes, Version]) -> list[tuple[bytes, Version]]:
+def _shown(folders: Collection[bytes], files: dict[bytes, Version]) -> list[tuple[bytes, Version]]:
     """The files of one folder under the names the view shows them by: a file whose name is
     also a folder's as ``NAME~file``, unless that name is another entry's (then not at all)."""
     out = []
@@ -281,10 +286,13 @@ class StudyView:
         return Dir(mtime_ns=self._seen[1])
 
     # -- one path
-    def lookup(self, path: str) -> Node:
-        """The node at the view path ``path`` (``current/a/b.txt``); NotFound if there is none."""
+    def lookup(self, path: str, *, refresh: bool = True) -> Node:
+        """The node at the view path ``path`` (``current/a/b.txt``); NotFound if there is none.
+        ``refresh`` False answers as of the last ``refresh`` (a caller that refreshes on a
+        schedule of its own, as the mount does, saves a query a call)."""
         parts = [p for p in path.split("/") if p]
-        self.refresh()
+        if refresh:
+            self.refresh()
         node: Node | None = None
         try:
             node = self._lookup(parts)
@@ -370,8 +378,8 @@ class StudyView:
         keys = self._keys(names)
         if len(names) > 1 and not idx.tree_kinds(self.study, 0, keys[-2], names[-2]):
             return None
-        if idx.tree_kinds(self.study, 0, keys[-1], names[-1]):
-            return Dir("versions", "/".join(parts), folder_key(keys[-1], names[-1]), 0, mtime)
+        if kinds := idx.tree_kinds(self.study, 0, keys[-1], names[-1]):
+            return Dir("versions", "/".join(parts), folder_key(keys[-1], names[-1]), 0, mtime, frozenset(kinds))
         if len(parts) < 2:
             return None
         path, name = "/".join(parts[:-1]), parts[-1]
@@ -436,11 +444,12 @@ class StudyView:
             raise NotFound(f"{self.study}: not a folder in the view: {escape(path)}")
         return self.children(node)
 
-    def children(self, d: Dir) -> list[tuple[str, Node]]:
+    def children(self, d: Dir, *, refresh: bool = True) -> list[tuple[str, Node]]:
         """The entries of the folder ``d`` (as ``lookup`` or an earlier listing gave it), sorted
-        by the names' bytes: one query for what it lists."""
+        by the names' bytes: one query for what it lists (``refresh``: as ``lookup``)."""
         idx = self.store.index
-        self.refresh()
+        if refresh:
+            self.refresh()
         mtime = self._seen[1]
         out: list[tuple[bytes, Node]]
         if d.area == "":
@@ -452,12 +461,15 @@ class StudyView:
                     for s in idx.submissions(self.study)]
             return sorted(subs, key=lambda e: e[0].encode())
         if d.area == "versions":
-            names = {name for name, _ in idx.tree_names(self.study, 0, d.key)}
-            out = [(name, Dir("versions", _join(d.path, from_bytes(name)), folder_key(d.key, name), 0, mtime))
-                   for name in names]
-            if d.path:
+            kinds: dict[bytes, set[int]] = {}
+            if FOLDER in d.kinds:
+                for name, kind in idx.tree_names(self.study, 0, d.key):
+                    kinds.setdefault(name, set()).add(kind)
+            out = [(name, Dir("versions", _join(d.path, from_bytes(name)), folder_key(d.key, name), 0, mtime, frozenset(k)))
+                   for name, k in kinds.items()]
+            if d.path and FILE in d.kinds:
                 files = {to_bytes(version_name(v)): v for v in idx.versions(self.study, d.path)}
-                out += [(name, File(v)) for name, v in _shown(names, files)]
+                out += [(name, File(v)) for name, v in _shown(kinds.keys(), files)]
         else:
             mtime = mtime if d.area == "current" else d.mtime_ns
             prefix = to_bytes(d.path) + b"/" if d.path else b""
@@ -566,17 +578,22 @@ class FileReader:
         self.cache = cache or ChunkCache(8 * 1024 * 1024)
 
     def read(self, offset: int, size: int) -> bytes:
+        return b"".join(data[start:end] for data, start, end in self.pieces(offset, size))
+
+    def pieces(self, offset: int, size: int) -> list[tuple[bytes, int, int]]:
+        """The ``size`` bytes at ``offset`` (fewer at the end) as (verified chunk, start, end)
+        pieces, in order, not copied out of the chunks."""
         if offset >= self.size or size <= 0:
-            return b""
+            return []
         end = min(self.size, offset + size)
         i = bisect.bisect_right(self.offsets, offset) - 1
         out = []
         while i < len(self.chunks) and self.offsets[i] < end:
             data = self.cache.get(self.store, self.chunks[i][0])
             start = self.offsets[i]
-            out.append(data[max(0, offset - start) : end - start])
+            out.append((data, max(0, offset - start), min(len(data), end - start)))
             i += 1
-        return b"".join(out)
+        return out
 
     def iter_all(self) -> Iterator[bytes]:
         for cid, _ in self.chunks:

@@ -25,20 +25,20 @@ STUDY = "s"
 BIG = random.Random(7).randbytes(5 << 20)  # several chunks
 
 
-def _walk(ops: MountOps, top: str) -> dict[str, dict]:
+def _walk(ops: MountOps, top: str) -> dict[str, ops_mod.Attr]:
     """path -> stat for everything under ``top``, by readdir and getattr as the kernel would."""
     out = {}
     stack = [top]
     while stack:
         d = stack.pop()
-        for name, attrs, _ in ops.readdir(d):
+        for name, attrs in ops.readdir(d):
             if name in (".", ".."):
                 continue
             path = f"{d.rstrip('/')}/{name}"
             st = ops.getattr(path)
-            assert stat.S_IFMT(st["st_mode"]) == stat.S_IFMT(attrs["st_mode"]), path
+            assert st == attrs, path  # what the listing gave the kernel is what getattr gives
             out[path] = st
-            if stat.S_ISDIR(st["st_mode"]):
+            if stat.S_ISDIR(st.st_mode):
                 stack.append(path)
     return out
 
@@ -83,12 +83,12 @@ def ops(filled: Server):
 
 def test_every_file_of_every_version_reads_as_cat_gives_it(filled: Server, ops: MountOps) -> None:
     tree = _walk(ops, "/")
-    files = {p: st for p, st in tree.items() if stat.S_ISREG(st["st_mode"])}
+    files = {p: st for p, st in tree.items() if stat.S_ISREG(st.st_mode)}
     assert f"/{STUDY}/current/big.bin" in files and f"/{STUDY}/log.jsonl" in files
     checked = 0
     for path, st in files.items():
         data = _read_all(ops, path, piece=random.Random(path).choice([4096, 65536, 131072, 1 << 20]))
-        assert len(data) == st["st_size"], path
+        assert len(data) == st.st_size, path
         parts = path.split("/")[2:]
         if parts[0] == "current":
             assert data == filled.cat("/".join(parts[1:])), path
@@ -103,13 +103,13 @@ def test_every_file_of_every_version_reads_as_cat_gives_it(filled: Server, ops: 
 def test_attributes(filled: Server, ops: MountOps) -> None:
     st = ops.getattr(f"/{STUDY}/current/big.bin")
     v = filled.versions("big.bin")[-1]
-    assert st["st_size"] == len(BIG) and st["st_blocks"] == (len(BIG) + 511) // 512
-    assert stat.S_ISREG(st["st_mode"]) and not st["st_mode"] & 0o222
-    assert st["st_mtime"] == v["mtime_ns"]
+    assert st.st_size == len(BIG) and st.st_blocks == (len(BIG) + 511) // 512
+    assert stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222
+    assert st.st_mtime == v["mtime_ns"]
     top = ops.getattr("/")
-    assert stat.S_ISDIR(top["st_mode"])
+    assert stat.S_ISDIR(top.st_mode)
     d = ops.getattr(f"/{STUDY}/current/a")
-    assert stat.S_ISDIR(d["st_mode"]) and not d["st_mode"] & 0o022
+    assert stat.S_ISDIR(d.st_mode) and not d.st_mode & 0o022
     for missing in (f"/{STUDY}/current/nope", "/nostudy", f"/{STUDY}/versions/big.bin/0009_x.bin"):
         with pytest.raises(OSError) as e:
             ops.getattr(missing)
@@ -146,12 +146,12 @@ def test_a_new_ingest_shows_and_an_open_file_keeps_its_version(filled: Server, o
     filled.sync(src)
     filled.ingest()
     assert ops.read(path, 100, 0, fh) == b"one, again\n"  # the version it opened
-    assert ops.getattr(path, fh)["st_size"] == len(b"one, again\n")
+    assert ops.getattr(path, fh).st_size == len(b"one, again\n")
     ops.release(path, fh)
-    assert ops.getattr(path)["st_size"] == len(b"one, the third time\n")
+    assert ops.getattr(path).st_size == len(b"one, the third time\n")
     assert _read_all(ops, path) == b"one, the third time\n"
     assert _read_all(ops, f"/{STUDY}/current/new.txt") == b"new\n"
-    names = [n for n, _, _ in ops.readdir(f"/{STUDY}/versions/a/one.txt")]
+    names = [n for n, _ in ops.readdir(f"/{STUDY}/versions/a/one.txt")]
     assert sum(n.startswith("000") for n in names) == 3
 
 
@@ -184,21 +184,24 @@ def test_a_damaged_chunk_is_eio_and_one_log_line(filled: Server, tmp_path: Path,
             ops.close()
 
 
-def test_sequential_reads_are_read_ahead(ops: MountOps) -> None:
+def test_sequential_reads_are_read_ahead(ops: MountOps, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read at the start has the chunks of the next READ_AHEAD bytes read and verified on
+    the read-ahead threads, and none beyond."""
     path = f"/{STUDY}/versions/big.bin"
-    name = next(n for n, _, _ in ops.readdir(path) if n.startswith("0001"))
+    name = next(n for n, _ in ops.readdir(path) if n.startswith("0001"))
     path += "/" + name
     fh = ops.open(path, os.O_RDONLY)
     h = ops._handles[fh]
-    assert h.reader is not None and len(h.reader.chunks) >= 3
+    assert h.reader is not None and len(h.reader.chunks) >= 4
+    offsets = h.reader.offsets
+    monkeypatch.setattr(ops_mod, "READ_AHEAD", offsets[2] + 1 - 4096)  # up to chunk 2
     ops.read(path, 4096, 0, fh)
-    ops._ahead.submit(lambda: None).result()  # the read-ahead queued before this has started
-    for cid, _ in h.reader.chunks[1 : 1 + ops_mod.READ_AHEAD]:
-        ops.cache.get(ops.store, cid)  # waits for the read ahead, if it is in flight
+    ops.close()  # waits for the reads ahead in flight
     with ops.cache._lock:
         cached = set(ops.cache._items)
-    assert {cid for cid, _ in h.reader.chunks[1 : 1 + ops_mod.READ_AHEAD]} <= cached
-    ops.release(path, fh)
+    chunks = [cid for cid, _ in h.reader.chunks]
+    assert set(chunks[:3]) <= cached  # chunk 0 read, 1 and 2 read ahead
+    assert not set(chunks[3:]) & cached
 
 
 def test_many_threads_read_the_right_bytes(filled: Server, ops: MountOps) -> None:
@@ -231,7 +234,7 @@ def test_one_study_at_the_top(filled: Server) -> None:
     with Store.open(str(filled.root)) as store:
         ops = MountOps(store, STUDY)
         try:
-            names = [n for n, _, _ in ops.readdir("/")]
+            names = [n for n, _ in ops.readdir("/")]
             assert names == [".", "..", "current", "log.jsonl", "submissions", "versions"]
             assert _read_all(ops, "/current/a/b/deep.txt") == b"deep\n"
             log = _read_all(ops, "/log.jsonl")
@@ -257,7 +260,7 @@ def test_a_mount_started_before_the_first_ingest_sees_it(server: Server, tmp_pat
     with Store.open(str(server.root)) as store:
         ops = MountOps(store)
         try:
-            assert [n for n, _, _ in ops.readdir(f"/{STUDY}/current")] == [".", ".."]
+            assert [n for n, _ in ops.readdir(f"/{STUDY}/current")] == [".", ".."]
             assert not index.exists()
             src = tmp_path / "src"
             write_file(src / "first.txt", b"first\n")

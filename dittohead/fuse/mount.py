@@ -21,6 +21,7 @@ dittohead imports this module, so every other command works without FUSE.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ctypes.util
 import errno
 import logging
@@ -31,7 +32,7 @@ import sys
 from typing import Any
 
 from dittohead.errors import DittoheadError, NoSuchStudy, UsageError
-from dittohead.fuse.ops import MountOps
+from dittohead.fuse.ops import BLOCK_SIZE, Attr, MountOps
 from dittohead.store.repo import Store
 
 log = logging.getLogger("dittohead.mount")
@@ -63,9 +64,75 @@ def load_mfusepy() -> Any:
     return mfusepy
 
 
+FILL_DIR_PLUS = 1 << 1  # libfuse 3's FUSE_FILL_DIR_PLUS: this entry's attributes are whole
+READDIR_PLUS = 1 << 0  # libfuse 3's FUSE_READDIR_PLUS: the kernel asks for them (readdirplus)
+_NS = 10**9
+
+
+def fuse_class(mfusepy: Any, ops: MountOps) -> Any:
+    """mfusepy's ``FUSE``, with getattr and readdir answered straight into libfuse's structures
+    from ``ops``' ``Attr`` values, and every listed entry's attributes given with its name.
+
+    Measured on bench.py's study (benchmarks/README.md, "The mount"): mfusepy's own readdir
+    passes the kernel a name and a type only, so ``find`` and ``du`` cost the kernel a look-up
+    (a round trip and a getattr) per folder and ``du`` one per file as well; and its attributes
+    go through a dict per call. libfuse 3 gives a listing's attributes to the kernel (its
+    readdirplus) only for entries given with an offset, hence ``ops.readdir_from``. A read is
+    copied once, from the verified chunks into libfuse's buffer (mfusepy's copies it twice)."""
+
+    c_stat = mfusepy.c_stat
+    major = int(getattr(mfusepy, "fuse_version_major", 2))
+
+    def fill(st: Any, a: Attr) -> None:
+        st.st_mode, st.st_nlink, st.st_uid, st.st_gid = a.st_mode, a.st_nlink, a.st_uid, a.st_gid
+        st.st_size, st.st_blocks, st.st_blksize = a.st_size, (a.st_size + 511) // 512, BLOCK_SIZE
+        st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(a.st_mtime, _NS)
+        st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec
+        st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(a.st_ctime, _NS)
+
+    class DittoheadFUSE(mfusepy.FUSE):
+        def _path(self, path: bytes | None) -> str:
+            return "" if path is None else path.decode(self.encoding, self.errors)
+
+        def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+            fill(buf.contents, ops.getattr(self._path(path), fip.contents.fh if fip else None))
+            return 0
+
+        def _fill_dir(self, path: bytes | None, buf: Any, filler: Any, offset: int, flags: int | None) -> int:
+            st = c_stat()
+            encoding, errors = self.encoding, self.errors
+            for name, attr, after in ops.readdir_from(self._path(path), offset):
+                fill(st, attr)
+                full = (filler(buf, name.encode(encoding, errors), st, after) if flags is None
+                        else filler(buf, name.encode(encoding, errors), st, after, flags))
+                if full:
+                    break
+            return 0
+
+        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            dst = ctypes.cast(buf, ctypes.c_void_p).value or 0
+            done = 0
+            for data, start, end in ops.read_pieces(self._path(path), size, offset, fip.contents.fh):
+                src = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0  # data's own bytes
+                ctypes.memmove(dst + done, src + start, end - start)
+                done += end - start
+            return done
+
+        if major == 3:
+            def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any,
+                               flags: int) -> int:
+                return self._fill_dir(path, buf, filler, offset, FILL_DIR_PLUS if flags & READDIR_PLUS else 0)
+        else:
+            def readdir_fuse_2(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any) -> int:
+                return self._fill_dir(path, buf, filler, offset, None)
+
+    return DittoheadFUSE
+
+
 def adapter(mfusepy: Any, ops: MountOps) -> Any:
     """An mfusepy Operations object answering with ``ops``: only the calls ``ops`` answers are
-    registered with libfuse. Its ``mounted`` says whether libfuse got as far as running it."""
+    registered with libfuse (getattr and readdir are answered by ``fuse_class``'s own methods,
+    without it). Its ``mounted`` says whether libfuse got as far as running it."""
 
     class DittoheadFS(mfusepy.Operations):
         use_ns = True  # times in integer nanoseconds
@@ -78,10 +145,10 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
                 config.negative_timeout = NEGATIVE_TIMEOUT
 
         def getattr(self, path: str, fi: Any = None) -> dict:
-            return ops.getattr(path, None if fi is None else fi.fh)
+            return ops.getattr(path, None if fi is None else fi.fh)._asdict()
 
         def readdir(self, path: str, fh: int) -> list:
-            return ops.readdir(path, fh)
+            return [(name, attr._asdict(), 0) for name, attr in ops.readdir(path)]
 
         def open(self, path: str, fi: Any) -> int:  # raw_fi: the kernel's caching is set per file
             fi.fh = ops.open(path, fi.flags)
@@ -160,7 +227,7 @@ def mount(root: str, mountpoint: str, study: str | None = None, *, foreground: b
         _log_to_syslog()
     fs = adapter(mfusepy, ops)
     try:
-        mfusepy.FUSE(fs, path, raw_fi=True, **options)
+        fuse_class(mfusepy, ops)(fs, path, raw_fi=True, **options)
     except RuntimeError as e:  # libfuse's loop ended with an error status
         # Ended by a signal (Ctrl-C, SIGTERM) after it ran, libfuse 3 says 8 and has unmounted.
         if not fs.mounted or os.path.ismount(path):
