@@ -66,6 +66,7 @@ def load_mfusepy() -> Any:
 
 FILL_DIR_PLUS = 1 << 1  # libfuse 3's FUSE_FILL_DIR_PLUS: this entry's attributes are whole
 READDIR_PLUS = 1 << 0  # libfuse 3's FUSE_READDIR_PLUS: the kernel asks for them (readdirplus)
+CAP_READDIRPLUS_AUTO = 1 << 14  # libfuse 3's FUSE_CAP_READDIRPLUS_AUTO
 _NS = 10**9
 
 
@@ -143,6 +144,9 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
             if config is not None:  # libfuse 3
                 config.entry_timeout = config.attr_timeout = ATTR_TIMEOUT
                 config.negative_timeout = NEGATIVE_TIMEOUT
+                # Every listing with its attributes, not only a folder's first part (the
+                # kernel's "auto" mode): du of a folder of 10,000 files cost 9,225 LOOKUPs.
+                conn.want &= ~CAP_READDIRPLUS_AUTO
 
         def getattr(self, path: str, fi: Any = None) -> dict:
             return ops.getattr(path, None if fi is None else fi.fh)._asdict()
