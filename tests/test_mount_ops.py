@@ -6,6 +6,7 @@ seen while open files keep their version, damage as EIO, many threads at once.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import random
@@ -268,5 +269,39 @@ def test_a_mount_started_before_the_first_ingest_sees_it(server: Server, tmp_pat
             server.ingest()
             assert index.exists()
             assert _read_all(ops, f"/{STUDY}/current/first.txt") == b"first\n"
+        finally:
+            ops.close()
+
+
+def test_a_folder_read_in_parts_shows_each_entry_once_while_names_are_added(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads a long folder in several calls, each going on from the offset the last
+    entry it took gave: an ingest adding names between two calls neither repeats nor drops an
+    entry of that reading; a listing no longer kept is made again, and the reading goes on."""
+    monkeypatch.setattr(ops_mod, "REFRESH", 0.0)
+    src = tmp_path / "src"
+    for i in range(0, 60, 2):
+        write_file(src / "d" / f"f{i:03d}", b"x")
+    server.sync(src)
+    server.ingest()
+    with Store.open(str(server.root)) as store:
+        ops = MountOps(store)
+        try:
+            path = f"/{STUDY}/current/d"
+            first = list(itertools.islice(ops.readdir_from(path, 0), 20))
+            for i in range(1, 60, 2):  # names sorting before and after where the reading stopped
+                write_file(src / "d" / f"f{i:03d}", b"y")
+            server.sync(src)
+            server.ingest()
+            rest = list(ops.readdir_from(path, first[-1][2]))
+            names = [n for n, _, _ in first + rest]
+            assert names == [".", ".."] + [f"f{i:03d}" for i in range(0, 60, 2)]
+            assert [n for n, _ in ops.readdir(path)][2:] == [f"f{i:03d}" for i in range(60)]  # afresh: all
+
+            monkeypatch.setattr(ops_mod, "LISTINGS", 1)
+            first = list(itertools.islice(ops.readdir_from(path, 0), 10))
+            ops.readdir(f"/{STUDY}/current")  # pushes the listing of d out
+            rest = list(ops.readdir_from(path, first[-1][2]))
+            assert [n for n, _, _ in first + rest][2:] == [f"f{i:03d}" for i in range(60)]
         finally:
             ops.close()
