@@ -152,6 +152,8 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
     if hook is not None:
         more["hook"] = _check_hook(hook) if hook else None
     changes.update(more)  # type: ignore[arg-type]
+    from dittohead.daemon.notify import printed
+
     root = ServerRoot(store)
     if changes:
         s = root.change_study(name, **changes)
@@ -160,7 +162,7 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
         root.require_study(name)
         s = root.study_settings(name)
     click.echo(f"study {name}: readers {s.readers or '(everyone)'}; uploaders {s.uploaders or '(everyone)'}; "
-               f"export {s.export or '(none)'}; notify {', '.join(map(_masked, s.notify)) or '(nobody)'}"
+               f"export {s.export or '(none)'}; notify {', '.join(map(printed, s.notify)) or '(nobody)'}"
                f"{' (also of each ingest)' if s.notify_success else ''}; "
                f"quota {human_bytes(s.quota) if s.quota is not None else '(none)'}; hook {s.hook or '(none)'}")
     if "readers" in changes:
@@ -176,17 +178,6 @@ def _check_hook(hook: str) -> str:
     except ValueError as e:
         raise UsageError(f"--hook: not a command line ({e})") from None
     return hook
-
-
-def _masked(address: str) -> str:
-    """A notification address as it may be printed: an e-mail URL with its password as ***;
-    any other URL as its scheme alone (services keep their tokens in the path: slack://T/B/C)."""
-    import re
-
-    scheme, sep, _ = address.partition("://")
-    if sep and scheme.lower() not in ("mailto", "mailtos"):
-        return f"{scheme}://***"
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", address)
 
 
 def _size(text: str, option: str) -> int:
@@ -224,8 +215,13 @@ def _report(r: IngestResult) -> None:
 @click.option("--log-file", metavar="FILE", type=click.Path(dir_okay=False),
               help="Without --once: append the daemon's log to FILE (reopened on SIGHUP) instead of stderr.")
 @click.option("--log-json", is_flag=True, help="Without --once: log one JSON object a line (for log shippers).")
+@click.option("--check-config", is_flag=True,
+              help="Check ROOT/daemon/watch.json (mode 0600, known keys, good values) and every study's "
+                   "notification addresses and hook, as the daemon reads them; print one line per problem "
+                   "(passwords masked), or one OK line. Exit 0 if all is good, 1 if not. Starts no daemon, "
+                   "takes no lock, writes and sends nothing.")
 def watch(store: str, once: bool, interval: float | None, max_attempts: int, log_file: str | None,
-          log_json: bool) -> None:
+          log_json: bool, check_config: bool) -> None:
     """Ingest committed submissions into the store (the server's daemon).
 
     Each submission is verified whole, then added in one commit; a bad one goes to
@@ -245,7 +241,16 @@ def watch(store: str, once: bool, interval: float | None, max_attempts: int, log
     the next start (its attempt does not count); exits 0 (130 for SIGINT) within 30 seconds.
     SIGHUP: reads ROOT/daemon/watch.json again (a bad file: one log line, the old settings
     stay) and reopens --log-file. Under systemd, Type=notify works (READY=1, WATCHDOG=1).
+
+    With --check-config it only checks what the daemon would read (watch.json, the studies'
+    notification addresses and hooks) and exits: run it after editing watch.json, before
+    'systemctl reload dittohead-watch'.
     """
+    if check_config:
+        if once or interval is not None or log_file or log_json:
+            raise UsageError("--check-config runs alone: without --once, --interval, --log-file or --log-json")
+        _check_config(store)
+        return
     if not once:
         from dittohead.daemon.watcher import Daemon, DaemonOptions
 
@@ -268,6 +273,19 @@ def watch(store: str, once: bool, interval: float | None, max_attempts: int, log
         click.echo("watch: nothing to ingest")
     if any(not r.ok for r in results) or failed_exports:
         raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+def _check_config(store: str) -> None:
+    """``watch --check-config``: each problem on stderr, one line each; or the OK line."""
+    from dittohead.daemon.check import check
+
+    root = ServerRoot(store)
+    found = check(root.path)
+    for line in found.problems:
+        click.echo(line, err=True)
+    if found.problems:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+    click.echo(found.summary(root.path))
 
 
 def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult], set[str]]:

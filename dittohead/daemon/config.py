@@ -62,65 +62,97 @@ def state_path(root_path: str) -> str:
 
 def load(root_path: str) -> WatchConfig:
     """The daemon's configuration: the defaults where there is no file; UsageError (one line,
-    naming the file) for a file that cannot be used."""
+    naming the file: its first problem) for a file that cannot be used."""
+    config, problems = read(root_path)
+    if problems:
+        raise UsageError(problems[0])
+    return config
+
+
+def read(root_path: str) -> tuple[WatchConfig, list[str]]:
+    """watch.json checked whole, as ``load`` (the daemon, at start and on SIGHUP) and ``watch
+    --check-config`` read it: the configuration (the defaults where there is no file, and for
+    what cannot be used) and one line per problem, each naming the file ([]: it can be used).
+    A file that cannot be read as a JSON object is one problem; a mode that lets group or
+    others read it is one, and its keys are checked all the same. Nothing is written; no value
+    that may hold a password (``smtp``, ``admin``) is shown but masked."""
     path = config_path(root_path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a FIFO put there does not hang the daemon (nothing to a regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        return WatchConfig()
+        return WatchConfig(), []
     except OSError as e:
-        raise UsageError(f"{path}: cannot read it: {e.strerror}") from None
+        return WatchConfig(), [f"{path}: cannot read it: {e.strerror}"]
+    problems: list[str] = []
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path}: not a regular file")
+            return WatchConfig(), [f"{path}: not a regular file"]
         if os.name == "posix" and st.st_mode & 0o077:
-            raise UsageError(f"{path}: readable by others (mode {stat.S_IMODE(st.st_mode):04o}); it may hold "
-                             f"a password: chmod 600 it")
+            problems.append(f"{path}: readable by others (mode {stat.S_IMODE(st.st_mode):04o}); it may hold "
+                            f"a password: chmod 600 it")
         data = f.read(CONFIG_MAX_SIZE + 1)
     if len(data) > CONFIG_MAX_SIZE:
-        raise UsageError(f"{path}: larger than {CONFIG_MAX_SIZE} bytes")
+        return WatchConfig(), [*problems, f"{path}: larger than {CONFIG_MAX_SIZE} bytes"]
     try:
         doc = json.loads(data)
     except ValueError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
+        return WatchConfig(), [*problems, f"{path}: not valid JSON ({e})"]
     if not isinstance(doc, dict):
-        raise UsageError(f"{path}: not a JSON object")
-    return _parse(path, doc)
+        return WatchConfig(), [*problems, f"{path}: not a JSON object"]
+    config, more = _parse(path, doc)
+    return config, problems + more
 
 
-def _parse(path: str, doc: dict) -> WatchConfig:
+def _shown(key: str, value: object) -> str:
+    """A value of watch.json as a problem's line shows it: an address masked as ``study set``
+    shows it (no password, no token), anything else as its JSON-ish repr."""
+    if key in ("smtp", "admin") and isinstance(value, str):
+        from dittohead.daemon.notify import printed
+
+        return printed(value)
+    if key == "admin" and isinstance(value, list):
+        return "[" + ", ".join(_shown(key, v) for v in value) + "]"
+    return repr(value)
+
+
+def _parse(path: str, doc: dict) -> tuple[WatchConfig, list[str]]:
     known = {f.name for f in fields(WatchConfig)}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise UsageError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    problems = [f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})"
+                for key in sorted(set(doc) - known)]
     out: dict = {}
 
-    def bad(key: str, want: str) -> UsageError:
-        return UsageError(f"{path}: {key!r} must be {want}, not {doc[key]!r}")
+    def bad(key: str, want: str) -> None:
+        problems.append(f"{path}: {key!r} must be {want}, not {_shown(key, doc[key])}")
 
     if "admin" in doc:
         if not isinstance(doc["admin"], list) or not all(isinstance(a, str) and a for a in doc["admin"]):
-            raise bad("admin", "a list of addresses or URLs")
-        out["admin"] = tuple(doc["admin"])
+            bad("admin", "a list of addresses or URLs")
+        else:
+            out["admin"] = tuple(doc["admin"])
     if "smtp" in doc:
         if doc["smtp"] is not None and not (isinstance(doc["smtp"], str) and doc["smtp"].startswith(("mailto://", "mailtos://"))):
-            raise bad("smtp", "a mailto:// or mailtos:// URL")
-        out["smtp"] = doc["smtp"]
+            bad("smtp", "a mailto:// or mailtos:// URL")
+        else:
+            out["smtp"] = doc["smtp"]
     if "thresholds" in doc:
         t = doc["thresholds"]
         if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 100 for x in t):
-            raise bad("thresholds", "a list of percentages from 1 to 100")
-        out["thresholds"] = tuple(sorted(set(t)))
+            bad("thresholds", "a list of percentages from 1 to 100")
+        else:
+            out["thresholds"] = tuple(sorted(set(t)))
     for key in ("rescan_seconds", "abandoned_after_hours", "hook_timeout_seconds", "notify_retry_seconds"):
         if key in doc:
             v = doc[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise bad(key, "a positive number")
-            out[key] = float(v)
+                bad(key, "a positive number")
+            else:
+                out[key] = float(v)
     if "workers" in doc:
         v = doc["workers"]
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-            raise bad("workers", "a whole number from 1 to 64")
-        out["workers"] = v
-    return WatchConfig(**out)
+            bad("workers", "a whole number from 1 to 64")
+        else:
+            out["workers"] = v
+    return WatchConfig(**out), problems

@@ -101,9 +101,22 @@ def masked(address: str | None) -> str:
     return escape(shown)
 
 
+def printed(address: str) -> str:
+    """A notification address as a command prints it (``study set``, ``watch --check-config``):
+    an e-mail address as it is; an e-mail URL with its password, and any secret in its query,
+    as ``***``; any other URL as its scheme alone, since services keep their tokens in the path
+    (slack://T/B/C). Escaped for a terminal."""
+    scheme, sep, _ = address.partition("://")
+    if sep and scheme.lower() not in ("mailto", "mailtos"):
+        return escape(f"{scheme}://***")
+    out = re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", address)
+    out = re.sub(r"([?&](?:" + "|".join(sorted(_SECRET_KEYS)) + r")=)[^&#]*", r"\1***", out, flags=re.IGNORECASE)
+    return escape(out)
+
+
 def _apprise_private_url(url: str) -> str | None:
     try:
-        _quiet_third_party()
+        quiet_third_party()
         import apprise
 
         plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
@@ -168,6 +181,16 @@ def _with_timeouts(url: str) -> str:
     if not more:
         return url
     return url + ("&" if "?" in url else "?") + "&".join(more)
+
+
+def delivery_url(recipient: str, smtp: str | None) -> str | None:
+    """The Apprise URL a notice to ``recipient`` goes through: an URL as it is, an e-mail
+    address through the mail server ``smtp`` (None without one); with the time-outs."""
+    if "://" in recipient:
+        return _with_timeouts(recipient)
+    if not smtp:
+        return None
+    return _with_timeouts(email_url(smtp, recipient))
 
 
 def is_email(address: str) -> bool:
@@ -351,7 +374,7 @@ _deliver_lock = threading.Lock()  # one delivery at a time in a process: _captur
 _quieted = False
 
 
-def _quiet_third_party() -> None:
+def quiet_third_party() -> None:
     """Keep Apprise's and urllib3's log lines (which may show an URL's path, tokens and all)
     out of the daemon's log; ours says what failed, once."""
     global _quieted
@@ -575,18 +598,11 @@ class Notifier:
             return f"{p.scheme}://{p.netloc}"
         return recipient
 
-    def _url(self, recipient: str) -> str | None:
-        if "://" in recipient:
-            return _with_timeouts(recipient)
-        if not self.config.smtp:
-            return None
-        return _with_timeouts(email_url(self.config.smtp, recipient))
-
     def _deliver(self, n: Notice) -> tuple[bool, str]:
-        url = self._url(n.recipient)
+        url = delivery_url(n.recipient, self.config.smtp)
         if url is None:
             return False, "no 'smtp' in watch.json to send e-mail through"
-        _quiet_third_party()
+        quiet_third_party()
         try:
             import apprise
         except ImportError:
