@@ -93,6 +93,56 @@ def test_latest_ingests_read_from_the_index(server: Server, tmp_path: Path) -> N
     assert Index.latest_ingests(index, []) == {}
 
 
+def test_a_fresh_server_has_no_index_and_says_nothing_of_it(server: Server) -> None:
+    """After init and study add, before any ingest, there is no index yet: that is no warning."""
+    server.ok("study", "add", "t", "--store", server.root)
+    assert not (server.root / "store" / "index.sqlite").exists()
+    cp = server.proc("status", "--store", server.root)
+    assert cp.returncode == 0 and cp.stderr == "", describe(cp)
+    assert cp.stdout.decode().splitlines()[1:] == [
+        "study s: 0 waiting, 0 in processing, 0 held back, 0 failed; nothing ingested yet",
+        "study t: 0 waiting, 0 in processing, 0 held back, 0 failed; nothing ingested yet"], describe(cp)
+    cp = server.proc("status", "--store", server.root, "--json")
+    assert cp.returncode == 0 and cp.stderr == "" and "index_error" not in json.loads(cp.stdout), describe(cp)
+
+
+def _index_trouble(server: Server) -> str:
+    """status's warning about the index (and that it still shows everything else)."""
+    cp = server.proc("status", "--store", server.root)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, describe(cp)
+    (line,) = cp.stderr.splitlines()
+    assert line.startswith("warning: the index ") and line.endswith(": last ingests not shown"), line
+    assert "study s: 0 waiting, 0 in processing, 0 held back, 0 failed" in cp.stdout.decode(), describe(cp)
+    doc = json.loads(server.proc("status", "--store", server.root, "--json").stdout)
+    assert doc["index_error"] == line.removeprefix("warning: ").removesuffix(": last ingests not shown")
+    return line
+
+
+@pytest.mark.parametrize("harm", ["garbage", "other schema", "missing"])
+def test_a_broken_index_still_warns(server: Server, tmp_path: Path, harm: str) -> None:
+    write_file(tmp_path / "src" / "a.txt", b"a\n")
+    server.sync(tmp_path / "src")
+    server.ingest()
+    index = server.root / "store" / "index.sqlite"
+    if harm == "garbage":
+        for suffix in ("-wal", "-shm"):
+            Path(f"{index}{suffix}").unlink(missing_ok=True)
+        index.write_bytes(b"not an index, whatever it was" * 200)
+        assert "cannot be read" in _index_trouble(server)
+    elif harm == "other schema":
+        import sqlite3
+
+        db = sqlite3.connect(index)
+        db.execute("UPDATE meta SET value = 3 WHERE key = 'schema'")
+        db.commit()
+        db.close()
+        assert "another dittohead version" in _index_trouble(server)
+    else:  # an index lost on a server with ingests: not a fresh server's "nothing ingested yet"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{index}{suffix}").unlink(missing_ok=True)
+        assert "the index is missing, though the store holds ingests" in _index_trouble(server)
+
+
 def _state(server: Server, **doc: object) -> None:
     state = server.root / "daemon"
     state.mkdir(mode=0o700, exist_ok=True)
@@ -150,6 +200,7 @@ def test_status_is_the_daemons(accounts: Accounts, acct_dir: Path) -> None:
         assert accounts.run_as(accounts.daemon, *args).returncode == 0
     cp = accounts.run_as(accounts.daemon, "status", "--store", root)
     assert cp.returncode == 0 and cp.stdout.startswith("daemon: not running"), describe(cp)
+    assert cp.stderr == "", describe(cp)  # no index yet on a fresh server: nothing to warn of
     cp = accounts.run_as(accounts.up_a, "status", "--store", root)
     assert cp.returncode == 1 and "Traceback" not in cp.stderr, describe(cp)
     assert len(cp.stderr.strip().splitlines()) == 1 and "permission denied" in cp.stderr, describe(cp)

@@ -145,14 +145,36 @@ def _failed(box: StudyDropbox) -> dict:
 
 
 def _last_ingests(root: ServerRoot, studies: list[str]) -> tuple[dict[str, tuple[int, int]], str | None]:
-    """Each study's last ingest, and why the index could not tell (None: it could; no index yet
-    is a server where nothing was ingested, and no reason to warn)."""
+    """Each study's last ingest, and why the index could not tell (None: it could). No index
+    is a fresh server's, where nothing was ingested yet: no reason to warn, unless a study has
+    a log (then the index was lost, and "nothing ingested yet" would be wrong)."""
     from dittohead.store.index import Index
 
+    if not os.path.lexists(root.index_path) and _has_logs(root):
+        return {}, "the index is missing, though the store holds ingests (the next ingest, or 'dittohead fsck', rebuilds it)"
     try:
         return Index.latest_ingests(root.index_path, studies), None
     except (OSError, sqlite3.Error) as e:
         return {}, f"the index cannot be read ({e})"
+
+
+def _has_logs(root: ServerRoot) -> bool:
+    """Whether any study has a log in the store: a record in store/studies/NAME/, or a log of
+    dittohead 0.2 (NAME.log). A fresh server has only the studies' settings (NAME.json) there."""
+    studies = os.path.join(root.store, "studies")
+    try:
+        with os.scandir(studies) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    except OSError:
+        return False
+    for name, is_dir in entries:
+        if name.endswith(".log"):
+            return True
+        if is_dir:
+            with contextlib.suppress(OSError), os.scandir(os.path.join(studies, name)) as records:
+                if any(e.name.endswith(fmt.LOG_RECORD_SUFFIX) for e in records):
+                    return True
+    return False
 
 
 def status_doc(root_path: str, now_ns: int | None = None) -> dict:
