@@ -25,6 +25,7 @@ from accounts import Account, Accounts, make_dir
 from conftest import SUBMISSION_RE, store_snapshot
 
 from dittohead import format as fmt
+from dittohead.store.layout import ServerRoot
 
 SITE = "lab-1"
 
@@ -206,6 +207,82 @@ def test_study_add_for_a_group_the_daemon_is_not_in_says_how(dep: Deployment) ->
     cp = dep.as_daemon("study", "add", "x", "--store", dep.root, "--uploaders",
                        grp.getgrgid(dep.accounts.reader.gid).gr_name, expect=2)
     assert "must be a member" in cp.stderr and not dep.box("x").exists(), describe(cp)
+
+
+# Run as an uploader: make a staging folder in the inbox (as sync's first step does) and take it
+# away again; prints "made" or why it could not.
+STAGE = r"""
+import json, os, sys
+path = os.path.join(sys.argv[1], ".20260101T000000Z-" + os.urandom(6).hex())
+try:
+    os.mkdir(path, 0o750)
+except OSError as e:
+    print(json.dumps(e.strerror))
+else:
+    os.rmdir(path)
+    print(json.dumps("made"))
+"""
+
+
+def _stage(dep: Deployment, who: Account, study: str) -> str:
+    cp = dep.accounts.python_as(who, STAGE, dep.box(study, "inbox"))
+    assert cp.returncode == 0, describe(cp)
+    return json.loads(cp.stdout)
+
+
+def _study_folder(dep: Deployment, study: str) -> tuple[int, int]:
+    st = os.stat(dep.box(study))
+    return stat.S_IMODE(st.st_mode), st.st_gid
+
+
+def test_study_set_uploaders_gives_the_drop_box_to_another_group(dep: Deployment) -> None:
+    """study set --uploaders: the study's folder gets the group and mode study add gives; a
+    member of the old group can no longer begin an upload, one of the new group can, and fsck
+    stays clean. '' admits any account."""
+    a, b, reader = dep.accounts.up_a, dep.accounts.up_b, dep.accounts.reader
+    ga, gb = dep.accounts.ga, dep.accounts.gb
+    assert (_stage(dep, a, "g"), _stage(dep, b, "g")) == ("made", "Permission denied")
+
+    cp = dep.as_daemon("study", "set", "g", "--store", dep.root, "--uploaders", gb.name)
+    assert f"; uploaders {gb.name};" in cp.stdout, describe(cp)
+    assert _study_folder(dep, "g") == (0o710, gb.gid)
+    assert (_stage(dep, a, "g"), _stage(dep, b, "g"), _stage(dep, reader, "g")) == \
+        ("Permission denied", "made", "Permission denied")
+    dep.write(b, "b.txt", b"from group b\n")
+    name = dep.submit(b, "g")
+    cp = dep.sync(a, "g", expect=1)
+    assert "does not admit this account" in cp.stderr, describe(cp)
+    assert f"ingested g/{name} as #1" in dep.watch().stdout
+    dep.assert_sound()
+
+    # '' (as study add takes it): any account; the folder back in the daemon's group, 0711.
+    dep.as_daemon("study", "set", "g", "--store", dep.root, "--uploaders", "")
+    assert _study_folder(dep, "g") == (0o711, dep.daemon.gid)
+    assert {_stage(dep, who, "g") for who in (a, b, reader)} == {"made"}
+    assert ServerRoot(str(dep.root)).study_settings("g").uploaders is None
+    dep.assert_sound()
+
+    # And from any account to one group again.
+    dep.as_daemon("study", "set", "g", "--store", dep.root, "--uploaders", ga.name)
+    assert _study_folder(dep, "g") == (0o710, ga.gid)
+    assert (_stage(dep, a, "g"), _stage(dep, b, "g"), _stage(dep, reader, "g")) == \
+        ("made", "Permission denied", "Permission denied")
+    dep.assert_sound()
+
+
+def test_study_set_uploaders_refuses_a_group_it_cannot_give_and_changes_nothing(dep: Deployment) -> None:
+    settings = dep.root / "store" / "studies" / "g.json"
+    before = (_study_folder(dep, "g"), settings.read_bytes())
+    not_in = grp.getgrgid(dep.accounts.reader.gid).gr_name  # the daemon is not a member of it
+    for group, says in (("no-such-group-dht", "no group named 'no-such-group-dht' on this system"),
+                        (not_in, "the daemon's account must be a member of it")):
+        cp = dep.as_daemon("study", "set", "g", "--store", dep.root, "--uploaders", group,
+                           "--notify", "pi@lab.example.org", expect=2)
+        assert says in cp.stderr and len(cp.stderr.strip().splitlines()) == 1 and cp.stdout == "", describe(cp)
+        assert (_study_folder(dep, "g"), settings.read_bytes()) == before
+    assert (_stage(dep, dep.accounts.up_a, "g"), _stage(dep, dep.accounts.up_b, "g")) == \
+        ("made", "Permission denied")
+    dep.assert_sound()
 
 
 # -- nothing the uploader can still touch is trusted or kept --------------------------------------

@@ -91,7 +91,7 @@ def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, .
     """Add study NAME: creates dropbox/NAME/ with inbox, have, receipts, processing, done, failed.
 
     Run it as the daemon's account, like init. See docs/server-root.md for the permission model;
-    'study set' changes --readers and --export later.
+    'study set' changes --uploaders, --readers, --export and the rest later.
     """
     check_study_name(name)
     if export_to:
@@ -123,15 +123,21 @@ def study_add(name: str, store: str, export_to: str | None, notify: tuple[str, .
 @click.option("--hook", metavar="COMMAND",
               help="A command watch runs after each ingest of the study (docs/watch-housekeeping.md); "
                    "'' removes it.")
+@click.option("--uploaders", metavar="GROUP",
+              help="From now on only members of GROUP may submit to the study: its drop box folder gets "
+                   "group GROUP and mode 0710, as 'study add --uploaders' gives it. The daemon's account must "
+                   "be a member of GROUP. '' lets any account that can reach the server root submit (0711).")
 def study_set(name: str, store: str, readers: str | None, no_readers: bool, export_to: str | None,
               no_export: bool, notify: tuple[str, ...], notify_success: bool | None, quota: str | None,
-              hook: str | None) -> None:
-    """Change the settings of study NAME: who reads it, where watch exports it, whom it notifies,
-    its quota and its hook.
+              hook: str | None, uploaders: str | None) -> None:
+    """Change the settings of study NAME: who uploads to it, who reads it, where watch exports
+    it, whom it notifies, its quota and its hook.
 
     The mount shows a change within seconds, without a remount. An export already written
     takes the new group and modes at the next 'dittohead export --verify' (the next export
-    gives them to what it adds). Without options, prints the study's settings.
+    gives them to what it adds). After a change of uploaders, no member of the old group can
+    begin an upload (a sync already running may finish; what was committed is ingested).
+    Without options, prints the study's settings.
     """
     if readers is not None and no_readers:
         raise UsageError("--readers and --no-readers: give one of them")
@@ -142,6 +148,8 @@ def study_set(name: str, store: str, readers: str | None, no_readers: bool, expo
         changes["readers"] = readers or None
     if export_to is not None or no_export:
         changes["export"] = _check_export_dest(export_to) if export_to else None
+    if uploaders is not None:
+        changes["uploaders"] = uploaders or None
     more: dict[str, object] = {}
     if notify:
         more["notify"] = tuple(a for a in notify if a)

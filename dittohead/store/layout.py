@@ -1,7 +1,7 @@
 """The server root: where everything lives, with which owner, group and mode (docs/server-root.md).
 
 Everything belongs to the daemon's account and its group (the owner and group of ``store/``),
-except two things: a study added with ``--uploaders GROUP`` has its folder in GROUP, mode 0710,
+except two things: a study added (or set) with ``--uploaders GROUP`` has its folder in GROUP, mode 0710,
 so that only GROUP's members (and the daemon, its owner) can pass through it to the drop box;
 and ROOT itself may be root's (root:root 0755), for uploaders that sshd chroots into it (sshd
 takes a ChrootDirectory only if root owns it): the admin then makes ``store/`` and ``dropbox/``
@@ -296,9 +296,7 @@ class ServerRoot:
                 os.chown(box.path, -1, gid)
             except PermissionError:
                 os.rmdir(box.path)
-                raise UsageError(f"cannot give study {settings.name!r} to group {settings.uploaders!r}: the "
-                                 "daemon's account must be a member of it (usermod -aG GROUP ACCOUNT, "
-                                 "then sign in again)") from None
+                raise _not_member(settings.name, settings.uploaders) from None
         for sub, mode in folders[1:]:
             _mkdir(sub, mode)
         os.chmod(box.path, folders[0][1])
@@ -307,24 +305,53 @@ class ServerRoot:
         return box
 
     def change_study(self, study: str, **changes: Any) -> StudySettings:
-        """Change settings of the existing study ``study`` (``readers``, ``export``: the fields
-        of StudySettings), and return them as they are now. The settings file is replaced at
-        once (written, fsynced, renamed over the old one): a reader sees the old settings or
-        the new ones. It is the admin's configuration, not the study's history: the one file
-        under store/ that is ever replaced.
+        """Change settings of the existing study ``study`` (``readers``, ``uploaders``,
+        ``export``...: the fields of StudySettings), and return them as they are now. The
+        settings file is replaced at once (written, fsynced, renamed over the old one): a reader
+        sees the old settings or the new ones. It is the admin's configuration, not the study's
+        history: the one file under store/ that is ever replaced.
 
-        NoSuchStudy if there is no such study; a UsageError for a readers group that does not
-        exist. The uploaders' group is not changed here (it is the drop box folder's group)."""
+        ``uploaders`` (a group, or None for any account) is also the drop box folder's group:
+        the folder gets the group and mode ``add_study`` gives a study with those uploaders
+        (``_give_uploaders``), before the settings file says so.
+
+        NoSuchStudy if there is no such study; a UsageError, before anything is changed, for a
+        readers or uploaders group that does not exist, or an uploaders group this account may
+        not give the folder (not a member of it)."""
         self.config()
-        self.require_study(study)
-        unknown = set(changes) - {"readers", "export", "notify", "notify_success", "quota", "hook"}
+        box = self.require_study(study)
+        unknown = set(changes) - {"readers", "uploaders", "export", "notify", "notify_success", "quota", "hook"}
         if unknown:
             raise UsageError(f"cannot change {', '.join(sorted(unknown))} of a study here")
         if changes.get("readers"):
             group_id(changes["readers"])
+        gid = None
+        if "uploaders" in changes:
+            changes["uploaders"] = changes["uploaders"] or None
+            gid = group_id(changes["uploaders"]) if changes["uploaders"] else os.stat(self.store).st_gid
+            if not is_member(gid):
+                raise _not_member(study, changes["uploaders"] or _group_name(gid))
         settings = dataclasses.replace(self.study_settings(study), **changes)
+        if gid is not None:
+            self._give_uploaders(box, gid, settings.uploaders)
         fsutil.replace_file(self.settings_path(study), _settings_bytes(settings), mode=0o600)
         return settings
+
+    def _give_uploaders(self, box: StudyDropbox, gid: int, uploaders: str | None) -> None:
+        """The study's folder in group ``gid`` with the mode ``add_study`` gives it (0710 for a
+        group of uploaders, 0711 for any account), closed (0700) while its group changes, as
+        ``add_study`` makes it: at no moment does anyone pass who is in neither the old set of
+        uploaders nor the new. What is below it keeps its group and modes."""
+        mode = box.folders(uploaders=bool(uploaders))[0][1]
+        was = stat.S_IMODE(os.lstat(box.path).st_mode)
+        os.chmod(box.path, 0o700)
+        try:
+            os.chown(box.path, -1, gid)
+        except PermissionError:
+            os.chmod(box.path, was)
+            raise _not_member(box.name, uploaders or _group_name(gid)) from None
+        os.chmod(box.path, mode)
+        fsutil.fsync_dir(self.dropbox_root)
 
     def permission_problems(self) -> list[str]:
         """What differs from the permission model: one line per folder whose mode, owner or
@@ -375,6 +402,11 @@ class ServerRoot:
             if st.st_gid != want_gid:
                 out.append(f"{path}: group {_group_name(st.st_gid)}, want {_group_name(want_gid)}")
         return out
+
+
+def _not_member(study: str, group: str | None) -> UsageError:
+    return UsageError(f"cannot give study {study!r} to group {group!r}: the daemon's account must be a member "
+                      "of it (usermod -aG GROUP ACCOUNT, then sign in again)")
 
 
 def _settings_bytes(settings: StudySettings) -> bytes:
