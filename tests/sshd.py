@@ -949,7 +949,7 @@ class Jump:
 def prepare_chroot_root(root: os.PathLike | str, daemon: Account) -> Path:
     """Make ``root`` a server ROOT as an admin would for uploaders chrooted into it: ROOT itself
     root:root 0755 (every folder above it must be root's and not group/other-writable too:
-    checked, ValueError if not), ``store/`` 0700 and ``dropbox/`` 0755 inside, owned by the
+    checked, ValueError if not), ``store/`` 0700 and ``dropbox/`` 0711 inside, owned by the
     daemon (its primary group). An existing ROOT is taken over (chown, chmod)."""
     root = Path(root)
     root.mkdir(exist_ok=True)
@@ -958,7 +958,7 @@ def prepare_chroot_root(root: os.PathLike | str, daemon: Account) -> Path:
     problems = chroot_problems(root)
     if problems:
         raise ValueError(f"{root} cannot be a ChrootDirectory: " + "; ".join(problems))
-    for name, mode in (("store", 0o700), ("dropbox", 0o755)):
+    for name, mode in (("store", 0o700), ("dropbox", 0o711)):
         path = root / name
         path.mkdir(exist_ok=True)
         os.chown(path, daemon.uid, daemon.gid)

@@ -178,7 +178,7 @@ def test_the_deployment_works_with_real_accounts(dep: Deployment) -> None:
 import json, os, sys
 root = sys.argv[1]
 out = {}
-for what in ("store", "dropbox/s/inbox", "dropbox/s/processing", "dropbox/s/done", "dropbox/g/inbox"):
+for what in ("store", "dropbox", "dropbox/s/inbox", "dropbox/s/processing", "dropbox/s/done", "dropbox/g/inbox"):
     try:
         os.listdir(os.path.join(root, what)); out[what] = "listed"
     except OSError as e:
@@ -201,6 +201,34 @@ def test_fsck_reports_the_permission_model_broken(dep: Deployment) -> None:
     assert re.search(r"inbox.*mode 0777, want 3733", lines), lines
     assert re.search(rf"have.*owner {up.name}, want {dep.daemon.name}", lines), lines
     assert re.search(rf"dropbox/g.*group {dep.accounts.gb.name}, want {dep.accounts.ga.name}", lines), lines
+
+
+def test_the_studies_names_cannot_be_listed_and_an_old_0755_is_a_warning(dep: Deployment) -> None:
+    """ROOT/dropbox/ is 0711: an uploader syncs through it by the study's name and cannot list
+    the studies. A root an earlier dittohead made (0755) is no damage to fsck: a warning with the
+    chmod that sets it right."""
+    a = dep.accounts.up_a
+    dropbox = dep.root / "dropbox"
+    assert stat.S_IMODE(os.stat(dropbox).st_mode) == 0o711
+    listing = "import os, sys\ntry:\n    print(os.listdir(sys.argv[1]))\nexcept OSError as e:\n    print(e.strerror)\n"
+    assert dep.accounts.python_as(a, listing, dropbox).stdout.strip() == "Permission denied"
+    dep.write(a, "a.txt", b"sent through a folder it cannot list\n")
+    name = dep.submit(a, "g")
+    assert f"ingested g/{name} as #1" in dep.watch().stdout
+    assert dep.cat("g", "a.txt") == b"sent through a folder it cannot list\n"
+    dep.assert_sound()
+
+    os.chmod(dropbox, 0o755)  # as dittohead 0.3 made it
+    assert dep.accounts.python_as(a, listing, dropbox).stdout.strip() == "['g', 's']"
+    cp = dep.as_daemon("fsck", "--store", dep.root, "--json")
+    [finding] = json.loads(cp.stdout)["findings"]
+    assert (finding["severity"], finding["kind"], finding["object"]) == ("warning", "permissions", str(dropbox))
+    assert f"chmod 711 {dropbox}" in finding["message"] and "list the studies' names" in finding["message"]
+    os.chmod(dropbox, 0o775)  # any other mode is what it was: damage
+    cp = dep.as_daemon("fsck", "--store", dep.root, expect=3)
+    assert f"damage: permissions {dropbox}: mode 0775, want 0711" in cp.stdout, describe(cp)
+    os.chmod(dropbox, 0o711)
+    dep.assert_sound()
 
 
 def test_study_add_for_a_group_the_daemon_is_not_in_says_how(dep: Deployment) -> None:

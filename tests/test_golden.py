@@ -44,6 +44,9 @@ def unpack(dest: Path) -> Path:
         # permission model as it was made, so that fsck's layout check has nothing to say.
         for member in tar.getmembers():
             os.chmod(dest / member.name, member.mode & 0o7777)
+    # ROOT/dropbox/ was made 0755 then; this dittohead makes it 0711, and fsck warns of 0755
+    # until the admin's chmod (test_golden.py: test_a_dropbox_made_0755_is_a_warning).
+    os.chmod(dest / EXPECTED["root"] / "dropbox", 0o711)
     return dest / EXPECTED["root"]
 
 
@@ -135,6 +138,21 @@ def test_without_the_index(golden: Path) -> None:
     res = invoke("fsck", "--store", golden, "--json")
     assert res.exit_code == 0 and (golden / "store" / "index.sqlite").exists(), res.output
     check_fsck_clean(golden)
+
+
+def test_a_dropbox_made_0755_is_a_warning(golden: Path) -> None:
+    """The store as its dittohead made it, ROOT/dropbox/ 0755 (every uploader could list the
+    studies' names): no damage (exit 0), one warning with the chmod that makes it 0711."""
+    dropbox = golden / "dropbox"
+    os.chmod(dropbox, 0o755)
+    res = invoke("fsck", "--store", golden, "--json")
+    assert res.exit_code == 0, res.output
+    [f] = json.loads(res.stdout)["findings"]
+    assert (f["severity"], f["kind"], f["object"]) == ("warning", "permissions", str(dropbox)), f
+    assert f["message"] == (f"mode 0755, as earlier dittoheads made it: every uploader can list the studies' "
+                            f"names; want 0711 (chmod 711 {dropbox})"), f
+    res = invoke("fsck", "--store", golden)
+    assert res.exit_code == 0 and f"warning: permissions {dropbox}: mode 0755" in res.stderr, res.output
 
 
 def test_fsck_rebuilds_a_deleted_index(golden: Path) -> None:

@@ -8,7 +8,9 @@
 4. the index: rebuilt from the above in memory and compared (in SQLite); replaced when it
    disagrees (the index is derived, so this is a repair, not damage);
 5. the permission model: every folder of the server root with the mode, owner and group that
-   ``init`` and ``study add`` gave it (a finding of severity "damage", kind "permissions").
+   ``init`` and ``study add`` gave it (a finding of severity "damage", kind "permissions"); a
+   mode an earlier dittohead gave, looser than this one's but no damage (ROOT/dropbox/ 0755),
+   is a "warning" of the same kind.
 Severity "damage" makes the CLI exit 3; "warning" and "repaired" do not.
 """
 
@@ -200,6 +202,9 @@ class Checker:
         for problem in self.store.root.permission_problems():
             where, _, what = problem.partition(": ")
             yield Finding(DAMAGE, "permissions", where, what)
+        for note in self.store.root.permission_notes():
+            where, _, what = note.partition(": ")
+            yield Finding(WARNING, "permissions", where, what)
 
     # -- layer 1: trailers (always), then the data (in worker processes, beside layers 2 to 4)
     def check_packs(self) -> Iterator[Finding]:

@@ -9,7 +9,7 @@ in it for the daemon before ``init``.
 
     ROOT/                       0755
     ROOT/store/                 0700  config, packs/, manifests/, studies/, index.sqlite, quarantine/
-    ROOT/dropbox/               0755
+    ROOT/dropbox/               0711  traverse only: an uploader cannot list the studies' names
     ROOT/dropbox/NAME/          0711, or 0710 in the uploaders' group
         inbox/                  3733  setgid + sticky: uploaders create, cannot list or touch others'
         have/                   0755  have-segments, read by clients
@@ -36,7 +36,11 @@ from dittohead.store.config import StoreConfig
 
 ROOT_MODE = 0o755
 STORE_MODE = 0o700
-DROPBOX_MODE = 0o755
+# Traverse only: clients and sshd's internal-sftp -d /dropbox look studies up by name, and only
+# the daemon (its owner) lists it. Earlier dittoheads made it 0755, which let every uploader
+# list every study's name: fsck warns of that mode, and takes it for no damage.
+DROPBOX_MODE = 0o711
+OLD_DROPBOX_MODE = 0o755
 STUDY_MODE = 0o711
 STUDY_UPLOADERS_MODE = 0o710  # a study admitting one group of uploaders only
 INBOX_MODE = 0o3733
@@ -395,13 +399,28 @@ class ServerRoot:
             if not stat.S_ISDIR(st.st_mode):
                 out.append(f"{path}: not a folder")
                 continue
-            if stat.S_IMODE(st.st_mode) != mode:
+            if stat.S_IMODE(st.st_mode) != mode and not (path == self.dropbox_root
+                                                         and stat.S_IMODE(st.st_mode) == OLD_DROPBOX_MODE):
                 out.append(f"{path}: mode {stat.S_IMODE(st.st_mode):04o}, want {mode:04o}")
             if st.st_uid != uid:
                 out.append(f"{path}: owner {_user_name(st.st_uid)}, want {_user_name(uid)} (the owner of store/)")
             if st.st_gid != want_gid:
                 out.append(f"{path}: group {_group_name(st.st_gid)}, want {_group_name(want_gid)}")
         return out
+
+
+    def permission_notes(self) -> list[str]:
+        """What is as an earlier dittohead made it, and no damage, but tighter now: one line
+        each, saying what it costs and the command that sets it right (fsck's warnings)."""
+        try:
+            st = os.lstat(self.dropbox_root)
+        except OSError:
+            return []
+        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == OLD_DROPBOX_MODE:
+            why = (f"mode {OLD_DROPBOX_MODE:04o}, as earlier dittoheads made it: every uploader can list the "
+                   f"studies' names; want {DROPBOX_MODE:04o} (chmod {DROPBOX_MODE:o} {self.dropbox_root})")
+            return [f"{self.dropbox_root}: {why}"]
+        return []
 
 
 def _not_member(study: str, group: str | None) -> UsageError:
