@@ -328,6 +328,8 @@ def test_a_password_is_in_no_log_line(tmp_path: Path, notifiers: list[Notifier],
     assert PASSWORD not in text and urllib.parse.quote(PASSWORD) not in text
     assert "dittohead:***@" in text or "bot:***@" in text
     assert masked(box.url("dittohead", PASSWORD)) == f"mailto://dittohead:***@127.0.0.1:{box.port}"
+    # A service URL Apprise does not know (mistyped) keeps its token in the path: the scheme alone.
+    assert masked("slak://T0123/B0456/XoxSecretToken42") == "slak://***"
 
 
 def test_gives_up_after_its_attempts(tmp_path: Path, notifiers: list[Notifier], monkeypatch: pytest.MonkeyPatch,

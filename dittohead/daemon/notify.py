@@ -84,18 +84,15 @@ _SECRET_KEYS = frozenset({"pass", "password", "pw", "secret", "token", "key", "a
 def masked(address: str | None) -> str:
     """``address`` as it may be logged: an e-mail address as it is; an URL in Apprise's privacy
     form where Apprise knows it (passwords and tokens shortened or starred), without its query,
-    and with any password left as ``***``."""
+    and with any password left as ``***``; an URL Apprise does not know (a mistyped service, whose
+    path may hold its token) as its scheme alone."""
     if not address:
         return "(none)"
     if "://" not in address:
         return escape(address)
     shown = _apprise_private_url(address)
     if shown is None:
-        try:
-            parts = urllib.parse.urlsplit(address)
-            shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
-        except ValueError:
-            shown = address.split("://", 1)[0] + "://***"
+        return escape(address.split("://", 1)[0] + "://***")
     shown = shown.split("?", 1)[0].rstrip("/")
     shown = re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", shown)
     return escape(shown)
