@@ -143,24 +143,28 @@ def write_new(dest: str, data: bytes, *, mode: int = 0o644, exist_ok: bool = Fal
         raise
 
 
-def replace_file(dest: str, data: bytes, *, mode: int = 0o600) -> None:
-    """Write ``data`` durably over ``dest`` (a file of this account's own state): into a new
+def replace_file(dest: str, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
+    """Write ``data`` over ``dest`` (a file of this account's own state) whole: into a new
     temporary file beside it (``mode``, never through a symlink), fsync, rename over ``dest``,
-    fsync the folder. Raises OSError; no temporary file is left behind."""
+    fsync the folder. ``durable`` False skips both fsyncs, for a file a crash may take back to an
+    older whole version (a report of how things stand, written often). Raises OSError; no
+    temporary file is left behind."""
     directory = os.path.dirname(dest)
     tmp = tmp_name(directory)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def read_limited(path: str, limit: int, *, follow: bool = False) -> bytes:

@@ -944,15 +944,9 @@ class Daemon:
                 "failed_recent": list(st.failed_recent)} for st in self.studies.values()},
         }
         data = json.dumps(doc, ensure_ascii=True, indent=1).encode() + b"\n"
-        tmp = fsutil.tmp_name(self.dir, "state-")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, config_mod.state_path(self.root.path))
+        try:  # what status shows: a crash may leave an older one, never a torn one
+            fsutil.replace_file(config_mod.state_path(self.root.path), data, durable=False)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             log.warning("%s: cannot write it: %s", config_mod.state_path(self.root.path), e.strerror or e)
 
 
