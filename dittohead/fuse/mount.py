@@ -132,8 +132,8 @@ def fuse_class(mfusepy: Any, ops: MountOps) -> Any:
 
 def adapter(mfusepy: Any, ops: MountOps) -> Any:
     """An mfusepy Operations object answering with ``ops``: only the calls ``ops`` answers are
-    registered with libfuse (getattr and readdir are answered by ``fuse_class``'s own methods,
-    without it). Its ``mounted`` says whether libfuse got as far as running it."""
+    registered with libfuse (getattr, readdir and read are answered by ``fuse_class``'s own
+    methods, without it). Its ``mounted`` says whether libfuse got as far as running it."""
 
     class DittoheadFS(mfusepy.Operations):
         use_ns = True  # times in integer nanoseconds
@@ -148,11 +148,11 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
                 # kernel's "auto" mode): du of a folder of 10,000 files cost 9,225 LOOKUPs.
                 conn.want &= ~CAP_READDIRPLUS_AUTO
 
-        def getattr(self, path: str, fi: Any = None) -> dict:
-            return ops.getattr(path, None if fi is None else fi.fh)._asdict()
+        def _answered_by_fuse_class(self, *args: object) -> int:
+            raise NotImplementedError("fuse_class answers this call")
 
-        def readdir(self, path: str, fh: int) -> list:
-            return [(name, attr._asdict(), 0) for name, attr in ops.readdir(path)]
+        # Defined so that mfusepy registers them with libfuse; fuse_class's methods answer them.
+        getattr = readdir = read = _answered_by_fuse_class
 
         def open(self, path: str, fi: Any) -> int:  # raw_fi: the kernel's caching is set per file
             fi.fh = ops.open(path, fi.flags)
@@ -161,9 +161,6 @@ def adapter(mfusepy: Any, ops: MountOps) -> Any:
             else:
                 fi.keep_cache = 1  # a version's bytes never change: keep them across opens
             return 0
-
-        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-            return ops.read(path, size, offset, fi.fh)
 
         def release(self, path: str, fi: Any) -> int:
             return ops.release(path, fi.fh)
