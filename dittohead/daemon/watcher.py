@@ -23,6 +23,11 @@ What it does, in one process (the main loop) and one worker process per submissi
   and holds the store's lock only for its commit (``store.ingest``). A study that waits longest
   gets the next free worker; at start, studies with something left in ``processing/`` (a crash)
   come first.
+- **Exports behind the store.** At start, each study with an export destination whose export is
+  behind the store (``worker.export_behind``: a stop or a crash between an ingest's commit and
+  its export, or an export that failed) is marked; its next worker exports it (``--export``)
+  whether or not it ingests anything. A study with nothing to ingest gets such a worker too: one
+  at a time, besides the ``workers`` that ingest, so that no ingest waits for a catch-up.
 - **After an ingest**, in the loop: the event is logged (``Event.line()``, or ``Event.json()``
   with ``--log-json``), notified (``notify.Notifier``), the disks and quotas are looked at
   (``disks.Monitor``), and the study's hook, if it has one, runs on a thread of the study's
@@ -209,6 +214,9 @@ class Worker:
         self.step = "starting"
         self.started_ns = time.time_ns()
         self.said_stopped = False
+        self.export = "--export" in argv  # told to export the study whatever it ingests
+        self.exported = False  # it said how its export went
+        self.catch_up = False  # started for that export alone, besides the ``workers``
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self.proc.pid
@@ -314,6 +322,7 @@ class _Study:
     held: dict[str, tuple[str, float | None]] = field(default_factory=dict)  # name -> (reason, retry_at)
     next_retry: float | None = None  # time.time(): when a held-back submission it left is due
     failed_recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=FAILED_KEPT))
+    export_due: bool = False  # its export is behind the store: its next worker exports it
     watch: Any = None  # watchdog's ObservedWatch of its inbox
 
 
@@ -584,7 +593,7 @@ class Daemon:
             deadlines.append(self._next_watchdog)
         wall = time.time()
         for st in self.studies.values():
-            if st.worker is None and st.ready_since is not None and st.not_before > now:
+            if st.worker is None and (st.ready_since is not None or st.export_due) and st.not_before > now:
                 deadlines.append(st.not_before)
             if st.next_retry is not None:
                 deadlines.append(now + st.next_retry - wall + 0.05)
@@ -646,6 +655,23 @@ class Daemon:
             self._look(st, first=start)
         if young:
             self._refresh_at = time.monotonic() + 0.5
+        if start:
+            self._exports_behind()
+
+    def _exports_behind(self) -> None:
+        """At start: mark each study whose export is behind the store (``export_behind``), for
+        its next worker to export it (``_start_workers``)."""
+        from dittohead.daemon.worker import export_behind
+
+        for st in self.studies.values():
+            dest = self._settings(st.name).export
+            if not dest:
+                continue
+            why = self._safely("export", export_behind, self.store, st.name, dest, st.last_seq)
+            if why:
+                st.export_due = True
+                self.sink.text(f"study {st.name}: its export to {dest} is behind the store ({why}): exported "
+                               "again now", what="export_behind", study=st.name, dest=dest)
 
     def _unschedule(self, st: _Study) -> None:
         if st.watch is not None and self._observer is not None:
@@ -711,13 +737,21 @@ class Daemon:
             return None
 
     def _start_workers(self, now: float) -> None:
-        running = sum(st.worker is not None for st in self.studies.values())
+        running = sum(st.worker is not None and not st.worker.catch_up for st in self.studies.values())
         ready = sorted((st.ready_since, st.name) for st in self.studies.values()
                        if st.ready_since is not None and st.worker is None and now >= st.not_before)
         for _, name in ready[: max(0, self.config.workers - running)]:
             self._spawn(self.studies[name])
+        # An export behind the store, of a study with nothing to ingest: one such worker at a time,
+        # besides the others (an export may take a while; no ingest waits for it).
+        if any(st.worker is not None and st.worker.catch_up for st in self.studies.values()):
+            return
+        due = sorted(st.name for st in self.studies.values()
+                     if st.export_due and st.worker is None and st.ready_since is None and now >= st.not_before)
+        if due:
+            self._spawn(self.studies[due[0]], catch_up=True)
 
-    def _spawn(self, st: _Study) -> None:
+    def _spawn(self, st: _Study, catch_up: bool = False) -> None:
         st.ready_since = None
         _, processing = self._waiting(st.name)
         wall = time.time()
@@ -726,6 +760,8 @@ class Daemon:
                 "--max-attempts", str(self.options.max_attempts), "--log-level", str(self.options.log_level)]
         for name in skip:
             argv += ["--skip", name]
+        if st.export_due:
+            argv.append("--export")
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         try:
             st.worker = Worker(st.name, argv, env, self.events)
@@ -736,6 +772,8 @@ class Daemon:
             self.sink.text(f"study {st.name}: cannot start a worker ({e.strerror or e}); tried again in "
                            f"{self._backoff(st):g} s", what="error", study=st.name)
             return
+        st.worker.catch_up = catch_up
+        st.export_due = False
         self._state_dirty = True
 
     @staticmethod
@@ -765,8 +803,10 @@ class Daemon:
             st.not_before = time.monotonic() + STOPPED_RETRY
             self.sink.text(f"study {st.name}: this pass stopped: {doc.get('reason')} (tried again in "
                            f"{STOPPED_RETRY:g} s)", what="error", study=st.name)
-        elif kind == "export" and not doc.get("ok"):
-            self._state_dirty = True
+        elif kind == "export":
+            w.exported = True
+            if not doc.get("ok"):
+                self._state_dirty = True
 
     def _on_result(self, st: _Study, doc: dict[str, Any]) -> None:
         name = str(doc.get("submission"))
@@ -814,6 +854,8 @@ class Daemon:
         self._state_dirty = True
         if self._stop_signal is not None:
             return
+        if w.export and not w.exported and (code == 0 or w.said_stopped):
+            st.export_due = True  # it ended before the export (another ingest held the study): again
         what = f"{st.name}/{escape(w.submission)}" if w.submission else f"study {st.name}"
         if code == 0:
             st.failures = 0

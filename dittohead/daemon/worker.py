@@ -11,7 +11,8 @@ holds it, a ``watch --once``, it says "busy" and ends), finishes what a crash le
 in ``processing/`` first, then takes the study's next submission in the order of arrival and
 ingests it (``Ingestor.run_study`` with ``limit`` 1): verified with the store only read, then
 committed under the store's lock, for a moment. It then exports the study if it has an export
-destination and gained the submission, and ends.
+destination and gained the submission, or if the daemon asked for the export (``--export``: at
+its start the daemon found the study's export behind the store, ``export_behind``), and ends.
 
 It tells the daemon what happens in JSON lines on its standard output (the file descriptor it
 had as stdout; anything else printed goes to its standard error, which the daemon logs):
@@ -28,7 +29,8 @@ had as stdout; anything else printed goes to its standard error, which the daemo
 Signals: SIGTERM (or SIGINT) stops it. Outside a commit it stops at once: the attempt at the
 submission in hand ends, its copies go, and it does not count (exit 75). During a commit (from
 the store's lock taken to the receipt written) the stop waits for the commit to end; the worker
-then ends without exporting (exit 0: the export comes with the study's next ingest, or by hand).
+then ends without exporting (exit 0); so does a worker stopped or killed during its export. The
+daemon's next start finds that export behind the store and has it done (``export_behind``).
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], metavar="NAME",
                         help="a held-back submission not to try again yet")
     parser.add_argument("--log-level", type=int, default=logging.WARNING)
+    parser.add_argument("--export", action="store_true",
+                        help="export the study even if this run ingests nothing (its export is behind)")
     args = parser.parse_args(argv)
 
     guard = _StopGuard()
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(type="left", names=run.left, more=run.more)
         if guard.requested:
             return 0
-        if any(r.ok for r in run.results):
+        if args.export or any(r.ok for r in run.results):
             channel.send(type="export", ok=_export(store, args.study))
         return 0
     except Stopped:
@@ -164,6 +168,36 @@ def _export(store: Any, study: str) -> bool:
     from dittohead.cli.admin import _export_studies
 
     return not _export_studies(store, {study})
+
+
+def export_behind(store: Any, study: str, dest: str, last_seq: int) -> str | None:
+    """Why the export of ``study`` into ``dest`` is behind a store that holds its submissions
+    through ``last_seq``, or None if it is not (or there is nothing to export yet).
+
+    The export remembers its last clean run in this account's state folder (``export``'s
+    ``_LastExport``: the last submission written, and DEST's folders as it left them); a run
+    that was stopped, killed or failed leaves no such record. So this costs one small file read
+    and four stats of DEST, whatever the study's size."""
+    from dittohead.export import _LastExport
+
+    if last_seq <= 0:
+        return None
+    dest = os.path.abspath(dest)  # as export_study keys its record
+    try:
+        fd = os.open(dest, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        return "not exported yet"
+    except OSError as e:
+        return f"cannot open it: {e.strerror or e}"
+    try:
+        done = _LastExport(store, study, dest).load(fd)
+    finally:
+        os.close(fd)
+    if done is None:
+        return "its last export did not end clean, or DEST changed since"
+    if done < last_seq:
+        return f"exported through #{done}, ingested through #{last_seq}"
+    return None
 
 
 def _why(e: BaseException) -> str:
