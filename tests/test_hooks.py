@@ -1,13 +1,20 @@
 """A study's hook (dittohead/daemon/hooks.py): run after an ingest with the study, seq, site,
 user and submission in a clean environment and the new versions on standard input; a failure,
 a time-out (the whole process group killed) or a command that cannot start gives a
-``hook_failed`` event with the last lines of its output, escaped; the store never changes."""
+``hook_failed`` event with the last lines of its output, escaped; the store never changes.
+
+Hooks due (ROOT/daemon/hooks/): recorded 0600 in a 0700 folder, read back in order of seq, a
+record that is not one set aside; a stop kills the hook's process group and raises HookStopped;
+``Hooks`` runs a record once, also when the ingest's result comes after a rescan took the
+record up and ran it. (The daemon across stops and kills: test_watch_restart.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +22,16 @@ import pytest
 from conftest import Server, store_snapshot, write_file
 
 from dittohead.daemon.events import Event
-from dittohead.daemon.hooks import OUTPUT_CHARS, run_hook
+from dittohead.daemon.hooks import (
+    OUTPUT_CHARS,
+    Hooks,
+    HookStopped,
+    due_dir,
+    load_due,
+    process_start,
+    record_due,
+    run_hook,
+)
 from dittohead.store.index import Index
 from dittohead.store.layout import StudySettings
 
@@ -140,3 +156,54 @@ def _running(pid: int) -> bool:
 def test_the_state_folder_stays_the_daemons(server: Server, ingested: Event) -> None:
     assert run_hook(StudySettings("s", hook="true"), ingested, 10, root=str(server.root)) is None
     assert stat.S_IMODE(os.stat(server.root / "daemon").st_mode) == 0o700
+
+
+def test_a_stop_kills_the_hooks_process_group(server: Server, ingested: Event, tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    hook = _script(tmp_path / "slow.sh", f'sleep 60 &\necho $! > "{pidfile}"\nsleep 60\n')
+    stop = threading.Event()
+    started: list[int] = []
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(HookStopped):
+        run_hook(StudySettings("s", hook=str(hook)), ingested, 30, root=str(server.root), stop=stop.is_set,
+                 on_start=started.append)
+    assert time.monotonic() - t0 < 4
+    (pid,) = started
+    assert process_start(pid) is None and process_start(int(pidfile.read_text())) is None
+    with pytest.raises(HookStopped):  # stopped before it starts: not started
+        run_hook(StudySettings("s", hook=str(hook)), ingested, 30, root=str(server.root), stop=lambda: True,
+                 on_start=started.append)
+    assert len(started) == 1
+
+
+def test_hooks_due_are_recorded_and_read_back_in_order(server: Server, ingested: Event) -> None:
+    root = str(server.root)
+    first = Event("ingested", "s", "x", fields={**ingested.fields, "seq": 1})
+    for ev in (ingested, first, Event("ingested", "a.b", "y", fields={"seq": 10})):
+        record_due(root, ev)
+    folder = Path(due_dir(root))
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert sorted(os.listdir(folder)) == ["a.b.000000000010.json", "s.000000000001.json", "s.000000000002.json"]
+    assert all(stat.S_IMODE((folder / n).stat().st_mode) == 0o600 for n in os.listdir(folder))
+    (folder / "s.000000000003.json").write_text('{"version": 1, "study": "s", "seq": 4}')
+    got = load_due(root)
+    assert [(d.study, d.seq) for d in got] == [("a.b", 10), ("s", 1), ("s", 2)]
+    assert got[2].event.fields == ingested.fields and got[2].event.submission == ingested.submission
+    assert ".bad-s.000000000003.json" in os.listdir(folder) and "s.000000000003.json" not in os.listdir(folder)
+
+
+def test_a_hook_taken_up_from_its_record_is_not_run_again_by_its_result(
+        server: Server, ingested: Event, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    hook = _script(tmp_path / "hook.sh", f'echo "$DITTOHEAD_SEQ" >> "{out}"\n')
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    hooks = Hooks(str(server.root), events, lambda study: StudySettings(study, hook=str(hook)), 10)
+    record_due(str(server.root), ingested)  # as the worker records it
+    assert [d.seq for d in hooks.take_up()] == [2]  # a rescan comes first...
+    assert events.get(timeout=10) == ("hook", None, None)
+    hooks.ingested(ingested, True)  # ...then the worker's result
+    assert hooks.take_up() == [] and hooks.join(5)
+    assert out.read_text() == "2\n" and load_due(str(server.root)) == []
+    hooks.ingested(Event("ingested", "s", "z", fields={**ingested.fields, "seq": 3}), False)  # no hook: nothing
+    assert hooks.join(5) and load_due(str(server.root)) == [] and out.read_text() == "2\n"

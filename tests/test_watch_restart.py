@@ -7,18 +7,30 @@ its own account (test_watch_daemon.py's ``Site``):
   submission, to the byte what a fresh ``dittohead export`` writes; a start with nothing
   behind exports nothing;
 - an export destination the daemon cannot write: the failure is logged after the ingest and at
-  each start, and the start after it is fixed catches up.
+  each start, and the start after it is fixed catches up;
+- a study's hook that is slow (sleeps) is running, two more are recorded behind it, when the
+  daemon gets SIGTERM (it exits at once, the hook's process group killed, nothing reported as
+  failed) or kill -9 (the hook's run outlives it): the next start ends a run left over, and runs
+  the three, in order of seq, the first again;
+- hooks recorded by the worker (run by hand, as the daemon runs it, with no daemon to hear its
+  result: the daemon killed between its worker's ingest and the hook's start) are run at the
+  next start, in order of seq, and their records removed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
+import time
 from pathlib import Path
 
 import pytest
 from accounts import Accounts, make_dir
 from test_watch_daemon import STOP_BOUND, Daemon, Site, describe, listdir, wait_for
+
+from dittohead.daemon.hooks import process_start
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -162,3 +174,113 @@ def test_an_export_that_fails_is_told_and_tried_again_at_each_start(site: Site) 
     assert took < STOP_BOUND
     assert not failed(d) and not [e for e in d.events() if e.get("kind") == "ingested"], d.text()
     assert_as_fresh_export(site, "e", dest)
+
+
+# -- hooks due, across a stop or a kill ---------------------------------------------------------------
+
+
+HOOK = """#!/bin/sh
+echo "$DITTOHEAD_SEQ start $$" >> {log}
+if [ "$DITTOHEAD_SEQ" = 1 ] && [ ! -e {fast} ]; then sleep 60; fi
+echo "$DITTOHEAD_SEQ done" >> {log}
+"""
+
+
+def hook_study(site: Site, name: str = "h") -> Path:
+    """Study ``name`` with HOOK as its hook; the hook's log file (written by the daemon's account)."""
+    log = site.base / "hook.log"
+    hook = site.base / "hook.sh"
+    hook.write_text(HOOK.format(log=log, fast=site.base / "fast"))
+    hook.chmod(0o755)
+    site.add_study(name, "--hook", hook)
+    return log
+
+
+def lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def due(site: Site) -> list[str]:
+    return [n for n in listdir(site.root / "daemon" / "hooks") if not n.startswith(".")]
+
+
+def running(pid: int) -> bool:
+    return process_start(pid) is not None
+
+
+@pytest.mark.parametrize("how", ["sigterm", "systemd", "sigkill"])
+def test_a_hook_cut_short_and_those_behind_it_run_at_the_next_start(site: Site, how: str) -> None:
+    """SIGTERM to the daemon alone (it kills the hook), to every process at once as systemd's
+    KillMode=control-group sends it (the hook may die before the daemon heeds its own), or kill
+    -9 of the daemon and its workers (the hook, in a session of its own, goes on)."""
+    a = site.accounts.up_a
+    log = hook_study(site)
+    d = site.start()
+    site.submit(a, "h")
+    (first,) = wait_for(lambda: lines(log), 30, "the first hook's start")
+    pid = int(first.split()[2])
+    assert first == f"1 start {pid}"
+    for _ in range(2):
+        site.submit(a, "h")
+    wait_for(lambda: len(due(site)) == 3, 30, "the next two hooks recorded")
+    assert lines(log) == [first] and running(pid)
+
+    if how in ("sigterm", "systemd"):
+        if how == "systemd":  # the hook dies first; the daemon heeds its own SIGTERM a moment later
+            os.killpg(pid, signal.SIGTERM)
+            time.sleep(0.3)
+        took = site.stop(d)
+        assert took < 10, f"took {took:.1f} s to stop"
+        assert not running(pid), "the hook outlived the daemon's stop"
+        print(f"\nSIGTERM ({how}) with a hook running: stopped in {took:.2f} s")
+    else:
+        os.killpg(d.pid, signal.SIGKILL)
+        d.proc.wait(timeout=10)
+        assert running(pid)  # a session of its own: it outlives a killed daemon
+    assert not [e for e in d.events() if e.get("kind") == "hook_failed"], d.text()
+    assert lines(log) == [first]
+    assert sorted(json.loads((site.root / "daemon" / "hooks" / n).read_text())["seq"] for n in due(site)) == [1, 2, 3]
+
+    (site.base / "fast").touch()
+    d = site.start()
+    wait_for(lambda: "3 done" in lines(log) and not due(site), 30, "the three hooks' runs")
+    assert not running(pid)
+    again = [ln.split()[:2] for ln in lines(log)[1:]]
+    assert again == [["1", "start"], ["1", "done"], ["2", "start"], ["2", "done"], ["3", "start"], ["3", "done"]]
+    said = [e["message"] for e in d.said("hook_due")]
+    assert len(said) == 3 and "#1 began before" in said[0] and all("had not begun" in m for m in said[1:]), said
+    if how == "sigkill":
+        (ended,) = d.said("hook")
+        assert f"(pid {pid}): ended" in ended["message"], ended
+    site.stop(d)
+    assert not [e for e in d.events() if e.get("kind") == "hook_failed"], d.text()
+
+
+WORKER = "import sys\nfrom dittohead.daemon.worker import main\nsys.exit(main())\n"
+
+
+def test_hooks_a_worker_recorded_are_run_at_the_next_start_in_order(site: Site) -> None:
+    a = site.accounts.up_a
+    log = hook_study(site)
+    (site.base / "fast").touch()
+    for seq in (1, 2, 3):
+        site.submit(a, "h")
+        cp = site.accounts.python_as(site.daemon, WORKER, site.root, "h", "--max-attempts", "3")
+        assert cp.returncode == 0, describe(cp)
+        (result,) = [doc for doc in map(json.loads, cp.stdout.splitlines()) if doc["type"] == "result"]
+        assert result["ok"] and result["seq"] == seq, result
+    folder = site.root / "daemon" / "hooks"
+    assert due(site) == [f"h.{seq:012d}.json" for seq in (1, 2, 3)]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE((folder / n).stat().st_mode) == 0o600 for n in due(site))
+    assert not log.exists()
+
+    d = site.start()
+    wait_for(lambda: "3 done" in lines(log) and not due(site), 30, "the recorded hooks' runs")
+    assert [ln.split()[:2] for ln in lines(log)] == [
+        ["1", "start"], ["1", "done"], ["2", "start"], ["2", "done"], ["3", "start"], ["3", "done"]]
+    assert len(d.said("hook_due")) == 3
+    time.sleep(0.2)
+    site.stop(d)
+    assert not [e for e in d.events() if e.get("kind") in ("hook_failed", "ingested")], d.text()
+    assert len(lines(log)) == 6

@@ -11,6 +11,6 @@ and run for months.
     hooks        a study's command, run after each of its ingests
 
 ROOT/daemon/ (0700, the daemon's account's) holds what the daemon keeps between runs: its lock
-(one daemon per server root), its configuration, its state, the outbox. Nothing there is part of
-the store's history; losing it loses no data.
+(one daemon per server root), its configuration, its state, the outbox, the hooks due. Nothing
+there is part of the store's history; losing it loses no data.
 """

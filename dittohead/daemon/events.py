@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,14 @@ class Event:
         doc = {"time_ns": self.time_ns, "kind": self.kind, "study": self.study, "submission": self.submission,
                **self.fields}
         return json.dumps(doc, ensure_ascii=True, sort_keys=True)
+
+    @classmethod
+    def ingested(cls, doc: Mapping[str, Any]) -> Event:
+        """The ``ingested`` event of a worker's result (``store.ingest.IngestResult`` as a dict)."""
+        return cls("ingested", str(doc.get("study")), str(doc.get("submission")), fields={
+            "seq": int(doc.get("seq") or 0), "site": doc.get("site", ""), "user": doc.get("user", ""),
+            "host": doc.get("host", ""), "files": doc.get("files", 0), "new_versions": doc.get("new_versions", 0),
+            "bytes": doc.get("new_chunk_bytes", 0)})
 
     def notified(self, notify_success: bool) -> bool:
         """Whether this event is sent as a notification (see ALWAYS_NOTIFIED)."""

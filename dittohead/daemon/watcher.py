@@ -31,20 +31,25 @@ What it does, in one process (the main loop) and one worker process per submissi
 - **After an ingest**, in the loop: the event is logged (``Event.line()``, or ``Event.json()``
   with ``--log-json``), notified (``notify.Notifier``), the disks and quotas are looked at
   (``disks.Monitor``), and the study's hook, if it has one, runs on a thread of the study's
-  own (``hooks.run_hook``), so that a slow hook never holds up the loop or another study. The
-  worker itself exports the study if it has an export destination (as ``watch --once`` does).
+  own (``hooks.Hooks``, ``hooks.run_hook``), so that a slow hook never holds up the loop or
+  another study. The worker itself exports the study if it has an export destination (as
+  ``watch --once`` does), and records the hook due in ROOT/daemon/hooks/ before it reports the
+  ingest: a hook runs at least once, and again at the next start if a stop or a crash cut it
+  short or came before it (those records are taken up at start and at each rescan).
 - **Held back** (damage in the store): ``housekeeping.Housekeeper`` says when the submission
   may be tried again (a growing delay); until then its workers leave it, and the submissions
   that list its paths, where they are.
 
 Signals: SIGTERM (and SIGINT) stop it: each worker is told to stop (one in a commit finishes it,
 one verifying stops at once and its attempt does not count), workers still running after
-``STOP_GRACE`` seconds are killed (their attempt then counts, as after any crash), and the
-daemon exits 0 (130 for SIGINT) within ``STOP_BOUND`` seconds. SIGHUP reads ROOT/daemon/watch.json
-again (a file that cannot be used is one log line, and the configuration in use stays) and
-reopens the ``--log-file``. Under systemd (``Type=notify``) it sends READY=1 when it watches,
-RELOADING=1 and READY=1 around a SIGHUP, STOPPING=1 when it stops, and WATCHDOG=1 from its loop
-when the unit sets ``WatchdogSec``: datagrams to ``$NOTIFY_SOCKET``, no library needed.
+``STOP_GRACE`` seconds are killed (their attempt then counts, as after any crash), a running
+hook's process group is killed at once (SIGTERM, SIGKILL ``hooks.KILL_GRACE`` later; its record
+stays, so it runs again at the next start), and the daemon exits 0 (130 for SIGINT) within
+``STOP_BOUND`` seconds. SIGHUP reads ROOT/daemon/watch.json again (a file that cannot be used is
+one log line, and the configuration in use stays) and reopens the ``--log-file``. Under systemd
+(``Type=notify``) it sends READY=1 when it watches, RELOADING=1 and READY=1 around a SIGHUP,
+STOPPING=1 when it stops, and WATCHDOG=1 from its loop when the unit sets ``WatchdogSec``:
+datagrams to ``$NOTIFY_SOCKET``, no library needed.
 
 One daemon per server root: it holds ``ROOT/daemon/lock`` (flock; the pid written in it), and a
 second ``watch`` says which pid runs and exits 4.
@@ -96,7 +101,7 @@ from dittohead.daemon import config as config_mod
 from dittohead.daemon.config import WatchConfig
 from dittohead.daemon.disks import Monitor
 from dittohead.daemon.events import Event
-from dittohead.daemon.hooks import run_hook
+from dittohead.daemon.hooks import KILL_GRACE, Hooks
 from dittohead.daemon.housekeeping import Housekeeper
 from dittohead.daemon.notify import Notifier
 from dittohead.display import escape
@@ -255,47 +260,6 @@ class Worker:
         return self.proc.poll() is None
 
 
-class _Hooks:
-    """Each study's hooks, run one after another on a thread of the study's own; each ends with
-    ("hook", event or None) in the daemon's queue. A hook not yet begun when the daemon stops is
-    not run."""
-
-    def __init__(self, root: str, events: queue.SimpleQueue) -> None:
-        self.root = root
-        self._events = events
-        self._lock = threading.Lock()
-        self._waiting: dict[str, deque[tuple[StudySettings, Event, float]]] = {}
-        self._threads: dict[str, threading.Thread] = {}
-        self.stopping = False
-
-    def submit(self, settings: StudySettings, event: Event, timeout: float) -> None:
-        study = settings.name
-        with self._lock:
-            self._waiting.setdefault(study, deque()).append((settings, event, timeout))
-            if study not in self._threads:
-                t = threading.Thread(target=self._drain, args=(study,), name=f"dittohead-hook-{study}", daemon=True)
-                self._threads[study] = t
-                t.start()
-
-    def _drain(self, study: str) -> None:
-        while True:
-            with self._lock:
-                waiting = self._waiting.get(study)
-                if not waiting or self.stopping:
-                    self._threads.pop(study, None)
-                    self._waiting.pop(study, None)
-                    return
-                settings, event, timeout = waiting.popleft()
-            try:
-                failed = run_hook(settings, event, timeout, root=self.root)
-            except Exception as e:  # a hook's trouble is reported, never the daemon's end
-                log.exception("internal error running the hook of study %s", study)
-                failed = Event("hook_failed", study, event.submission, fields={
-                    "command": settings.hook or "", "seq": event.fields.get("seq"),
-                    "status": f"internal error: {type(e).__name__}: {e}", "output": ""})
-            self._events.put(("hook", None, failed))
-
-
 # -- the daemon ----------------------------------------------------------------------------
 
 
@@ -381,7 +345,7 @@ class Daemon:
         self.notifier: Notifier
         self.monitor: Monitor
         self.housekeeper: Housekeeper
-        self.hooks = _Hooks(self.root.path, self.events)
+        self.hooks = Hooks(self.root.path, self.events, self._settings, self.config.hook_timeout_seconds)
 
     # -- start and stop
     def run(self) -> int:
@@ -436,8 +400,10 @@ class Daemon:
 
         self.store = Store.open(self.root.path)
         self._make_parts()
+        self.hooks.timeout = self.config.hook_timeout_seconds
         self._start_observer()
         self._refresh_studies(start=True)
+        self._take_up_hooks()
         self.sink.text(f"watching {self.root.path} (pid {os.getpid()}; inotify, and a rescan every "
                        f"{self._rescan_seconds():g} s; up to {self.config.workers} workers at once)",
                        what="started", pid=os.getpid())
@@ -467,6 +433,7 @@ class Daemon:
     def _on_stop(self, signum: int, frame: object) -> None:
         if self._stop_signal is None:
             self._stop_signal = signum
+        self.hooks.stopping = True  # no hook starts from now on; a running one is killed
         self.events.put(("wake", None, None))
 
     def _on_hup(self, signum: int, frame: object) -> None:
@@ -530,6 +497,11 @@ class Daemon:
             except queue.Empty:
                 continue
             self._handle(item)
+        # Running hooks were told to stop with the workers: their process groups are killed
+        # (KILL_GRACE at most), their records kept for the next start.
+        if not self.hooks.join(max(0.5, min(KILL_GRACE + 2.0, STOP_BOUND - 8.0 - (time.monotonic() - t0)))):
+            self.sink.text("a hook still running after its kill: left to itself (its record is kept: it runs "
+                           "again at the next start)", what="error")
         self._drain_events()
         with contextlib.suppress(Exception):
             self.notifier.close(max(0.5, min(5.0, STOP_BOUND - 2 - (time.monotonic() - t0))))
@@ -619,6 +591,9 @@ class Daemon:
                 self._on_exit(worker, payload)
             elif kind == "hook" and payload is not None:
                 self._tell(payload)
+            elif kind == "hook_note":
+                study, text = payload
+                self.sink.text(text, what="hook", study=study)
         except Exception as e:  # the daemon outlives a fault of its own
             log.exception("internal error in the daemon's loop")
             self.sink.text(f"internal error in the daemon's loop: {type(e).__name__}: {e}", what="error")
@@ -817,15 +792,11 @@ class Daemon:
             st.last_ingest_ns = time.time_ns()
             st.held.pop(name, None)
             self._safely("housekeeping", self.housekeeper.cleared, st.name, name)
-            ev = Event("ingested", st.name, name, fields={
-                "seq": st.last_seq, "site": doc.get("site", ""), "user": doc.get("user", ""),
-                "host": doc.get("host", ""), "files": doc.get("files", 0), "new_versions": doc.get("new_versions", 0),
-                "bytes": doc.get("new_chunk_bytes", 0)})
+            ev = Event.ingested({**doc, "study": st.name, "submission": name, "seq": st.last_seq})
             self._tell(ev, settings)
             for more in self._safely("disks", self.monitor.check, self.store, self._all_settings()) or ():
                 self._tell(more)
-            if settings.hook:
-                self.hooks.submit(settings, ev, self.config.hook_timeout_seconds)
+            self._safely("hooks", self.hooks.ingested, ev, bool((settings.hook or "").strip()))
         elif doc.get("held"):
             if not doc.get("tried"):  # left where it is: held back and not due, or behind one
                 if name not in st.held:
@@ -918,7 +889,18 @@ class Daemon:
             self._tell(ev)
         for ev in self._safely("disks", self.monitor.check, self.store, self._all_settings()) or ():
             self._tell(ev)
+        self._take_up_hooks()
         self._state_dirty = True
+
+    def _take_up_hooks(self) -> None:
+        """The hooks recorded as due that this daemon does not run yet: at start, those a stop or
+        a crash left; at a rescan, one a worker of a daemon killed before recorded since."""
+        busy = {st.name for st in self.studies.values() if st.worker is not None}
+        for due in self._safely("hooks", self.hooks.take_up, busy) or ():
+            how = ("began before the daemon stopped or was killed, and did not finish" if due.pid is not None
+                   else "had not begun when the daemon stopped or was killed")
+            self.sink.text(f"study {due.study}: the hook due after #{due.seq} {how}: run now", what="hook_due",
+                           study=due.study, seq=due.seq)
 
     def _sweep(self) -> None:
         """What ended workers left in store/tmp/, under the store's lock if it is free now."""
@@ -954,6 +936,7 @@ class Daemon:
             self._safely("reload", self.notifier.reconfigure, new)
             self._safely("reload", self.monitor.reconfigure, new)
             self.housekeeper.config = new
+            self.hooks.timeout = new.hook_timeout_seconds
             self._next_rescan = min(self._next_rescan, time.monotonic() + self._rescan_seconds())
             self._state_dirty = True
             self.sink.text(f"SIGHUP: {config_mod.config_path(self.root.path)} read again (a rescan every "

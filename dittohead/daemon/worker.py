@@ -10,7 +10,9 @@ A worker takes the study's lock (``store.ingest.StudyLock``; without waiting: if
 holds it, a ``watch --once``, it says "busy" and ends), finishes what a crash left of the study
 in ``processing/`` first, then takes the study's next submission in the order of arrival and
 ingests it (``Ingestor.run_study`` with ``limit`` 1): verified with the store only read, then
-committed under the store's lock, for a moment. It then exports the study if it has an export
+committed under the store's lock, for a moment. If the study has a hook, the worker records it
+as due (``hooks.record_due``, in ROOT/daemon/hooks/) before it reports the ingest, so that the
+hook is not lost to a daemon killed meanwhile. It then exports the study if it has an export
 destination and gained the submission, or if the daemon asked for the export (``--export``: at
 its start the daemon found the study's export behind the store, ``export_behind``), and ends.
 
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(type="step", submission=name, step=what)
 
     def report(r: IngestResult) -> None:
-        channel.send(type="result", **dataclasses.asdict(r))
+        doc = dataclasses.asdict(r)
+        if r.ok:
+            _record_hook(store, doc)
+        channel.send(type="result", **doc)
 
     try:
         store = Store.open(args.root)
@@ -161,6 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ingestor.close()
         store.close()
+
+
+def _record_hook(store: Any, doc: dict[str, Any]) -> None:
+    """The study's hook, recorded as due after the ingest ``doc`` if the study has one; a record
+    that cannot be written is one line (the daemon then records it itself)."""
+    from dittohead.daemon.events import Event
+    from dittohead.daemon.hooks import record_due
+
+    try:
+        hook = store.root.study_settings(doc["study"]).hook
+        if hook and hook.strip():
+            record_due(store.root.path, Event.ingested(doc))
+    except (DittoheadError, OSError) as e:
+        log.error("study %s: cannot record the hook due after #%s: %s", doc["study"], doc["seq"], _why(e))
 
 
 def _export(store: Any, study: str) -> bool:
