@@ -534,6 +534,18 @@ def _link_or_copy(src_fd: int, src: str, ident: Identity, dst_fd: int, dst: str,
     return True
 
 
+def last_clean_export(store: Store, study: str, dest: str) -> int | None:
+    """The last submission of ``study`` that this account's last export into ``dest`` wrote, if
+    that export ended clean and DEST is as it left it (``_LastExport``); else None. Costs one
+    small file read and a few stats of DEST. Raises OSError where DEST cannot be opened."""
+    dest = os.path.abspath(dest)  # as export_study keys its record
+    fd = os.open(dest, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        return _LastExport(store, study, dest).load(fd)
+    finally:
+        os.close(fd)
+
+
 class _LastExport:
     """What the exporting account remembers of its last export of a study into DEST that ended
     clean (``ExportSummary.clean``): the last submission it exported, and DEST as it left it.

@@ -211,6 +211,21 @@ def test_disk_and_quota_notices_say_what_is_full(tmp_path: Path, mailbox: Mailbo
     assert "--quota" in quota["body"] and "10.0 GiB" in quota["body"]
 
 
+def test_an_export_failure_is_mailed_to_the_study_and_the_admin(tmp_path: Path, mailbox: Mailbox,
+                                                                 notifiers: list[Notifier]) -> None:
+    n = make(tmp_path, notifiers, admin=("ops@example.org",), smtp=mailbox.url())
+    n.send(Event("export_failed", study="s", fields={"dest": "/srv/exports/s", "reason": "/srv/exports: Permission denied"}),
+           StudySettings("s", notify=("pi@example.org",)))
+    n.flush(wait=True)
+    mails = sorted(mailbox.mails, key=lambda m: m["to"])
+    assert [m["to"] for m in mails] == [["ops@example.org"], ["pi@example.org"]]
+    for m in mails:
+        assert m["subject"] == "dittohead: the export of s to /srv/exports/s failed"
+        text = " ".join(m["body"].split())  # as read: the lines are wrapped
+        for part in ("/srv/exports/s", "Permission denied", "only that copy is behind", "dittohead export"):
+            assert part in text, text
+
+
 def test_unreachable_server_is_retried_and_never_blocks(tmp_path: Path, notifiers: list[Notifier],
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:

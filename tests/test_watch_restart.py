@@ -159,6 +159,10 @@ def test_an_export_that_fails_is_told_and_tried_again_at_each_start(site: Site) 
 
     wait_for(lambda: failed(d), 10, "the export's failure")
     assert "Permission denied" in failed(d)[0], failed(d)
+    # ... and an event, notified as every failure is (to the study's addresses and the admin's)
+    wait_for(lambda: [e for e in d.events() if e.get("kind") == "export_failed"], 10, "the export_failed event")
+    (told,) = [e for e in d.events() if e.get("kind") == "export_failed"]
+    assert told["study"] == "e" and told["dest"] == str(dest) and "Permission denied" in told["reason"], told
     site.stop(d)
 
     d = site.start()  # still not writable: behind, tried, told again

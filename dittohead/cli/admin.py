@@ -311,14 +311,16 @@ def _ingest_and_export(st: Store, ingestor: Ingestor) -> tuple[list[IngestResult
     try:
         results = ingestor.run_once(seen)
     finally:
-        failed = _export_studies(st, ingested)
+        failed = set(_export_studies(st, ingested))
     return results, failed
 
 
-def _export_studies(st: Store, studies: set[str]) -> set[str]:
+def _export_studies(st: Store, studies: set[str]) -> dict[str, str]:
+    """Export each of ``studies`` that has a destination, saying so on stdout and stderr; the
+    studies whose export failed, each with its reason in a line."""
     from dittohead.export import export_study
 
-    failed = set()
+    failed = {}
     for name in sorted(studies):
         dest = st.root.study_settings(name).export
         if not dest:
@@ -327,13 +329,15 @@ def _export_studies(st: Store, studies: set[str]) -> set[str]:
             summary = export_study(st, name, dest)
         except (OSError, DittoheadError) as e:
             why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-            click.echo(f"watch: study {name} is ingested, but its export to {dest} failed: {why} "
-                       "(tried again after its next ingest, or run 'dittohead export')", err=True)
-            failed.add(name)
+            click.echo(f"watch: study {name} is ingested, but its export to {dest} failed: {why} (the "
+                       "daemon tries again when it starts and after the study's next ingest; or run "
+                       "'dittohead export')", err=True)
+            failed[name] = why
             continue
         click.echo(summary.line(dest))
         if echo_export_problems(name, summary):
-            failed.add(name)
+            failed[name] = (f"{len(summary.damaged)} version(s) damaged in the store left out "
+                            "(run 'dittohead fsck --read-data')")
     return failed
 
 

@@ -7,6 +7,7 @@ Kinds (``Event.kind``) and the fields each carries (``Event.fields``; every valu
     rejected      study, submission, reason, site, user (site/user "" when the manifest was unreadable)
     held          study, submission, reason (damage in the store; retried later)
     hook_failed   study, submission, command, status, output (the last lines of its output)
+    export_failed study, dest, reason (the store has the submissions; DEST is behind)
     disk          path (a filesystem: the store's or an export destination), percent, level (the
                   threshold crossed, or 0 when back under every one), used, size
     quota         study, used, quota, percent, level
@@ -27,10 +28,10 @@ from typing import Any
 
 from dittohead.display import escape
 
-KINDS = ("ingested", "rejected", "held", "hook_failed", "disk", "quota", "abandoned", "daemon")
+KINDS = ("ingested", "rejected", "held", "hook_failed", "export_failed", "disk", "quota", "abandoned", "daemon")
 # Notified always (to the study's addresses and the admin's); "ingested" only where the study
 # asks for notices of success (StudySettings.notify_success).
-ALWAYS_NOTIFIED = frozenset({"rejected", "held", "hook_failed", "disk", "quota", "abandoned"})
+ALWAYS_NOTIFIED = frozenset({"rejected", "held", "hook_failed", "export_failed", "disk", "quota", "abandoned"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Event:
             return f"dittohead: {where} held back (damage in the store)"
         if self.kind == "hook_failed":
             return f"dittohead: the hook of {self.study} failed after {escape(self.submission or '')}"
+        if self.kind == "export_failed":
+            return f"dittohead: the export of {self.study} to {f.get('dest')} failed"
         if self.kind == "disk":
             return (f"dittohead: {f.get('path')} is {f.get('percent')}% full" if f.get("level")
                     else f"dittohead: {f.get('path')} is back under its thresholds")

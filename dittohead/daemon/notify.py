@@ -257,6 +257,14 @@ def body(event: Event, root_path: str | None = None) -> str:
         todo = ("The ingest is complete: only the hook's work is missing. Check the command "
                 f"('dittohead study set {study} --hook ...') and run it again by hand for this "
                 "submission if its work is needed." + (f"\n\nThe last lines of its output:\n{output}" if output else ""))
+    elif k == "export_failed":
+        head = (f"The export of study {study} into {_name(f.get('dest'))} failed. The store has every "
+                "submission; only that copy is behind.")
+        rows += [("destination", _name(f.get("dest"))), ("reason", _text(f.get("reason", "")))]
+        todo = ("Fix what the reason names (the daemon's account must be able to write there; a full "
+                "disk stops it too). The daemon exports again when it starts and after the study's "
+                f"next ingest; or run 'dittohead export --store ROOT --study {study} DEST' as the "
+                "daemon's account now. An export only adds what is missing.")
     elif k == "disk":
         level = f.get("level") or 0
         rows = [("filesystem", _name(f.get("path"))), ("holds", _text(f.get("holds") or "?")),

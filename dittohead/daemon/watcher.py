@@ -782,6 +782,8 @@ class Daemon:
             w.exported = True
             if not doc.get("ok"):
                 self._state_dirty = True
+                self._tell(Event("export_failed", st.name, fields={
+                    "dest": str(doc.get("dest") or "?"), "reason": str(doc.get("reason") or "?")}))
 
     def _on_result(self, st: _Study, doc: dict[str, Any]) -> None:
         name = str(doc.get("submission"))

@@ -26,7 +26,7 @@ had as stdout; anything else printed goes to its standard error, which the daemo
     {"type": "busy"}                                  another ingest holds the study's lock
     {"type": "stopped", "reason": ...}                the server's own trouble ended it (a full
                                                       disk, the store's lock not had in time)
-    {"type": "export", "ok": bool}                    after the study's export
+    {"type": "export", "ok": bool, "dest", "reason"}  after the study's export (reason: why not ok)
 
 Signals: SIGTERM (or SIGINT) stops it. Outside a commit it stops at once: the attempt at the
 submission in hand ends, its copies go, and it does not count (exit 75). During a commit (from
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if guard.requested:
             return 0
         if args.export or any(r.ok for r in run.results):
-            channel.send(type="export", ok=_export(store, args.study))
+            failed = _export(store, args.study)
+            channel.send(type="export", ok=failed is None, dest=store.root.study_settings(args.study).export,
+                         reason=failed)
         return 0
     except Stopped:
         return EXIT_STOPPED
@@ -182,11 +184,12 @@ def _record_hook(store: Any, doc: dict[str, Any]) -> None:
         log.error("study %s: cannot record the hook due after #%s: %s", doc["study"], doc["seq"], _why(e))
 
 
-def _export(store: Any, study: str) -> bool:
-    """The study's export, as ``watch --once`` does it (its lines on stderr); False if it failed."""
+def _export(store: Any, study: str) -> str | None:
+    """The study's export, as ``watch --once`` does it (its lines on stderr); why it failed, or
+    None."""
     from dittohead.cli.admin import _export_studies
 
-    return not _export_studies(store, {study})
+    return _export_studies(store, {study}).get(study)
 
 
 def export_behind(store: Any, study: str, dest: str, last_seq: int) -> str | None:
@@ -197,21 +200,16 @@ def export_behind(store: Any, study: str, dest: str, last_seq: int) -> str | Non
     ``_LastExport``: the last submission written, and DEST's folders as it left them); a run
     that was stopped, killed or failed leaves no such record. So this costs one small file read
     and four stats of DEST, whatever the study's size."""
-    from dittohead.export import _LastExport
+    from dittohead.export import last_clean_export
 
     if last_seq <= 0:
         return None
-    dest = os.path.abspath(dest)  # as export_study keys its record
     try:
-        fd = os.open(dest, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        done = last_clean_export(store, study, dest)
     except FileNotFoundError:
         return "not exported yet"
     except OSError as e:
         return f"cannot open it: {e.strerror or e}"
-    try:
-        done = _LastExport(store, study, dest).load(fd)
-    finally:
-        os.close(fd)
     if done is None:
         return "its last export did not end clean, or DEST changed since"
     if done < last_seq:
