@@ -106,10 +106,11 @@ def make_dir(path: Path, owner: Account, mode: int, group: int | None = None) ->
     return path
 
 
-def _session_lock_held(tag: str) -> bool:
-    """Whether a live session holds the lock of ``tag`` (False also when there is no lock)."""
+def lock_held(path: str | os.PathLike[str]) -> bool:
+    """Whether a live process holds the flock of the file ``path`` (False also when there is
+    none): how a test session's leftovers are told from those of a session still running."""
     try:
-        fd = os.open(f"{SESSION_DIR_PREFIX}{tag}/lock", os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
@@ -119,6 +120,11 @@ def _session_lock_held(tag: str) -> bool:
     finally:
         os.close(fd)  # releases the lock if we took it
     return False
+
+
+def _session_lock_held(tag: str) -> bool:
+    """Whether a live session holds the lock of ``tag``."""
+    return lock_held(f"{SESSION_DIR_PREFIX}{tag}/lock")
 
 
 def sweep_stale() -> list[str]:

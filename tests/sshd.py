@@ -171,7 +171,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from accounts import Account, Accounts
+from accounts import Account, Accounts, lock_held
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
@@ -285,20 +285,6 @@ def remove_root_owned(path: Path) -> None:
         os.close(fd)
 
 
-def _locked(path: Path) -> bool:
-    try:
-        fd = os.open(path / ".lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 _swept = False
 
 
@@ -311,7 +297,7 @@ def sweep_stale() -> None:
     _swept = True
     for prefix in (SSHD_PREFIX, CHROOT_PREFIX):
         for path in ROOT_PARENT.glob(prefix + "*"):
-            if not path.is_dir() or _locked(path):
+            if not path.is_dir() or lock_held(path / ".lock"):
                 continue
             config = f"-f {path / 'sshd_config'}"
             for pid in _pids():  # a listener's title: "sshd: /usr/sbin/sshd -D ... [listener]"

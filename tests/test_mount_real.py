@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
-import importlib.util
 import json
 import os
 import random
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import refusing_fs
 from conftest import Server, store_snapshot
 
 pytestmark = pytest.mark.mount
@@ -54,20 +54,12 @@ SEEN_WITHIN = 2.0  # seconds: a new ingest shows in a running mount (the issue)
 
 def _why_no_fuse() -> str | None:
     """Why a real mount cannot be made here (the skip reason), or None."""
-    if sys.platform != "linux":
-        return f"real mounts need Linux (this is {sys.platform})"
+    if why := refusing_fs.unavailable():  # Linux, /dev/fuse, a libfuse, mfusepy
+        return why
     if os.geteuid() != 0:
         return "real mounts are tested as root (allow_other without user_allow_other)"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse: load the fuse module (modprobe fuse), or give the container the device"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as e:
-        return f"/dev/fuse cannot be opened: {e.strerror}"
     if not ctypes.util.find_library("fuse3"):
         return "no libfuse3: apt-get install fuse3"
-    if importlib.util.find_spec("mfusepy") is None:
-        return "mfusepy is not installed (pip install -e '.[test]')"
     return None
 
 
